@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 EventKind = Literal["view", "click", "cart", "purchase", "cancel", "search"]
 EVENT_KINDS: tuple[str, ...] = ("view", "click", "cart", "purchase", "cancel", "search")
 
-MAX_RECORD_BYTES = 64 * 1024
+# Far above any valid record, below Kafka's 1 MB default message size; field limits say more.
+MAX_RECORD_BYTES = 512 * 1024
 MAX_ID_CHARS = 128
 MAX_TITLE_CHARS = 1_000
 MAX_DESCRIPTION_CHARS = 10_000

@@ -79,6 +79,25 @@ class Settings(BaseSettings):
     # -- streams (add stream settings below this line) -----------------------------------
 
     # -- indexer and serving (add indexer/serving settings below this line) --------------
+    # serving
+    admin_enabled: bool | None = Field(
+        None,
+        description="Serve /admin: None = on exactly when admin_token is set; True without a token refuses to start",
+    )
+    serve_version: str | None = Field(
+        None, description="Adapter version serving starts on; default: the registry's latest, else the base model"
+    )
+    max_k: int = Field(100, ge=1, le=1_000, description="Largest k a request may ask for")
+    blend_repeat: float = Field(1.0, ge=0, description="/recommend weight of the user's normalised repeat-purchase score")
+    blend_similarity: float = Field(0.3, ge=0, description="/recommend weight of cosine(user vector, item)")
+    blend_popularity: float = Field(0.1, ge=0, description="/recommend weight of normalised fresh popularity")
+    search_user_weight: float = Field(0.2, ge=0, le=1, description="/search: share of the user vector in the query vector")
+    user_vector_half_life_days: float = Field(
+        30.0, gt=0, description="Recency half-life of history items in the user vector, relative to the user's last event"
+    )
+    recommend_candidates: int = Field(200, ge=10, description="Nearest items and popular items considered per /recommend")
+    popularity_refresh_s: float = Field(2.0, gt=0, description="How often serving re-reads fresh popularity from Redis")
+    redis_timeout_s: float = Field(0.05, gt=0, description="Request-path Redis timeout; past it /recommend degrades")
 
     # -- learner (add learner settings below this line) ----------------------------------
 

@@ -1,0 +1,16 @@
+# The image every freshrec process in docker-compose.yml runs from.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY freshrec freshrec
+COPY streams streams
+COPY learner learner
+COPY indexer indexer
+COPY serving serving
+COPY evaluation evaluation
+# Production images target GPU hosts: PyPI's Linux torch wheel is the CUDA build, and the
+# [gpu] extra brings onnxruntime-gpu and a CUDA faiss. Everything still runs on CPU-only hosts.
+RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir . \
+ && pip uninstall -y onnxruntime faiss-cpu && pip install --no-cache-dir ".[gpu]"
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+CMD ["freshrec", "--help"]
