@@ -77,8 +77,42 @@ class Settings(BaseSettings):
     seed: int = 7
 
     # -- streams (add stream settings below this line) -----------------------------------
+    stream_dedupe_ids: int = Field(64, ge=0, description="Event ids kept per user to drop duplicates (producer retries)")
+    stream_max_freq_items: int = Field(256, ge=1, description="Most items kept in a user's repeat-purchase counts")
+    stream_snapshot_seconds: float = Field(
+        5.0, gt=0, description="Bytewax epoch length: how often state and Kafka offsets are snapshotted"
+    )
+    stream_backup_seconds: float = Field(
+        0.0, ge=0, description="Keep superseded snapshots this long (set to your backup interval of state_dir)"
+    )
+    stream_recovery: bool = Field(True, description="Snapshot to state_dir/streams and resume from it on restart")
+    stream_batch_size: int = Field(2000, ge=1, description="Kafka messages taken per poll by a flow")
+    stream_fetch_wait_ms: int = Field(
+        5, ge=0, description="Longest the broker may hold an empty fetch; low keeps freshness in milliseconds"
+    )
+    stream_workers: int = Field(1, ge=1, description="Bytewax workers per process for `freshrec stream`")
+    stream_pair_context: int = Field(10, ge=1, description="Recent items in a train pair's context")
+    stream_query_window_s: float = Field(
+        1800.0, ge=0, description="A search this recent before a click/cart/purchase is taken as what led to it"
+    )
+    stream_title_cache: int = Field(200_000, ge=0, description="Item titles cached per flow process for train pairs")
 
     # -- indexer and serving (add indexer/serving settings below this line) --------------
+    # indexer
+    encoder_precision: str = Field(
+        "auto", description="ONNX encoder precision: auto (fp16 on CUDA, else int8), int8, fp32 or fp16"
+    )
+    onnx_threads: int = Field(
+        1, ge=1, le=64, description="ONNX Runtime intra-op threads per encoder; 1 is fastest for one query on 2 cores"
+    )
+    indexer_threads: int = Field(2, ge=1, le=64, description="ONNX Runtime threads of the indexer's batch encoder")
+    indexer_batch_size: int = Field(64, ge=1, le=4096, description="Changed items encoded per micro-batch")
+    indexer_flush_seconds: float = Field(
+        0.2, gt=0, description="Longest the indexer waits for changed items per poll (and between adapter checks)"
+    )
+    exports_keep: int = Field(
+        6, ge=1, description="ONNX exports (~200 MB each) the indexer keeps in state_dir/exports; older are pruned"
+    )
     # serving
     admin_enabled: bool | None = Field(
         None,
@@ -98,10 +132,44 @@ class Settings(BaseSettings):
     recommend_candidates: int = Field(200, ge=10, description="Nearest items and popular items considered per /recommend")
     popularity_refresh_s: float = Field(2.0, gt=0, description="How often serving re-reads fresh popularity from Redis")
     redis_timeout_s: float = Field(0.05, gt=0, description="Request-path Redis timeout; past it /recommend degrades")
+    serving_faiss_threads: int = Field(
+        1, ge=1, le=64, description="OpenMP threads FAISS may use in serving; one query per search gains nothing from more"
+    )
 
     # -- learner (add learner settings below this line) ----------------------------------
+    learner_temperature: float = Field(0.05, gt=0, description="Softmax temperature of the in-batch contrastive loss")
+    learner_lora_targets: str = Field(
+        "query,value", description="Comma-separated names of the BERT linear modules that get LoRA weights"
+    )
+    learner_lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch while training")
+    learner_min_eval_pairs: int = Field(
+        8, ge=1, description="Window pairs with a known target needed before a candidate may be published"
+    )
+    learner_dedupe_ids: int = Field(
+        1_000_000, ge=1, description="Most recent pair ids remembered to drop duplicate train pairs"
+    )
+    learner_log_seconds: float = Field(10.0, gt=0, description="Seconds between learner progress lines")
+    learner_mix_pool: int = Field(
+        256, ge=1, description="Pairs pooled to mix each micro-batch across shoppers (<= batch size: no mixing)"
+    )
 
     # -- evaluation (add evaluation settings below this line) ----------------------------
+    eval_train_every_days: float = Field(
+        7.0, gt=0, description="`freshrec eval` full: train the adapter and re-encode the catalog this often (event time)"
+    )
+    eval_pairs_per_update: int = Field(
+        1024, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) per adapter update"
+    )
+    eval_pretrain_days: float = Field(
+        28.0, ge=0, description="`freshrec eval` full: days of history before --eval-from whose pairs train the first adapter"
+    )
+    eval_pretrain_pairs: int = Field(
+        4096, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) for the first adapter"
+    )
+    eval_epochs: int = Field(1, ge=1, description="`freshrec eval` full: passes over each update's pairs")
+    eval_repeat_half_life_days: float = Field(
+        90.0, gt=0, description="`freshrec eval` repeat and cooccurrence baselines: half-life of the shopper's frequency"
+    )
 
     @cached_property
     def topics(self) -> Topics:

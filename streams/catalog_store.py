@@ -1,0 +1,109 @@
+"""The one Redis adapter for catalog records (the catalog flow writes, everyone reads).
+
+Keys, under ``settings.redis_prefix``:
+
+* ``catalog``: hash item_id -> the item's current :class:`CatalogItem` JSON (its wire
+  form). A deleted item is absent.
+* ``streams:applied:catalog``: hash ``<topic>:<partition>`` -> offset of the last catalog
+  record reflected in ``catalog``; :func:`apply_partition_batch` moves it forward in the
+  same atomic call and never backwards, so a replay after a crash writes nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import hashlib
+
+import redis
+
+from freshrec.contracts import CatalogItem
+from freshrec.settings import Settings
+
+from .redis_client import run_script
+
+CATALOG = "catalog"
+APPLIED_CATALOG = "streams:applied:catalog"
+
+# KEYS: applied hash, catalog hash. ARGV: partition field, offset, upsert count,
+# then upsert id/value pairs, then ids to delete.
+_GUARDED_APPLY = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
+local n_up = tonumber(ARGV[3])
+for j = 0, n_up - 1 do redis.call('HSET', KEYS[2], ARGV[4 + 2 * j], ARGV[5 + 2 * j]) end
+for k = 4 + 2 * n_up, #ARGV do redis.call('HDEL', KEYS[2], ARGV[k]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+_GUARDED_APPLY_SHA = hashlib.sha1(_GUARDED_APPLY.encode()).hexdigest()
+
+
+def _catalog_key(settings: Settings) -> str:
+    return settings.redis_prefix + CATALOG
+
+
+def read_items(client: redis.Redis, settings: Settings, ids: Iterable[str]) -> dict[str, CatalogItem]:
+    """Current records of the given items; unknown or deleted ids are left out."""
+    wanted = list(dict.fromkeys(ids))
+    if not wanted:
+        return {}
+    raws = client.hmget(_catalog_key(settings), wanted)
+    return {i: CatalogItem.model_validate_json(raw) for i, raw in zip(wanted, raws, strict=True) if raw is not None}
+
+
+def read_titles(client: redis.Redis, settings: Settings, ids: Iterable[str]) -> dict[str, str]:
+    """Only the titles (cheaper than :func:`read_items` when that is all one needs)."""
+    return {i: item.title for i, item in read_items(client, settings, ids).items()}
+
+
+def all_items(client: redis.Redis, settings: Settings) -> dict[str, CatalogItem]:
+    """Every current item (HSCAN, so a large catalog does not block Redis)."""
+    out: dict[str, CatalogItem] = {}
+    for item_id, raw in client.hscan_iter(_catalog_key(settings), count=1000):
+        out[item_id.decode()] = CatalogItem.model_validate_json(raw)
+    return out
+
+
+def write_items(client: redis.Redis, settings: Settings, items: Iterable[CatalogItem], batch: int = 1000) -> int:
+    """Upsert whole item records, pipelined; return how many. Unguarded (tools, tests)."""
+    key = _catalog_key(settings)
+    pipe = client.pipeline(transaction=False)
+    n = 0
+    for item in items:
+        pipe.hset(key, item.item_id, item.to_bytes())
+        n += 1
+        if n % batch == 0:
+            pipe.execute()
+    pipe.execute()
+    return n
+
+
+def delete_items(client: redis.Redis, settings: Settings, ids: Iterable[str]) -> int:
+    """Remove items; return how many existed."""
+    wanted = list(ids)
+    return int(client.hdel(_catalog_key(settings), *wanted)) if wanted else 0
+
+
+def apply_partition_batch(
+    client: redis.Redis,
+    settings: Settings,
+    field: str,
+    offset: int,
+    upserts: Mapping[str, bytes],
+    deletes: Iterable[str],
+) -> bool:
+    """Apply one catalog partition's changes up to ``offset`` atomically, unless Redis
+    already holds that partition at ``offset`` or later (then False)."""
+    args: list[str | bytes | int] = [field, offset, len(upserts)]
+    for item_id, raw in upserts.items():
+        args.append(item_id)
+        args.append(raw)
+    args.extend(deletes)
+    keys = [settings.redis_prefix + APPLIED_CATALOG, _catalog_key(settings)]
+    return bool(run_script(client, _GUARDED_APPLY, _GUARDED_APPLY_SHA, keys, args))
+
+
+def read_applied_offsets(client: redis.Redis, settings: Settings) -> dict[str, int]:
+    raw = client.hgetall(settings.redis_prefix + APPLIED_CATALOG)
+    return {k.decode(): int(v) for k, v in raw.items()}

@@ -1,0 +1,231 @@
+"""Bytewax sinks of the two flows: Redis (guarded, atomic per batch) and Kafka outputs.
+
+Both sinks are partitioned like the input topic (sink partition ``p`` gets the batches
+of Kafka partition ``p``), which keeps one writer per partition's Redis offset.
+
+Kafka outputs (train pairs, changed items, dead letters) are produced asynchronously and
+flushed in :meth:`snapshot`, which Bytewax calls before it commits an epoch: an epoch
+whose outputs were not all acknowledged is never recorded as done, so they are sent at
+least once without blocking the worker on a broker round trip for every batch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import OrderedDict
+from typing import Any
+
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from freshrec.contracts import DeadLetter
+from freshrec.settings import Settings
+
+from . import catalog_store, user_store
+from .catalog_partition import CatalogBatch
+from .pairs import PairDraft
+from .redis_client import connect
+from .user_partition import UserBatch
+
+# Flush anyway after this long, so outputs move even when no epoch closes (no recovery).
+_FLUSH_EVERY_S = 1.0
+
+
+def topic_partitions(settings: Settings, topic: str, timeout: float = 10.0) -> list[int]:
+    """Partition ids of ``topic`` (raises with advice if it does not exist)."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise RuntimeError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap}; run `freshrec up` first")
+    return sorted(meta.partitions)
+
+
+class _KafkaOut:
+    """An async producer whose delivery errors surface instead of vanishing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._producer = Producer(
+            {"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5, "acks": "all", "enable.idempotence": False}
+        )
+        self._last_flush = time.monotonic()
+        self.errors: list[str] = []
+
+    def _on_delivery(self, err: Any, _msg: Any) -> None:
+        if err is not None and len(self.errors) < 20:
+            self.errors.append(str(err))
+
+    def send(self, topic: str, key: str | None, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: let librdkafka drain a little
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        remaining = self._producer.flush(30.0)
+        self._last_flush = time.monotonic()
+        if remaining or self.errors:
+            errors, self.errors = self.errors, []
+            raise RuntimeError(f"Kafka did not acknowledge {remaining} outputs; errors: {errors[:5]}")
+
+
+class _ItemTexts:
+    """Titles and encoder texts of items for train pairs, cached per sink partition."""
+
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+        self._cache: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._max = settings.stream_title_cache
+
+    def lookup(self, ids: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+        missing = [i for i in ids if i not in self._cache]
+        if missing:
+            # Unknown items are not cached: the catalog may simply not have reached Redis yet.
+            for item_id, item in catalog_store.read_items(self._client, self._settings, missing).items():
+                self._cache[item_id] = (item.title, item.text())
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        titles, texts = {}, {}
+        for i in ids:
+            hit = self._cache.get(i)
+            if hit is not None:
+                titles[i], texts[i] = hit
+        return titles, texts
+
+
+def _pair_item_ids(pairs: list[PairDraft]) -> set[str]:
+    ids: set[str] = set()
+    for p in pairs:
+        ids.update(p.context_items)
+        ids.add(p.target_item)
+    return ids
+
+
+class _UserSinkPartition(StatefulSinkPartition[Any, None]):
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._redis = connect(settings)
+        self._kafka = _KafkaOut(settings)
+        self._texts = _ItemTexts(self._redis, settings)
+        self._resumed = False
+        self.skipped = 0
+
+    def _log_resume(self, batch: UserBatch) -> None:
+        """Say once per run where the flow resumed relative to what Redis holds."""
+        self._resumed = True
+        field = user_store.partition_field(batch.topic, batch.partition)
+        held = user_store.read_applied_offsets(self._redis, self._settings).get(field, -1)
+        overlap = "replaying offsets already in Redis (their writes are skipped)" if batch.first_offset <= held else "no overlap"
+        print(
+            f"streams.users: partition {field} starts at offset {batch.first_offset}; "
+            f"Redis holds up to {held}: {overlap}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def write_batch(self, values: list[Any]) -> None:
+        s = self._settings
+        topics = s.topics
+        for value in values:
+            if isinstance(value, DeadLetter):
+                self._kafka.send(topics.dead_letter, None, value.to_bytes())
+                continue
+            batch: UserBatch = value
+            if not self._resumed:
+                self._log_resume(batch)
+            # Redis first: it is what freshness is measured on.
+            if batch.last_offset >= 0:
+                written = user_store.write_partition_batch(
+                    self._redis, s, batch.topic, batch.partition, batch.last_offset,
+                    batch.users, batch.popularity, batch.newest_ts,
+                )
+                if not written:
+                    self.skipped += 1
+            for dead in batch.dead_letters:
+                self._kafka.send(topics.dead_letter, None, dead.to_bytes())
+            if batch.pairs:
+                titles, texts = self._texts.lookup(_pair_item_ids(batch.pairs))
+                for draft in batch.pairs:
+                    self._kafka.send(topics.train_pairs, draft.user_id, draft.complete(titles, texts).to_bytes())
+        self._kafka.maybe_flush()
+
+    def snapshot(self) -> None:
+        self._kafka.flush()
+        return None
+
+    def close(self) -> None:
+        self._kafka.flush()
+
+
+class _CatalogSinkPartition(StatefulSinkPartition[Any, None]):
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._redis = connect(settings)
+        self._kafka = _KafkaOut(settings)
+
+    def write_batch(self, values: list[Any]) -> None:
+        s = self._settings
+        for value in values:
+            if isinstance(value, DeadLetter):
+                self._kafka.send(s.topics.dead_letter, None, value.to_bytes())
+                continue
+            batch: CatalogBatch = value
+            if batch.last_offset >= 0:
+                catalog_store.apply_partition_batch(
+                    self._redis, s, f"{batch.topic}:{batch.partition}", batch.last_offset, batch.upserts, batch.deletes
+                )
+            for dead in batch.dead_letters:
+                self._kafka.send(s.topics.dead_letter, None, dead.to_bytes())
+            for record in batch.changed:
+                self._kafka.send(s.topics.changed_items, record.item_id, record.to_bytes())
+        self._kafka.maybe_flush()
+
+    def snapshot(self) -> None:
+        self._kafka.flush()
+        return None
+
+    def close(self) -> None:
+        self._kafka.flush()
+
+
+class _PerPartitionSink(FixedPartitionedSink[Any, None]):
+    """One sink partition per partition of the input topic; items keyed by its id."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self._settings = settings
+        self._topic = topic
+
+    def list_parts(self) -> list[str]:
+        return [str(p) for p in topic_partitions(self._settings, self._topic)]
+
+    def part_fn(self, item_key: str) -> int:
+        return int(item_key)
+
+
+class UserStateSink(_PerPartitionSink):
+    """Writes :class:`UserBatch` es to Redis and their pairs/dead letters to Kafka."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, settings.topics.events)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _UserSinkPartition:
+        return _UserSinkPartition(self._settings)
+
+
+class CatalogSink(_PerPartitionSink):
+    """Writes :class:`CatalogBatch` es to Redis and changed items/dead letters to Kafka."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, settings.topics.catalog)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _CatalogSinkPartition:
+        return _CatalogSinkPartition(self._settings)

@@ -1,0 +1,190 @@
+"""All user state of one Kafka partition of ``events``, and how a batch of messages moves it.
+
+Why state is keyed by Kafka partition and not by user: one Python call per batch of
+messages instead of one per user per batch (Bytewax's per-key overhead dominates at
+tens of thousands of events per second), and one atomic Redis write per batch that also
+records the partition's offset. The producer keys events by user id, so a user's events
+all live in one partition and arrive in offset order; a message whose key is not its
+``user_id`` breaks that promise and goes to dead-letter.
+
+How exactly-once holds (invariant 2 of DESIGN.md):
+
+1. Bytewax recovery snapshots this object (:meth:`UserPartition.snapshot`) together with
+   the Kafka offsets of the same epoch. After a crash, even a SIGKILL, the flow resumes
+   from the last complete snapshot and re-reads the events after it, so the in-flow
+   state applies each event exactly once.
+2. Every update is a deterministic function of the snapshot and the events in offset
+   order (event time, not the wall clock; validation's "too far in the future" is judged
+   against the message's Kafka timestamp), so the replay recomputes byte-identical states.
+3. Each batch is written to Redis as one Lua call that overwrites the changed users'
+   whole states and sets the partition's applied offset, and refuses any offset not
+   beyond the one already stored (:func:`streams.user_store.write_partition_batch`).
+   Writes of the replayed stretch, which Redis already holds, are therefore skipped;
+   the first batch past the stored offset carries states that include every earlier
+   event. Redis thus always equals "the state after exactly the events up to the
+   applied offset" per partition: nothing lost, nothing counted twice, never moving back.
+4. Duplicate *events* (same ``event_id`` at another offset, e.g. a producer retry) are
+   dropped per user within a window of recent ids (:mod:`streams.user_state`).
+
+Train pairs and dead letters go to Kafka at least once: a replay re-sends those of the
+replayed stretch, and consumers dedupe on ``pair_id`` (the event id).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from freshrec.contracts import DeadLetter, InvalidRecord, parse_event
+
+from .pairs import PairDraft, PairRules, pair_for
+from .user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
+
+STAGE = "streams.users"
+SNAPSHOT_VERSION = 1
+
+
+class SourceMessage(Protocol):
+    """What the partition needs of a Kafka message (Bytewax's KafkaSourceMessage has it)."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str | None
+    offset: int | None
+    partition: int | None
+    timestamp: tuple[int, int] | None
+
+
+@dataclass
+class UserBatch:
+    """What one batch of messages changed: written to Redis and Kafka by the flow's sink."""
+
+    topic: str
+    partition: int
+    last_offset: int
+    first_offset: int = -1
+    users: dict[str, bytes] = field(default_factory=dict)
+    popularity: dict[str, tuple[float, float]] = field(default_factory=dict)
+    newest_ts: float = 0.0
+    pairs: list[PairDraft] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+
+
+def message_time(msg: SourceMessage) -> float:
+    """The message's Kafka timestamp in seconds (wall clock if the broker gave none)."""
+    ts = msg.timestamp
+    if ts is not None and ts[0] != 0 and ts[1] > 0:
+        return ts[1] / 1000.0
+    return time.time()
+
+
+class UserPartition:
+    """Users of one partition: apply batches of raw messages, snapshot, restore."""
+
+    def __init__(
+        self,
+        rules: StateRules,
+        pair_rules: PairRules,
+        popularity_half_life_s: float,
+        resume: Any | None = None,
+    ) -> None:
+        self.rules = rules
+        self.pair_rules = pair_rules
+        self._live: dict[str, UserState] = {}
+        self._encoded: dict[str, bytes] = {}
+        self.popularity = Popularity(popularity_half_life_s)
+        self.last_offset = -1
+        if resume is not None:
+            version, encoded, entries, newest_ts, last_offset = resume
+            if version != SNAPSHOT_VERSION:
+                raise ValueError(f"snapshot v{version} is not readable; clear {STAGE} recovery in state_dir/streams")
+            self._encoded = dict(encoded)
+            self.popularity.entries = dict(entries)
+            self.popularity.newest_ts = newest_ts
+            self.last_offset = last_offset
+
+    @classmethod
+    def from_settings(cls, settings: Any, resume: Any | None = None) -> UserPartition:
+        return cls(
+            StateRules.from_settings(settings),
+            PairRules.from_settings(settings),
+            settings.popularity_half_life_days * DAY_S,
+            resume,
+        )
+
+    def state(self, user_id: str) -> UserState | None:
+        live = self._live.get(user_id)
+        if live is None:
+            raw = self._encoded.get(user_id)
+            if raw is not None:
+                live = self._live[user_id] = UserState.from_bytes(raw)
+        return live
+
+    def users(self) -> dict[str, UserState]:
+        """Every user of this partition (decodes all; for tests and tools)."""
+        return {u: self.state(u) for u in self._encoded}  # type: ignore[misc]
+
+    def apply(self, messages: Iterable[SourceMessage]) -> UserBatch:
+        """Validate and apply messages in order; return what changed."""
+        batch: UserBatch | None = None
+        changed: dict[str, UserState] = {}
+        pop_changed: set[str] = set()
+        rules = self.rules
+        for msg in messages:
+            if batch is None:
+                batch = UserBatch(msg.topic or "", msg.partition or 0, self.last_offset, msg.offset or 0)
+            if msg.offset is not None:
+                batch.last_offset = msg.offset
+            raw = msg.value or b""
+            try:
+                event = parse_event(raw, now=message_time(msg))
+                if msg.key is not None and msg.key != event.user_id.encode():
+                    raise InvalidRecord(
+                        "key",
+                        f"message key {msg.key[:64]!r} is not the user_id {event.user_id!r}; "
+                        "events must be keyed by user id so one user stays in one partition",
+                    )
+            except InvalidRecord as err:
+                batch.dead_letters.append(DeadLetter.of(STAGE, err, raw, msg.topic or ""))
+                continue
+            user = event.user_id
+            state = changed.get(user) or self.state(user)
+            if state is None:
+                state = self._live[user] = UserState(user)
+            pop_weight = popularity_weight(state, event)
+            if not apply_event(state, event, rules):
+                batch.duplicates += 1
+                continue
+            batch.applied += 1
+            changed[user] = state
+            self.popularity.observe(event.ts)
+            if pop_weight:
+                self.popularity.add(event.item_id, pop_weight, event.ts)  # type: ignore[arg-type]
+                pop_changed.add(event.item_id)  # type: ignore[arg-type]
+            pair = pair_for(state, event, self.pair_rules)
+            if pair is not None:
+                batch.pairs.append(pair)
+        if batch is None:
+            return UserBatch("", 0, self.last_offset)
+        for user, state in changed.items():
+            self._encoded[user] = batch.users[user] = state.to_bytes()
+        entries = self.popularity.entries
+        batch.popularity = {i: entries[i] for i in pop_changed if i in entries}
+        batch.newest_ts = self.popularity.newest_ts
+        self.last_offset = batch.last_offset
+        return batch
+
+    def snapshot(self) -> tuple[int, dict[str, bytes], dict[str, tuple[float, float]], float, int]:
+        """An immutable copy for Bytewax recovery: encoded states (cheap to copy and to
+        pickle), popularity, and the last offset applied."""
+        return (
+            SNAPSHOT_VERSION,
+            dict(self._encoded),
+            dict(self.popularity.entries),
+            self.popularity.newest_ts,
+            self.last_offset,
+        )

@@ -1,0 +1,41 @@
+"""The user-state dataflow: ``events`` -> per-user state in Redis, train pairs, dead letters.
+
+Run it with ``freshrec stream users`` (recovery set up for you), or with Bytewax's own
+runner, which reads Settings from ``FRESHREC_*`` variables::
+
+    python -m bytewax.recovery .freshrec/streams/users 1      # once
+    python -m bytewax.run streams.users_flow -w 2 -r .freshrec/streams/users -s 5 -b 0
+
+How state, Redis writes and exactly-once fit together: :mod:`streams.user_partition`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+
+from freshrec.settings import Settings
+
+from .flow_parts import PartitionLogic, keyed_by_partition
+from .sinks import UserStateSink
+from .user_partition import STAGE, UserPartition
+
+
+def build_users_flow(settings: Settings) -> Dataflow:
+    flow = Dataflow("freshrec_users")
+    keyed, errors = keyed_by_partition("events", flow, settings, settings.topics.events, STAGE)
+    batches = op.stateful_batch(
+        "user-state", keyed, lambda resume: PartitionLogic(UserPartition.from_settings(settings, resume))
+    )
+    op.output("outputs", op.merge("all-outputs", batches, errors), UserStateSink(settings))
+    return flow
+
+
+def __getattr__(name: str) -> Any:
+    # `python -m bytewax.run streams.users_flow` looks up `flow`; building it lazily keeps
+    # a plain import free of side effects.
+    if name == "flow":
+        return build_users_flow(Settings())
+    raise AttributeError(name)

@@ -1,0 +1,70 @@
+"""The Redis adapters of streams/ against the real Redis: round trips, the offset guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from freshrec.contracts import CatalogItem, Event
+from freshrec.settings import Settings
+from streams import catalog_store, user_store
+from streams.user_state import DAY_S, Popularity, UserState, apply_event
+
+pytestmark = pytest.mark.integration
+T0 = 1_300_000_000.0
+
+
+def _state(user: str, *items: str) -> UserState:
+    s = UserState(user)
+    for i, item in enumerate(items):
+        apply_event(s, Event(event_id=f"{user}:{i}", user_id=user, item_id=item, kind="purchase", ts=T0 + i))
+    return s
+
+
+def test_user_states_round_trip(fresh_settings: Settings) -> None:
+    client = user_store.connect(fresh_settings)
+    states = [_state("u1", "a", "b"), _state("u2", "c")]
+    assert user_store.write_user_states(client, fresh_settings, states) == 2
+    assert user_store.read_user_state(client, fresh_settings, "u1") == states[0]
+    assert user_store.read_user_state(client, fresh_settings, "nobody") is None
+    got = user_store.read_user_states(client, fresh_settings, ["u2", "nobody", "u1"])
+    assert got == {"u1": states[0], "u2": states[1]}
+    assert user_store.read_user_states(client, fresh_settings, []) == {}
+
+
+def test_partition_write_is_guarded_by_offset(fresh_settings: Settings) -> None:
+    client = user_store.connect(fresh_settings)
+    s = _state("u1", "a")
+    pop = Popularity(fresh_settings.popularity_half_life_days * DAY_S)
+    pop.add("a", 1.0, T0)
+    ok = user_store.write_partition_batch(
+        client, fresh_settings, "ev", 0, 10, {"u1": s.to_bytes()}, pop.entries, pop.newest_ts
+    )
+    assert ok
+    older = _state("u1")
+    # A replay of an offset already in Redis must not move the state back.
+    for offset in (5, 10):
+        assert not user_store.write_partition_batch(
+            client, fresh_settings, "ev", 0, offset, {"u1": older.to_bytes()}, {}, T0
+        )
+    assert user_store.read_user_state(client, fresh_settings, "u1") == s
+    assert user_store.read_applied_offsets(client, fresh_settings) == {"ev:0": 10}
+    # Another partition has its own offset.
+    assert user_store.write_partition_batch(client, fresh_settings, "ev", 1, 3, {"u2": _state("u2", "a").to_bytes()}, {"a": (1.0, T0 + 14 * DAY_S)}, T0 + 14 * DAY_S)
+    pops = user_store.read_popularity(client, fresh_settings)
+    # Partition 0 counted 1 at T0 (half a unit by T0+14d), partition 1 counted 1 at T0+14d.
+    assert pops["a"] == pytest.approx(1.5)
+
+
+def test_catalog_round_trip_and_guard(fresh_settings: Settings) -> None:
+    client = user_store.connect(fresh_settings)
+    items = [CatalogItem(item_id="i1", title="Mug", price=3.5), CatalogItem(item_id="i2", title="Lamp")]
+    assert catalog_store.write_items(client, fresh_settings, items) == 2
+    assert catalog_store.read_items(client, fresh_settings, ["i2", "zz"]) == {"i2": items[1]}
+    assert catalog_store.all_items(client, fresh_settings) == {"i1": items[0], "i2": items[1]}
+    assert catalog_store.read_titles(client, fresh_settings, ["i1"]) == {"i1": "Mug"}
+    assert catalog_store.delete_items(client, fresh_settings, ["i1", "nope"]) == 1
+    new = CatalogItem(item_id="i3", title="Cup")
+    assert catalog_store.apply_partition_batch(client, fresh_settings, "cat:0", 4, {"i3": new.to_bytes()}, ["i2"])
+    assert not catalog_store.apply_partition_batch(client, fresh_settings, "cat:0", 4, {}, ["i3"])
+    assert catalog_store.all_items(client, fresh_settings) == {"i3": new}
+    assert catalog_store.read_applied_offsets(client, fresh_settings) == {"cat:0": 4}
