@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     recommend_candidates: int = Field(200, ge=10, description="Nearest items and popular items considered per /recommend")
     popularity_refresh_s: float = Field(2.0, gt=0, description="How often serving re-reads fresh popularity from Redis")
     redis_timeout_s: float = Field(0.05, gt=0, description="Request-path Redis timeout; past it /recommend degrades")
+    serving_build_nice: int = Field(
+        10, ge=0, le=19, description="Nice value of serving's pair builder and export worker: requests keep the CPU first"
+    )
     serving_faiss_threads: int = Field(
         1, ge=1, le=64, description="OpenMP threads FAISS may use in serving; one query per search gains nothing from more"
     )
@@ -167,6 +170,17 @@ class Settings(BaseSettings):
         4096, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) for the first adapter"
     )
     eval_epochs: int = Field(1, ge=1, description="`freshrec eval` full: passes over each update's pairs")
+    eval_blend: str = Field(
+        "log", description="`freshrec eval` frozen/full: 'linear' = serving's blend_* blend, 'log' = the eval_blend_* log blend"
+    )
+    eval_blend_repeat: float = Field(1.0, ge=0, description="log blend: weight of log(normalised repeat + floor)")
+    eval_blend_similarity: float = Field(2.0, ge=0, description="log blend: weight of cosine(user vector, item)")
+    eval_blend_popularity: float = Field(0.8, ge=0, description="log blend: weight of log(normalised popularity + floor)")
+    eval_blend_new: float = Field(0.5, ge=0, description="log blend: bonus of an item first seen within eval_new_days")
+    eval_new_days: float = Field(30.0, gt=0, description="log blend: an item first seen this recently counts as new")
+    eval_popularity_half_life_days: float = Field(
+        7.0, gt=0, description="`freshrec eval` frozen/full: half-life of the system's fresh popularity"
+    )
     eval_repeat_half_life_days: float = Field(
         90.0, gt=0, description="`freshrec eval` repeat and cooccurrence baselines: half-life of the shopper's frequency"
     )

@@ -1,0 +1,211 @@
+"""The indexer process: ``changed-items`` -> encoder -> ``item-vectors``.
+
+It follows the changed-items topic from its checkpointed offsets, reduces each poll to
+the last record per item, encodes the upserts in micro-batches with the active adapter's
+encoder (the base model when there is none) and publishes one
+:class:`~freshrec.contracts.ItemVector` per item, keyed by item id, tagged with the
+adapter version, vector ``None`` for a delete.
+
+Delivery is at least once: offsets are checkpointed (``state_dir/indexer/offsets.json``)
+only after the broker acknowledged every vector of the batch, so a crash repeats at most
+the last batch and a restart does not re-encode the catalog. Consumers of item-vectors
+treat a record as "the current vector of this item", so a repeat is harmless.
+
+The active adapter: the registry's latest version at start (or ``version``), then each
+version announced on the ``adapters`` topic (the newest of a poll that loads), loaded
+through the registry, which verifies it. A version that fails to load is logged and
+skipped; the indexer keeps encoding with the one it has, so invariant 1 holds per
+record (each vector carries its own version).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from freshrec.consumer import Message, TopicFollower
+from freshrec.contracts import AdapterAnnouncement
+from freshrec.producer import RecordProducer
+from freshrec.settings import Settings
+
+from .changes import collect_changes, item_vectors, micro_batches
+from .encoder import BASE_VERSION, TextEncoder
+
+log = logging.getLogger("freshrec.indexer")
+
+EncoderFactory = Callable[[str], TextEncoder]
+
+
+@dataclass
+class IndexerStats:
+    batches: int = 0
+    encoded: int = 0
+    deleted: int = 0
+    invalid: int = 0
+    published: int = 0
+    version: str = BASE_VERSION
+    switches: int = 0
+
+    def line(self) -> str:
+        return (
+            f"version {self.version}: {self.encoded} encoded, {self.deleted} deleted, {self.invalid} invalid, "
+            f"{self.published} vectors published in {self.batches} batches"
+        )
+
+
+def checkpoint_path(settings: Settings) -> Path:
+    return Path(settings.state_dir) / "indexer" / "offsets.json"
+
+
+def read_checkpoint(settings: Settings) -> dict[int, int] | None:
+    """Next offsets per partition of changed-items, or None when there is no usable checkpoint."""
+    try:
+        data = orjson.loads(checkpoint_path(settings).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if data.get("topic") != settings.topics.changed_items:
+        return None  # a checkpoint of another deployment's topics
+    return {int(p): int(o) for p, o in data["positions"].items()}
+
+
+def write_checkpoint(settings: Settings, positions: dict[int, int]) -> None:
+    path = checkpoint_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    data = {"topic": settings.topics.changed_items, "positions": {str(p): o for p, o in positions.items()}, "at": time.time()}
+    tmp.write_bytes(orjson.dumps(data))
+    os.replace(tmp, path)
+
+
+def default_encoder_factory(settings: Settings) -> EncoderFactory:
+    """Versions through the adapter registry, encoders through the ONNX export cache."""
+
+    def make(version: str) -> TextEncoder:
+        from .onnx_encoder import encoder_for
+
+        adapter_dir = None
+        if version != BASE_VERSION:
+            from learner.registry import AdapterRegistry
+
+            adapter_dir = AdapterRegistry(Path(settings.state_dir) / "adapters").load(version)[1]
+        return encoder_for(settings, version, adapter_dir, settings.encoder_precision, threads=settings.indexer_threads)
+
+    return make
+
+
+def initial_version(settings: Settings) -> str:
+    """The registry's latest adapter version, or the base model when none is published."""
+    try:
+        from learner.registry import AdapterRegistry
+    except ImportError:
+        return BASE_VERSION
+    return AdapterRegistry(Path(settings.state_dir) / "adapters").latest() or BASE_VERSION
+
+
+class IndexerProcess:
+    """Run with :meth:`run` until ``stop`` is set; each poll cycle ends with a checkpoint.
+
+    Switching to a new adapter version exports it first (~10 s on 2 cores), during which
+    changed items wait; serving re-encodes what it needs meanwhile (serving/vectors.py).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        version: str | None = None,
+        make_encoder: EncoderFactory | None = None,
+        follow_adapters: bool = True,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.make_encoder = make_encoder or default_encoder_factory(settings)
+        self.follow_adapters = follow_adapters
+        self.log_every_s = log_every_s
+        self.encoder = self.make_encoder(version or initial_version(settings))
+        self.stats = IndexerStats(version=self.encoder.version)
+
+    def run(self, stop: threading.Event | None = None, max_seconds: float | None = None) -> IndexerStats:
+        s = self.settings
+        stop = stop or threading.Event()
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        start = read_checkpoint(s) or "beginning"
+        changes = TopicFollower(s, s.topics.changed_items, start=start, client_id="freshrec-indexer")
+        adapters = None
+        if self.follow_adapters:
+            adapters = TopicFollower(s, s.topics.adapters, start="end", client_id="freshrec-indexer-adapters")
+        producer = RecordProducer(s, client_id="freshrec-indexer")
+        log.info("indexer: following %s from %s with version %s", s.topics.changed_items, start, self.encoder.version)
+        last_log = time.monotonic()
+        try:
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                if adapters is not None:
+                    self._maybe_switch(adapters.poll(0.0))
+                messages = changes.poll(s.indexer_flush_seconds)
+                if messages:
+                    self._process(messages, producer)
+                    write_checkpoint(s, changes.positions())
+                if time.monotonic() - last_log > self.log_every_s:
+                    log.info("indexer: %s", self.stats.line())
+                    last_log = time.monotonic()
+        finally:
+            changes.close()
+            if adapters is not None:
+                adapters.close()
+            producer.close()
+        return self.stats
+
+    def _process(self, messages: list[Message], producer: RecordProducer) -> None:
+        s = self.settings
+        batch = collect_changes(m.value for m in messages)
+        for err, raw in batch.invalid:
+            producer.dead_letter("indexer", err, raw, s.topics.changed_items)
+        failed_before = producer.report.failed
+        for chunk in micro_batches(batch, s.indexer_batch_size):  # publish each as soon as it is encoded
+            for vec in item_vectors(self.encoder, chunk, batch_size=s.indexer_batch_size):
+                producer.send(s.topics.item_vectors, vec.item_id, vec.to_bytes())
+                self.stats.published += 1
+        report = producer.flush()
+        if report.failed > failed_before:
+            # No checkpoint: a restart re-reads this batch rather than lose its vectors.
+            raise RuntimeError(f"indexer: the broker refused {report.failed - failed_before} records: {report.errors[-3:]}")
+        self.stats.batches += 1
+        self.stats.encoded += len(batch.upserts)
+        self.stats.deleted += len(batch.deletes)
+        self.stats.invalid += len(batch.invalid)
+
+    def _maybe_switch(self, messages: list[Message]) -> None:
+        """Switch to the newest announced version that loads; a broken one is logged and skipped."""
+        announced: list[str] = []
+        for m in messages:
+            try:
+                announced.append(AdapterAnnouncement.model_validate(orjson.loads(m.value)).version)
+            except (ValueError, orjson.JSONDecodeError) as exc:
+                log.warning("indexer: ignoring an unreadable adapter announcement: %s", exc)
+        for version in reversed(announced):  # newest first; older ones only if it fails
+            if version == self.encoder.version:
+                return
+            try:
+                encoder = self.make_encoder(version)
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the working encoder
+                log.error("indexer: cannot use adapter %s, staying on %s: %s", version, self.encoder.version, exc)
+                continue
+            log.info("indexer: switching from %s to adapter %s", self.encoder.version, version)
+            self.encoder = encoder
+            self.stats.version = version
+            self.stats.switches += 1
+            self._prune()
+            return
+
+    def _prune(self) -> None:
+        from .export import prune_exports
+
+        removed = prune_exports(Path(self.settings.state_dir) / "exports", self.settings.exports_keep, {self.encoder.version})
+        if removed:
+            log.info("indexer: pruned old exports %s", ", ".join(removed))

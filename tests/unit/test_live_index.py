@@ -1,0 +1,254 @@
+"""LiveIndex: id mapping, upsert/delete, exclusion, snapshot/restore, for both index kinds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from freshrec.contracts import ItemVector
+from indexer.live_index import FLAT_MAX_ITEMS, LiveIndex, SnapshotError, choose_kind
+
+DIM = 16
+KINDS = ["flat", "hnsw"]
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _filled(kind: str, n: int = 200, seed: int = 0) -> tuple[LiveIndex, list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vecs = _unit(rng, n)
+    ids = [f"item-{i}" for i in range(n)]
+    index = LiveIndex(DIM, "v1", kind=kind, use_gpu=False)
+    index.upsert(ids, vecs)
+    return index, ids, vecs
+
+
+def _exact_top(vecs: np.ndarray, ids: list[str], q: np.ndarray, k: int, exclude: set[str] = set()) -> list[str]:
+    order = np.argsort(-(vecs @ q))
+    return [ids[i] for i in order if ids[i] not in exclude][:k]
+
+
+def test_choose_kind_by_catalog_size() -> None:
+    assert choose_kind(2_772) == "flat"
+    assert choose_kind(FLAT_MAX_ITEMS) == "flat"
+    assert choose_kind(FLAT_MAX_ITEMS + 1) == "hnsw"
+    assert LiveIndex(DIM, "v", expected_items=10, use_gpu=False).kind == "flat"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_search_finds_itself_first_and_matches_exact(kind: str) -> None:
+    index, ids, vecs = _filled(kind)
+    assert len(index) == 200 and "item-3" in index and "nope" not in index
+    res = index.search(vecs[:5], k=10)
+    assert [r[0][0] for r in res] == ids[:5]
+    assert res[0][0][1] == pytest.approx(1.0, abs=1e-5)
+    if kind == "flat":
+        assert [i for i, _ in res[1]] == _exact_top(vecs, ids, vecs[1], 10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_upsert_replaces_vector(kind: str) -> None:
+    index, ids, vecs = _filled(kind)
+    new = -vecs[7]
+    index.upsert(["item-7"], new[None, :])
+    assert len(index) == 200
+    np.testing.assert_allclose(index.reconstruct("item-7"), new, atol=1e-6)
+    # the old vector no longer finds item-7; the new one does
+    assert index.search(vecs[7], k=1)[0][0][0] != "item-7"
+    assert index.search(new, k=1)[0][0][0] == "item-7"
+    # no stale copy: a full-depth search lists item-7 exactly once
+    for hits in index.search(vecs[:10], k=200):
+        assert [i for i, _ in hits].count("item-7") == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_upsert_repeated_id_in_one_batch_last_wins(kind: str) -> None:
+    index = LiveIndex(DIM, "v1", kind=kind, use_gpu=False)
+    v = _unit(np.random.default_rng(1), 2)
+    assert index.upsert(["a", "a"], v) == 1
+    assert len(index) == 1
+    np.testing.assert_allclose(index.reconstruct("a"), v[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_delete_removes_from_results(kind: str) -> None:
+    index, ids, vecs = _filled(kind)
+    assert index.delete(["item-0", "item-1", "unknown"]) == 2
+    assert len(index) == 198 and "item-0" not in index
+    assert index.reconstruct("item-0") is None
+    for hits in index.search(vecs[:2], k=20):
+        assert all(i not in {"item-0", "item-1"} for i, _ in hits)
+        assert len(hits) == 20
+    assert index.delete(["item-0"]) == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exclusion_overfetches_to_fill_k(kind: str) -> None:
+    index, ids, vecs = _filled(kind)
+    exclude = set(_exact_top(vecs, ids, vecs[0], 15)) | {"not-in-index"}
+    hits = index.search(vecs[0], k=10, exclude=exclude)[0]
+    assert len(hits) == 10
+    assert not exclude & {i for i, _ in hits}
+    if kind == "flat":
+        assert [i for i, _ in hits] == _exact_top(vecs, ids, vecs[0], 10, exclude)
+
+
+def test_search_edge_cases() -> None:
+    index = LiveIndex(DIM, "v1", kind="flat", use_gpu=False)
+    q = np.ones(DIM, dtype=np.float32)
+    assert index.search(q, k=5) == [[]]
+    index.upsert(["a", "b"], _unit(np.random.default_rng(2), 2))
+    assert len(index.search(q, k=5)[0]) == 2  # fewer items than k: no -1 padding leaks
+    assert index.search(np.stack([q, q]), k=0) == [[], []]
+    assert index.search(q, k=5, exclude={"a", "b"}) == [[]]
+    with pytest.raises(ValueError, match=r"shape \(n, 16\)"):
+        index.search(np.ones(5, dtype=np.float32), k=1)
+    with pytest.raises(ValueError, match="2 ids but 1 vectors"):
+        index.upsert(["x", "y"], q[None, :])
+    with pytest.raises(ValueError, match="NaN"):
+        index.upsert(["x"], np.full((1, DIM), np.nan, dtype=np.float32))
+
+
+def test_hnsw_tombstones_then_compacts() -> None:
+    index, ids, vecs = _filled("hnsw", n=100)
+    index.compact_ratio = 0.5
+    index.delete(ids[:30])
+    assert index.tombstones == 30
+    index.upsert(ids[30:45], vecs[30:45])  # replacements tombstone too: 45 > 0.5 * 70 -> compact
+    assert index.tombstones == 0
+    assert len(index) == 70
+    assert index.search(vecs[50], k=1)[0][0][0] == "item-50"
+    assert all(i not in set(ids[:30]) for i, _ in index.search(vecs[0], k=70)[0])
+
+
+def test_apply_item_vectors_skips_other_versions() -> None:
+    index = LiveIndex(DIM, "v1", kind="flat", use_gpu=False)
+    v = _unit(np.random.default_rng(3), 3)
+    report = index.apply(
+        [
+            ItemVector("a", "v1", v[0]),
+            ItemVector("b", "v1", v[1]),
+            ItemVector("c", "v0", v[2]),
+            ItemVector("b", "v1", None),  # later delete of b wins
+        ]
+    )
+    assert (report.upserted, report.deleted, report.skipped) == (1, 0, 1)
+    assert index.item_ids() == ["a"]
+    assert index.apply([ItemVector("a", "v1", None)]).deleted == 1
+    assert len(index) == 0
+
+
+def test_reconstruct_many() -> None:
+    index, ids, vecs = _filled("flat", n=10)
+    got = index.reconstruct_many(["item-2", "missing", "item-5"])
+    assert list(got) == ["item-2", "item-5"]
+    np.testing.assert_allclose(got["item-5"], vecs[5], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_snapshot_then_restore_gives_identical_results(kind: str, tmp_path: Path) -> None:
+    index, ids, vecs = _filled(kind)
+    index.delete(["item-3"])
+    index.upsert(["item-4", "new"], _unit(np.random.default_rng(9), 2))
+    path = index.snapshot(tmp_path / "snap")
+    restored = LiveIndex.restore(path, expected_version="v1", use_gpu=False)
+    assert restored.version == "v1" and restored.kind == kind
+    assert sorted(restored.item_ids()) == sorted(index.item_ids())
+    q = _unit(np.random.default_rng(5), 20)
+    assert restored.search(q, k=10, exclude={"item-9"}) == index.search(q, k=10, exclude={"item-9"})
+    np.testing.assert_array_equal(restored.reconstruct("new"), index.reconstruct("new"))
+    # the restored index keeps working: ids do not collide with old ones
+    restored.upsert(["newer"], q[:1])
+    assert restored.search(q[0], k=1)[0][0][0] == "newer"
+    assert restored.reconstruct("new") is not None
+
+
+def test_snapshot_overwrites_atomically(tmp_path: Path) -> None:
+    index, _, _ = _filled("flat", n=10)
+    index.snapshot(tmp_path / "snap")
+    index.delete(["item-0"])
+    index.snapshot(tmp_path / "snap")
+    assert len(LiveIndex.restore(tmp_path / "snap", use_gpu=False)) == 9
+    assert [p.name for p in tmp_path.iterdir()] == ["snap"]  # no temp or old folders left
+
+
+def test_restore_refuses_wrong_version(tmp_path: Path) -> None:
+    index, _, _ = _filled("flat", n=10)
+    index.snapshot(tmp_path / "snap")
+    with pytest.raises(SnapshotError, match=r"built with adapter version 'v1', expected 'v2'"):
+        LiveIndex.restore(tmp_path / "snap", expected_version="v2")
+
+
+def test_restore_refuses_corrupt_index_file(tmp_path: Path) -> None:
+    index, _, _ = _filled("flat", n=10)
+    path = index.snapshot(tmp_path / "snap")
+    blob = bytearray((path / "index.faiss").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (path / "index.faiss").write_bytes(bytes(blob))
+    with pytest.raises(SnapshotError, match="corrupt: checksum"):
+        LiveIndex.restore(path)
+
+
+def test_restore_refuses_tampered_ids_and_missing_files(tmp_path: Path) -> None:
+    index, _, _ = _filled("flat", n=10)
+    path = index.snapshot(tmp_path / "snap")
+    ids = orjson.loads((path / "ids.json").read_bytes())
+    ids["items"][0] = "someone-else"
+    (path / "ids.json").write_bytes(orjson.dumps(ids))
+    with pytest.raises(SnapshotError, match="corrupt"):
+        LiveIndex.restore(path)
+    (path / "index.faiss").unlink()
+    with pytest.raises(SnapshotError, match="unreadable"):
+        LiveIndex.restore(path)
+    shutil.rmtree(path)
+    with pytest.raises(SnapshotError, match="no index snapshot"):
+        LiveIndex.restore(path)
+
+
+def test_restore_refuses_inconsistent_metadata(tmp_path: Path) -> None:
+    index, _, _ = _filled("flat", n=10)
+    path = index.snapshot(tmp_path / "snap")
+    meta = orjson.loads((path / "meta.json").read_bytes())
+    meta["count"] = 11  # checksum covers the data files; counts are cross-checked
+    (path / "meta.json").write_bytes(orjson.dumps(meta))
+    with pytest.raises(SnapshotError, match="inconsistent: 10 ids for a recorded count of 11"):
+        LiveIndex.restore(path)
+    meta["format"] = 99
+    (path / "meta.json").write_bytes(orjson.dumps(meta))
+    with pytest.raises(SnapshotError, match="format 99"):
+        LiveIndex.restore(path)
+
+
+def test_gpu_mirror_maps_positions_and_refreshes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's own logic (id mapping, refresh after changes), with FAISS's GPU copy
+    stood in by a CPU clone: this machine has no GPU; FAISS's GPU search itself is FAISS's."""
+    import faiss
+
+    uploads: list[int] = []
+
+    def fake_to_gpu(res: object, device: int, index: faiss.Index) -> faiss.Index:
+        uploads.append(index.ntotal)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_to_gpu, raising=False)
+    gpu = LiveIndex(DIM, "v1", kind="flat")
+    cpu, ids, vecs = _filled("flat", n=50)
+    assert gpu._gpu is not None
+    gpu.upsert(ids, vecs)
+    gpu.delete(["item-1", "item-2"])
+    cpu.delete(["item-1", "item-2"])
+    gpu.upsert(["item-4"], -vecs[4:5])
+    cpu.upsert(["item-4"], -vecs[4:5])
+    q = _unit(np.random.default_rng(4), 5)
+    assert gpu.search(q, k=8, exclude={"item-9"}) == cpu.search(q, k=8, exclude={"item-9"})
+    assert gpu.search(q, k=8) == cpu.search(q, k=8)
+    assert uploads == [48]  # one upload after the changes, reused by the second search
