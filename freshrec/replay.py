@@ -71,12 +71,18 @@ def replay(
     progress: bool = True,
     stamp_sent_at: bool = False,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    include_catalog: bool = True,
 ) -> ReplayReport:
+    """Send the catalog (unless ``include_catalog`` is False), then up to ``limit`` events.
+
+    ``on_event`` sees each event dict right after it was handed to the producer (the
+    demo's freshness probe uses it); an exception it raises stops the replay.
+    """
     files = locate(dataset_dir)
     start = time.monotonic()
     with RecordProducer(settings, client_id="freshrec-replay") as producer:
         n_items = 0
-        if files.items is not None:
+        if files.items is not None and include_catalog:
             for item in read_items(files.items):
                 producer.send_catalog(item)
                 n_items += 1

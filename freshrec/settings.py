@@ -158,16 +158,16 @@ class Settings(BaseSettings):
 
     # -- evaluation (add evaluation settings below this line) ----------------------------
     eval_train_every_days: float = Field(
-        7.0, gt=0, description="`freshrec eval` full: train the adapter and re-encode the catalog this often (event time)"
+        14.0, gt=0, description="`freshrec eval` full: train the adapter and re-encode the catalog this often (event time)"
     )
     eval_pairs_per_update: int = Field(
-        1024, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) per adapter update"
+        512, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) per adapter update"
     )
     eval_pretrain_days: float = Field(
         28.0, ge=0, description="`freshrec eval` full: days of history before --eval-from whose pairs train the first adapter"
     )
     eval_pretrain_pairs: int = Field(
-        4096, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) for the first adapter"
+        1024, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) for the first adapter"
     )
     eval_epochs: int = Field(1, ge=1, description="`freshrec eval` full: passes over each update's pairs")
     eval_blend: str = Field(
@@ -179,10 +179,13 @@ class Settings(BaseSettings):
     eval_blend_new: float = Field(0.5, ge=0, description="log blend: bonus of an item first seen within eval_new_days")
     eval_new_days: float = Field(30.0, gt=0, description="log blend: an item first seen this recently counts as new")
     eval_popularity_half_life_days: float = Field(
-        7.0, gt=0, description="`freshrec eval` frozen/full: half-life of the system's fresh popularity"
+        7.0, gt=0, description="`freshrec eval` frozen/full: half-life of the system's fresh popularity (proposed default)"
+    )
+    eval_system_repeat_half_life_days: float = Field(
+        180.0, gt=0, description="`freshrec eval` frozen/full: half-life of the user state's repeat frequency (proposed default)"
     )
     eval_repeat_half_life_days: float = Field(
-        90.0, gt=0, description="`freshrec eval` repeat and cooccurrence baselines: half-life of the shopper's frequency"
+        365.0, gt=0, description="`freshrec eval` repeat and cooccurrence baselines: half-life of the shopper's frequency"
     )
 
     @cached_property

@@ -140,7 +140,13 @@ class LiveIndex:
     def reconstruct_many(self, item_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Vectors of those ``item_ids`` the index holds (missing ones are left out)."""
         with self._lock:
-            return {i: np.array(self._index.reconstruct(self._fid[i]), dtype=np.float32) for i in item_ids if i in self._fid}
+            present = [i for i in dict.fromkeys(item_ids) if i in self._fid]
+            if not present:
+                return {}
+            # One batched FAISS call: a per-id Python loop was ~40 % of /recommend's CPU.
+            fids = np.fromiter((self._fid[i] for i in present), dtype=np.int64, count=len(present))
+            vectors = np.asarray(self._index.reconstruct_batch(fids), dtype=np.float32)
+            return {item_id: vectors[row] for row, item_id in enumerate(present)}
 
     def search(
         self, queries: np.ndarray, k: int, exclude: AbstractSet[str] = frozenset()

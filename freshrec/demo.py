@@ -1,0 +1,310 @@
+"""``freshrec demo``: the whole system on one machine, replaying the bundled sample.
+
+It starts its own broker and Redis on free loopback ports (so it never touches a Redis
+you run), then the five processes exactly as production runs them (``freshrec stream
+users``, ``stream catalog``, ``index``, ``learn``, ``serve``), sends the catalog, waits
+until serving is ready, and replays the events at a speed-up while printing a live
+summary. The page at ``/`` follows one shopper. Ctrl-C or ``--minutes`` stops
+everything it started, and only that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from .dataset import SAMPLE_DIR, locate, read_events
+from .infra import InfraError, free_port, port_open, start_stack, stop_stack
+from .replay import Pace, replay
+from .settings import Settings
+
+COMPONENTS = [
+    ("catalog", ["stream", "catalog"]),
+    ("users", ["stream", "users"]),
+    ("indexer", ["index"]),
+    ("learner", ["learn"]),
+    ("serving", ["serve"]),
+]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The FRESHREC_* variables that make a child process see these settings."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"FRESHREC_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class Children:
+    """The processes the demo started; stopped in reverse order, each given time to finish."""
+
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "freshrec", *argv],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the demo only; it stops the children in order
+        )
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class Live:
+    """What the summary line shows; written by probe threads, read by the printer."""
+
+    sent: int = 0
+    freshness_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=200))
+    request_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=500))
+    request_errors: int = 0
+    freshness_unseen: int = 0  # probed events not seen within 5 s (or pushed out of the id window)
+    adapter: str = "-"
+    adapters_seen: set[str] = field(default_factory=set)
+    swaps: int = 0
+    last_event: dict | None = None
+    last_event_wall: float = 0.0
+
+
+def _p(values: collections.deque[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def pick_shopper(dataset: Path) -> str:
+    """The shopper with the most purchase baskets in the sample, so the page keeps moving."""
+    files = locate(dataset)
+    baskets: dict[str, set[float]] = collections.defaultdict(set)
+    for e in read_events(files.events, files.name):
+        if e["kind"] == "purchase" and isinstance(e["ts"], float):
+            baskets[e["user_id"]].add(e["ts"])
+    return max(baskets, key=lambda u: len(baskets[u])) if baskets else ""
+
+
+def _wait_ready(url: str, children: Children, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = children.dead()
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited during start-up; see its log")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"serving was not ready within {timeout:.0f} s")
+
+
+def _probe_requests(url: str, user: str, live: Live, stop: threading.Event) -> None:
+    with httpx.Client(base_url=url, timeout=5.0) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = client.get("/recommend", params={"user_id": user, "k": 10})
+                live.request_ms.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 200:
+                    live.request_errors += 1
+                else:
+                    version = r.json().get("adapter_version", "-")
+                    if version != live.adapter and live.adapter != "-":
+                        live.swaps += 1
+                    live.adapter = version
+                    live.adapters_seen.add(version)
+            except httpx.HTTPError:
+                live.request_errors += 1
+            stop.wait(0.25)
+
+
+def _probe_freshness(settings: Settings, live: Live, stop: threading.Event) -> None:
+    """Time from sending an event until its user's Redis state holds it."""
+    import redis
+
+    from streams.user_store import read_user_state
+
+    client = redis.Redis.from_url(settings.redis_url)
+    probed: str | None = None
+    while not stop.is_set():
+        event, sent_wall = live.last_event, live.last_event_wall
+        if event is None or event["event_id"] == probed:
+            stop.wait(0.2)
+            continue
+        probed = event["event_id"]
+        deadline = time.monotonic() + 5.0
+        seen = False
+        while time.monotonic() < deadline and not stop.is_set():
+            try:
+                state = read_user_state(client, settings, event["user_id"])
+            except redis.RedisError:
+                break
+            if state is not None and event["event_id"] in state.recent_ids:
+                live.freshness_ms.append((time.time() - sent_wall) * 1000)
+                seen = True
+                break
+            time.sleep(0.002)
+        if not seen and not stop.is_set():
+            live.freshness_unseen += 1
+        stop.wait(0.3)
+
+
+def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset: Path, port: int | None) -> int:
+    state_dir = settings.state_dir / "demo"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    api_port = port or (settings.api_port if not port_open("127.0.0.1", settings.api_port) else free_port())
+    token = settings.admin_token or secrets.token_urlsafe(16)
+    demo = settings.model_copy(
+        update={
+            "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+            "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+            "state_dir": state_dir,
+            "api_port": api_port,
+            "admin_token": token,
+        }
+    )
+    env = settings_env(demo)
+    url = f"http://127.0.0.1:{api_port}"
+    try:
+        stack = start_stack(demo, reuse_redis=False)
+    except InfraError as exc:
+        print(f"freshrec demo: {exc}", file=sys.stderr)
+        return 1
+    print(f"broker {stack.bootstrap} · redis {stack.redis_url} · logs in {state_dir / 'logs'}")
+    children = Children()
+    live = Live()
+    stop = threading.Event()
+    try:
+        for name, argv in COMPONENTS[:-1]:
+            children.start(name, argv, env, state_dir / "logs")
+        catalog = replay(demo, dataset, limit=0, progress=False)
+        print(f"catalog: {catalog.items} items sent")
+        children.start("serving", COMPONENTS[-1][1], env, state_dir / "logs")
+        _wait_ready(url, children, timeout=180)
+        shopper = pick_shopper(dataset)
+        print(f"\nopen {url}/?user={shopper}   (the page follows shopper {shopper})")
+        print(f"admin token for {url}/admin: {token}\n")
+
+        threading.Thread(target=_probe_requests, args=(url, shopper, live, stop), daemon=True).start()
+        threading.Thread(target=_probe_freshness, args=(demo, live, stop), daemon=True).start()
+        threading.Thread(target=_print_summary, args=(live, stop, children), daemon=True).start()
+
+        def on_event(event: dict) -> None:
+            live.sent += 1
+            live.last_event, live.last_event_wall = event, time.time()
+            if stop.is_set():
+                raise KeyboardInterrupt
+
+        total_s = minutes * 60
+        if speedup is None:
+            first, last = _time_span(dataset)
+            # Leave the last fifth of the time to watch the final adapters go live.
+            speedup = max((last - first) / (total_s * 0.8), 1.0)
+        timer = threading.Timer(total_s, stop.set)
+        timer.daemon = True
+        timer.start()
+        try:
+            replay(demo, dataset, Pace(speedup=speedup), progress=True, include_catalog=False, on_event=on_event)
+            print("\nreplay finished; serving keeps running until the time is up (Ctrl-C to stop)")
+            while not stop.is_set() and not children.dead():
+                stop.wait(0.5)
+        except KeyboardInterrupt:
+            pass
+        dead = children.dead()
+        if dead:
+            print(f"\n{', '.join(dead)} stopped unexpectedly; see {state_dir / 'logs'}", file=sys.stderr)
+            return 1
+        _final_summary(live)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        print(f"freshrec demo: {exc} (logs in {state_dir / 'logs'})", file=sys.stderr)
+        return 1
+    finally:
+        stop.set()
+        children.stop()
+        stop_stack(state_dir)
+
+
+def _time_span(dataset: Path) -> tuple[float, float]:
+    files = locate(dataset)
+    first = last = None
+    for e in read_events(files.events, files.name):
+        if isinstance(e["ts"], float):
+            first = e["ts"] if first is None else first
+            last = e["ts"]
+    return (first or 0.0), (last or 0.0)
+
+
+def _summary_line(live: Live, rate: float) -> str:
+    return (
+        f"events/s {rate:7.0f} · freshness p99 {_p(live.freshness_ms, 99):6.1f} ms · "
+        f"adapter {live.adapter} ({len(live.adapters_seen - {'base', '-'})} learned, {live.swaps} swaps) · "
+        f"/recommend p50 {_p(live.request_ms, 50):5.1f} ms p99 {_p(live.request_ms, 99):5.1f} ms · "
+        f"errors {live.request_errors}"
+    )
+
+
+def _print_summary(live: Live, stop: threading.Event, children: Children) -> None:
+    last_sent, last_t = 0, time.monotonic()
+    while not stop.wait(2.0):
+        now = time.monotonic()
+        rate = (live.sent - last_sent) / (now - last_t)
+        last_sent, last_t = live.sent, now
+        tqdm.write(_summary_line(live, rate))
+
+
+def _final_summary(live: Live) -> None:
+    print("\ndemo summary")
+    print(f"  events sent           {live.sent:,}")
+    print(
+        f"  freshness p50/p99     {_p(live.freshness_ms, 50):.1f} / {_p(live.freshness_ms, 99):.1f} ms "
+        f"({len(live.freshness_ms)} probes, {live.freshness_unseen} not seen within 5 s)"
+    )
+    print(f"  /recommend p50/p99    {_p(live.request_ms, 50):.1f} / {_p(live.request_ms, 99):.1f} ms")
+    print(f"  adapter versions      {sorted(live.adapters_seen)} ({live.swaps} swaps)")
+    print(f"  request errors        {live.request_errors}")
+
+
+def main(argv: list[str], settings: Settings) -> int:
+    parser = argparse.ArgumentParser(prog="freshrec demo", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--minutes", type=float, default=5.0, help="stop after this long (default 5)")
+    parser.add_argument("--speedup", type=float, help="times real time (default: fit the sample into the minutes)")
+    parser.add_argument("--dataset", type=Path, default=settings.data_dir or SAMPLE_DIR)
+    parser.add_argument("--port", type=int, help="API port (default: FRESHREC_API_PORT, or a free one if taken)")
+    args = parser.parse_args(argv)
+    return run_demo(settings, args.minutes, args.speedup, args.dataset, args.port)

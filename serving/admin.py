@@ -1,0 +1,212 @@
+"""The admin API under /admin: list, activate and roll back adapter versions; status.
+
+Every route needs ``Authorization: Bearer <settings.admin_token>``: no (or a non-Bearer)
+header is 401, a wrong token 403. The router exists only when admin is enabled
+(:func:`serving.runtime.admin_enabled`: on when a token is set; enabling it without a
+token refuses to start).
+
+Activation is asynchronous: ``POST /admin/adapters/{version}/activate`` verifies the
+version at once (a corrupt or unknown adapter is refused with 422/404 and the active
+pair keeps serving), queues the build and answers 202 with the job; ``?wait=true``
+answers when the new pair is live (200) or the build failed (422), up to ``timeout_s``.
+
+Examples::
+
+    curl -H "Authorization: Bearer $TOKEN" localhost:8000/admin/adapters
+    curl -X POST -H "Authorization: Bearer $TOKEN" "localhost:8000/admin/adapters/v000002-1a2b3c4d/activate?wait=true"
+    curl -X POST -H "Authorization: Bearer $TOKEN" localhost:8000/admin/rollback
+    curl -H "Authorization: Bearer $TOKEN" localhost:8000/admin/status
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+
+from .runtime import ServingRuntime
+from .swap import ActivationRefused, BuildJob
+
+LEARNER_LAG_CACHE_S = 5.0
+LEARNER_LAG_WAIT_S = 1.0  # /admin/status waits this long for a fresh figure, then shows the last one
+
+
+class _LearnerLag:
+    """The learner-lag figure, computed on a thread (it asks Kafka) and cached briefly."""
+
+    def __init__(self, runtime: ServingRuntime) -> None:
+        self.runtime = runtime
+        self.value: dict[str, Any] | None = None
+        self._at = 0.0
+        self._running: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> threading.Event | None:
+        """Start a refresh if the figure is stale; return its completion event (None: fresh)."""
+        with self._lock:
+            if self._running is not None:
+                return self._running
+            if self.value is not None and time.monotonic() - self._at < LEARNER_LAG_CACHE_S:
+                return None
+            done = self._running = threading.Event()
+        threading.Thread(target=self._compute, args=(done,), name="learner-lag", daemon=True).start()
+        return done
+
+    def _compute(self, done: threading.Event) -> None:
+        try:
+            self.value = _learner_lag(self.runtime)
+        finally:
+            self._at = time.monotonic()
+            with self._lock:
+                self._running = None
+            done.set()
+
+
+def admin_router(runtime: ServingRuntime) -> APIRouter:
+    from .app import JSON, ApiError
+
+    token = (runtime.settings.admin_token or "").encode()
+
+    def require_token(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header or scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "admin needs 'Authorization: Bearer <token>' (settings.admin_token)")
+        if not token or not hmac.compare_digest(given.strip().encode(), token):
+            raise ApiError(403, "wrong admin token")
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
+    learner = _LearnerLag(runtime)
+
+    async def _finish(job: BuildJob, wait: bool, timeout_s: float) -> JSON:
+        if wait:
+            await anyio.to_thread.run_sync(job.done.wait, timeout_s)
+        body = job.summary()
+        if job.state == "failed":
+            return JSON({"error": job.error, "job": body}, status_code=422)
+        return JSON(body, status_code=200 if job.state == "live" else 202)
+
+    @router.get("/adapters")
+    async def adapters() -> JSON:
+        return JSON(await anyio.to_thread.run_sync(_adapters, runtime))
+
+    @router.post("/adapters/{version}/activate")
+    async def activate(version: str, wait: bool = False, timeout_s: float = Query(120.0, gt=0, le=600)) -> JSON:
+        try:
+            await anyio.to_thread.run_sync(runtime.builder.check, version)
+        except ActivationRefused as exc:
+            status = 404 if "no such version" in str(exc) else 422
+            raise ApiError(status, f"{exc}; still serving {runtime.active_version()}") from None
+        return await _finish(runtime.builder.activate(version, reason="admin"), wait, timeout_s)
+
+    @router.post("/rollback")
+    async def rollback(wait: bool = False, timeout_s: float = Query(120.0, gt=0, le=600)) -> JSON:
+        try:
+            job = runtime.builder.rollback()
+        except ActivationRefused as exc:
+            raise ApiError(409, str(exc)) from None
+        return await _finish(job, wait, timeout_s)
+
+    @router.get("/status")
+    async def status() -> JSON:
+        refreshing = learner.refresh()
+        if refreshing is not None:
+            await anyio.to_thread.run_sync(refreshing.wait, LEARNER_LAG_WAIT_S)
+        return JSON(_status(runtime, learner.value))
+
+    return router
+
+
+def _adapters(runtime: ServingRuntime) -> dict[str, Any]:
+    from learner.registry import AdapterRegistry, AdapterRejected
+
+    registry = AdapterRegistry(runtime.settings.state_dir / "adapters")
+    active = runtime.active_version()
+    building = runtime.builder.current.version if runtime.builder.current else None
+    out = []
+    for version in registry.versions():
+        entry: dict[str, Any] = {"version": version, "active": version == active, "building": version == building}
+        try:
+            m = registry.manifest(version)
+            entry.update(parent=m.parent, created=m.created, pairs_seen=m.pairs_seen, metrics=m.metrics)
+        except AdapterRejected as exc:
+            entry["error"] = str(exc)
+        out.append(entry)
+    return {"active": active, "building": building, "history": list(runtime.builder.history), "versions": out}
+
+
+def _learner_lag(runtime: ServingRuntime) -> dict[str, Any]:
+    """How far the newest adapter is behind the train pairs (pairs, seconds).
+
+    ``train_pairs`` counts the topic by end offsets, which Tansu under-reports, so the
+    pair lag is a lower bound there.
+    """
+    from learner.registry import AdapterRegistry
+
+    registry = AdapterRegistry(runtime.settings.state_dir / "adapters")
+    latest = registry.latest()
+    out: dict[str, Any] = {"latest_version": latest, "pairs_seen": 0, "latest_age_s": None}
+    if latest is not None:
+        try:
+            m = registry.manifest(latest)
+            out.update(pairs_seen=m.pairs_seen, latest_age_s=round(time.time() - m.created, 1))
+        except Exception as exc:
+            out["error"] = str(exc)
+    if not runtime.follow_topics:
+        return out
+    try:
+        from freshrec.consumer import topic_counts
+
+        pairs = topic_counts(runtime.settings).get(runtime.settings.topics.train_pairs, 0)
+        out["train_pairs"] = pairs
+        out["lag_pairs"] = max(pairs - out["pairs_seen"], 0)
+    except Exception as exc:
+        out["train_pairs"] = None
+        out["kafka_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _status(runtime: ServingRuntime, learner: dict[str, Any] | None) -> dict[str, Any]:
+    pair = runtime.active.pair
+    builder = runtime.builder
+    vectors = runtime.vectors
+    return {
+        "active": None
+        if pair is None
+        else {
+            "adapter_version": pair.adapter_version,
+            "index_version": pair.index_version,
+            "items": len(pair.index),
+            "built_at": pair.built_at,
+            "build_seconds": round(pair.build_seconds, 3),
+        },
+        "building": builder.current.summary() if builder.current else None,
+        "last_swap": builder.last_swap.summary() if builder.last_swap else None,
+        "last_job": builder.last.summary() if builder.last else None,
+        "swaps": runtime.active.swaps,
+        "history": list(builder.history),
+        "auto_activate": runtime.settings.auto_activate,
+        "announcements": runtime.announcements[-5:],
+        "learner": learner,
+        "item_vectors": None
+        if vectors is None
+        else {
+            "received": vectors.received,
+            "applied": runtime.applier.applied,
+            "reencoded": runtime.applier.reencoded,
+            "stashed": runtime.applier.stashed,
+            "lag": vectors.lag,
+            "errors": vectors.errors,
+            "last_error": vectors.last_error,
+        },
+        "redis": {"healthy": runtime.gate.healthy, "failures": runtime.gate.failures, "last_error": runtime.gate.last_error},
+        "popularity": {
+            "items": len(runtime.popularity.view.ranked),
+            "read_at": runtime.popularity.view.read_at,
+            "last_error": runtime.popularity.last_error,
+        },
+    }

@@ -1,0 +1,321 @@
+"""The HTTP API: /recommend, /search, /similar, health, metrics (and /admin, see serving.admin).
+
+Every ranking endpoint takes the active pair once, at its start, and uses only that pair
+(:mod:`serving.pair`), so a response's ``adapter_version`` and ``index_version`` name the
+encoder and index that produced every score in it.
+
+Response shape::
+
+    {"items": [{"item_id": "85123A", "title": "WHITE HANGING HEART T-LIGHT HOLDER", "score": 0.93}, ...],
+     "adapter_version": "v000003-1a2b3c4d", "index_version": "v000003-1a2b3c4d@4", "server_ms": 1.2}
+
+plus ``source`` on /recommend (``personal`` or ``popularity``), ``personalised`` on /search
+(whether a user vector was blended in), and ``degraded: true`` with a ``reason`` when
+Redis could not be read. Errors are ``{"error": "..."}`` with a 4xx:
+a missing or bad parameter or k out of range 422, an empty query 422, a query over
+``MAX_QUERY_CHARS`` or a body over ``MAX_BODY_BYTES`` 413, an unknown item in /similar
+404, and 503 while the first index is still loading.
+
+An unknown user is not an error: for /recommend they are a cold user (popularity,
+``source: popularity``), for /search the query is used alone. A recommender cannot
+tell a new shopper from a mistyped id, and a new shopper must get an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from freshrec.contracts import MAX_ID_CHARS, MAX_QUERY_CHARS
+
+from . import scoring
+from .pair import ServingPair
+from .runtime import ServingRuntime
+from .shopper_data import RedisUnavailable
+
+log = logging.getLogger("freshrec.serving.app")
+
+MAX_BODY_BYTES = 16 * 1024  # a /search body is a query of <= 1,000 characters and two short fields
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DAY_S = 86_400.0
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class ApiError(Exception):
+    """A 4xx/5xx with a message for the caller."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _items(pair_results: list[tuple[str, float]], titles: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"item_id": i, "title": titles.get(i, ""), "score": s} for i, s in pair_results]
+
+
+def _body(pair: ServingPair, items: list[dict[str, Any]], t0: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "items": items,
+        "adapter_version": pair.adapter_version,
+        "index_version": pair.index_version,
+        "server_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+        **extra,
+    }
+
+
+def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
+    """The ASGI app over ``runtime``; with ``manage_runtime`` its lifespan starts and stops it."""
+    settings = runtime.settings
+    max_k = settings.max_k
+    half_life_user_s = settings.user_vector_half_life_days * DAY_S
+    half_life_repeat_s = settings.repeat_half_life_days * DAY_S
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        if manage_runtime:
+            runtime.start()
+        try:
+            yield
+        finally:
+            if manage_runtime:
+                runtime.stop()
+
+    app = FastAPI(title="freshrec", default_response_class=JSON, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.runtime = runtime
+
+    # -- errors --------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSON:
+        return JSON({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSON:
+        return JSON({"error": "; ".join(_describe(e) for e in exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSON:
+        return JSON({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSON:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSON({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def _pair() -> ServingPair:
+        pair = runtime.active.pair
+        if pair is None:
+            raise ApiError(503, "the index is still loading; retry shortly (see /readyz)")
+        return pair
+
+    # -- ranking -------------------------------------------------------------------------
+
+    @app.get("/recommend")
+    async def recommend(
+        user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
+        k: int = Query(10, ge=1, le=max_k),
+    ) -> JSON:
+        t0 = time.perf_counter()
+        pair = _pair()
+        popularity = runtime.popularity.view
+        space = pair.space()
+        try:
+            state = runtime.gate.call(_read_state, runtime, user_id)
+        except RedisUnavailable as exc:
+            runtime.metrics.degraded.labels("recommend").inc()
+            ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
+            return JSON(
+                _body(pair, _items(ranked, runtime.titles), t0, source="popularity", degraded=True, reason=str(exc))
+            )
+        if state is None or (not state.history and not state.freq):
+            ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
+            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity"))
+        ranked = scoring.recommend(
+            state.history,
+            state.repeat_scores(state.last_ts, half_life_repeat_s),
+            space,
+            popularity.scores,
+            popularity.ranked,
+            runtime.weights,
+            k,
+            now_ts=state.last_ts,
+            half_life_s=half_life_user_s,
+            candidates=settings.recommend_candidates,
+        )
+        return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal"))
+
+    @app.post("/search")
+    async def search(request: Request) -> JSON:
+        t0 = time.perf_counter()
+        query, user_id, k = await _search_request(request, max_k)
+        pair = _pair()
+        qvec = (await anyio.to_thread.run_sync(pair.encoder.encode, [query]))[0]
+        extra: dict[str, Any] = {}
+        uvec = None
+        if user_id is not None and settings.search_user_weight > 0:
+            try:
+                state = runtime.gate.call(_read_state, runtime, user_id)
+            except RedisUnavailable as exc:
+                runtime.metrics.degraded.labels("search").inc()
+                state, extra = None, {"degraded": True, "reason": str(exc)}
+            if state is not None and state.history:
+                hw = scoring.history_weights(state.history, state.last_ts, half_life_user_s)
+                uvec = scoring.user_vector(hw, pair.index.reconstruct_many(list(hw)))
+        vec = scoring.search_vector(qvec, uvec, settings.search_user_weight)
+        hits = pair.index.search(vec, k)[0]
+        return JSON(_body(pair, _items(hits, runtime.titles), t0, personalised=uvec is not None, **extra))
+
+    @app.get("/similar/{item_id}")
+    async def similar(item_id: str, k: int = Query(10, ge=1, le=max_k)) -> JSON:
+        t0 = time.perf_counter()
+        if len(item_id) > MAX_ID_CHARS:
+            raise ApiError(422, f"item_id is {len(item_id)} characters; the limit is {MAX_ID_CHARS}")
+        pair = _pair()
+        vec = pair.index.reconstruct(item_id)
+        if vec is None:
+            raise ApiError(404, f"unknown item {item_id!r}: not in the catalog (or deleted)")
+        hits = pair.index.search(vec, k, exclude=frozenset((item_id,)))[0]
+        return JSON(_body(pair, _items(hits, runtime.titles), t0))
+
+    @app.get("/users/{user_id}")
+    async def user_history(user_id: str, n: int = Query(10, ge=1, le=max_k)) -> JSON:
+        """What serving knows of a shopper: their latest interactions, newest first."""
+        t0 = time.perf_counter()
+        if len(user_id) > MAX_ID_CHARS:
+            raise ApiError(422, f"user_id is {len(user_id)} characters; the limit is {MAX_ID_CHARS}")
+        try:
+            state = runtime.gate.call(_read_state, runtime, user_id)
+        except RedisUnavailable as exc:
+            raise ApiError(503, f"user state is unavailable: {exc}") from None
+        if state is None:
+            raise ApiError(404, f"unknown user {user_id!r}: no events seen for them yet")
+        items = [
+            {"item_id": h.item_id, "title": runtime.titles.get(h.item_id, ""), "kind": h.kind, "ts": h.ts}
+            for h in state.history[:n]
+        ]
+        return JSON(
+            {
+                "user_id": user_id,
+                "items": items,
+                "events": state.events,
+                "last_ts": state.last_ts,
+                "server_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+            }
+        )
+
+    # -- health and metrics ----------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> JSON:
+        return JSON({"ok": True, "uptime_s": round(time.time() - runtime.started_at, 1)})
+
+    @app.get("/readyz")
+    async def readyz() -> JSON:
+        pair = runtime.active.pair
+        if pair is None:
+            job = runtime.builder.current
+            return JSON(
+                {"ready": False, "reason": "the first index is still building", "build": job.summary() if job else None},
+                status_code=503,
+            )
+        return JSON(
+            {"ready": True, "adapter_version": pair.adapter_version, "index_version": pair.index_version, "items": len(pair.index)}
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if runtime.admin:
+        from .admin import admin_router
+
+        app.include_router(admin_router(runtime))
+
+    if STATIC_DIR.is_dir() and any(STATIC_DIR.iterdir()):
+        # The demo page lives here (the lead's); the API needs nothing from it.
+        from starlette.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=str(STATIC_DIR), html=True), name="static")
+
+    from .metrics import TimingMiddleware
+
+    app.add_middleware(TimingMiddleware, metrics=runtime.metrics)
+    return app
+
+
+def _read_state(runtime: ServingRuntime, user_id: str) -> Any:
+    from streams.user_store import read_user_state
+
+    return read_user_state(runtime.request_redis, runtime.settings, user_id)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body")]
+    where = ".".join(loc) or "request"
+    msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "missing":
+        msg = "is required"
+    got = err.get("input")
+    if got is not None and err.get("type") != "missing" and not isinstance(got, dict):
+        text = str(got)
+        msg += f" (got {text[:40]!r}{'...' if len(text) > 40 else ''})"
+    return f"{where}: {msg}"
+
+
+async def _search_request(request: Request, max_k: int) -> tuple[str, str | None, int]:
+    """Read and validate a /search body by hand: the size limit must apply before parsing."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is {int(declared):,} bytes; the limit is {MAX_BODY_BYTES:,}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES:,} bytes")
+        chunks.append(chunk)
+    try:
+        obj = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:
+        raise ApiError(422, 'body must be JSON like {"query": "red mug", "k": 10}') from None
+    if not isinstance(obj, dict):
+        raise ApiError(422, 'body must be a JSON object like {"query": "red mug", "k": 10}')
+    unknown = sorted(set(obj) - {"query", "user_id", "k"})
+    if unknown:
+        raise ApiError(422, f"unknown field(s) {', '.join(unknown)}; expected query, user_id, k")
+    query = obj.get("query")
+    if not isinstance(query, str):
+        raise ApiError(422, "query: is required and must be a string")
+    query = query.strip()
+    if not query:
+        raise ApiError(422, "query: must not be empty")
+    if len(query) > MAX_QUERY_CHARS:
+        raise ApiError(413, f"query is {len(query):,} characters; the limit is {MAX_QUERY_CHARS:,}")
+    user_id = obj.get("user_id")
+    if user_id is not None and (not isinstance(user_id, str) or not user_id or len(user_id) > MAX_ID_CHARS):
+        raise ApiError(422, f"user_id: must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    k = obj.get("k", 10)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ApiError(422, f"k: must be an integer (got {k!r})")
+    if not 1 <= k <= max_k:
+        raise ApiError(422, f"k: must be between 1 and {max_k} (got {k})")
+    return query, user_id, k

@@ -1,0 +1,86 @@
+"""Prometheus metrics of one serving process (its own registry, so tests can run several).
+
+Latency is observed by a pure ASGI middleware around every request, labelled by
+endpoint (the first path segment, from a fixed set, so a scan of random paths cannot
+explode the label space). Gauges that mirror live state (index size, adapter version,
+consumer lag) are read at scrape time through callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ENDPOINTS = frozenset({"recommend", "search", "similar", "admin", "healthz", "readyz", "metrics"})
+# Fine below 10 ms, where the targets are.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def endpoint_of(path: str) -> str:
+    head = path.strip("/").split("/", 1)[0]
+    return head if head in ENDPOINTS else ("root" if not head else "other")
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "freshrec_request_seconds", "Server-side request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.responses = Counter("freshrec_responses", "Responses by endpoint and status", ["endpoint", "status"], registry=r)
+        self.degraded = Counter("freshrec_degraded_responses", "Responses served without Redis", ["endpoint"], registry=r)
+        self.swaps = Counter("freshrec_swaps", "Serving pairs swapped in", registry=r)
+        self.build_seconds = Gauge("freshrec_last_build_seconds", "Seconds the last swapped-in pair took to build", registry=r)
+        self.index_items = Gauge("freshrec_index_items", "Items in the active index", registry=r)
+        self.consumer_lag = Gauge(
+            "freshrec_item_vectors_lag", "item-vectors messages not yet read (a lower bound on Tansu)", registry=r
+        )
+        self.adapter = Gauge("freshrec_adapter_info", "1 for the active adapter version", ["version"], registry=r)
+        self._adapter_version: str | None = None
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.latency.labels(endpoint).observe(seconds)
+        self.responses.labels(endpoint, str(status)).inc()
+
+    def bind(self, index_items: Callable[[], float], consumer_lag: Callable[[], float]) -> None:
+        self.index_items.set_function(index_items)
+        self.consumer_lag.set_function(consumer_lag)
+
+    def set_adapter(self, version: str) -> None:
+        if self._adapter_version is not None and self._adapter_version != version:
+            self.adapter.remove(self._adapter_version)
+        self.adapter.labels(version).set(1)
+        self._adapter_version = version
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TimingMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware task hop): time each HTTP request, count its status."""
+
+    def __init__(self, app: Any, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe(endpoint_of(scope["path"]), status, time.perf_counter() - t0)

@@ -1,0 +1,187 @@
+"""The recommend/search blend as pure functions (serving.scoring)."""
+
+from __future__ import annotations
+
+import doctest
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from serving import scoring
+from serving.scoring import BlendWeights, blend, history_weights, normalise_by_max, search_vector, top_k, user_vector
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class It:
+    item_id: str
+    kind: str
+    ts: float
+
+
+class DictSpace:
+    """An ItemSpace over a dict of unit vectors (exact inner-product search)."""
+
+    def __init__(self, vecs: dict[str, np.ndarray]) -> None:
+        self.vecs = {k: (v / np.linalg.norm(v)).astype(np.float32) for k, v in vecs.items()}
+
+    def vectors(self, ids):  # type: ignore[no-untyped-def]
+        return {i: self.vecs[i] for i in ids if i in self.vecs}
+
+    def nearest(self, vector, k, exclude=()):  # type: ignore[no-untyped-def]
+        skip = set(exclude)
+        scored = [(i, float(v @ vector)) for i, v in self.vecs.items() if i not in skip]
+        return sorted(scored, key=lambda p: (-p[1], p[0]))[:k]
+
+    def __contains__(self, item):  # type: ignore[no-untyped-def]
+        return item in self.vecs
+
+
+def test_module_example_runs() -> None:
+    result = doctest.testmod(scoring, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_history_weights_kind_and_recency() -> None:
+    hist = [It("a", "purchase", 100 * DAY), It("b", "view", 100 * DAY), It("c", "purchase", 70 * DAY), It("d", "cancel", 100 * DAY)]
+    w = history_weights(hist, now_ts=100 * DAY, half_life_s=30 * DAY)
+    assert w["a"] == pytest.approx(1.0)
+    assert w["b"] == pytest.approx(0.25)
+    assert w["c"] == pytest.approx(0.5)  # one half-life old
+    assert "d" not in w  # a cancel says nothing about taste
+
+
+def test_history_weights_sum_repeats_and_ignore_future_skew() -> None:
+    hist = [It("a", "click", 10.0), It("a", "click", 10.0), It("b", "cart", 20.0)]
+    w = history_weights(hist, now_ts=10.0, half_life_s=DAY)  # b is "in the future": age 0
+    assert w == {"a": pytest.approx(1.0), "b": pytest.approx(0.75)}
+
+
+def test_user_vector_is_weighted_unit_mean_of_known_items() -> None:
+    vecs = {"a": np.array([1, 0, 0], np.float32), "b": np.array([0, 1, 0], np.float32)}
+    u = user_vector({"a": 3.0, "b": 1.0, "unknown": 5.0}, vecs)
+    assert u is not None
+    assert np.linalg.norm(u) == pytest.approx(1.0)
+    assert u[0] == pytest.approx(3 / np.sqrt(10))
+    assert user_vector({"x": 1.0}, vecs) is None
+    assert user_vector({}, vecs) is None
+
+
+def test_user_vector_none_when_vectors_cancel() -> None:
+    vecs = {"a": np.array([1, 0], np.float32), "b": np.array([-1, 0], np.float32)}
+    assert user_vector({"a": 1.0, "b": 1.0}, vecs) is None
+
+
+def test_normalise_by_max() -> None:
+    assert normalise_by_max({"a": 2.0, "b": 1.0, "c": 0.0, "d": -1.0}) == {"a": 1.0, "b": 0.5}
+    assert normalise_by_max({"a": 0.0}) == {}
+    assert normalise_by_max({}) == {}
+
+
+def test_blend_formula() -> None:
+    w = BlendWeights(repeat=1.0, similarity=0.5, popularity=0.2)
+    s = blend({"a": 10.0, "b": 5.0}, {"b": 0.8, "c": -0.3}, {"a": 0.5, "c": 1.0}, w)
+    assert s["a"] == pytest.approx(1.0 + 0 + 0.2 * 0.5)
+    assert s["b"] == pytest.approx(0.5 + 0.5 * 0.8)
+    assert s["c"] == pytest.approx(0.2 * 1.0)  # negative similarity counts as 0, popularity still counts
+    assert set(s) == {"a", "b", "c"}  # default candidates: repeat and similarity keys
+    s2 = blend({}, {}, {"c": 1.0}, w, candidates=["c"])
+    assert s2 == {"c": pytest.approx(0.2)}
+
+
+def test_blend_is_scale_free_in_repeat() -> None:
+    w = BlendWeights()
+    a = blend({"x": 1.0, "y": 3.0}, {"x": 0.2}, {}, w)
+    b = blend({"x": 100.0, "y": 300.0}, {"x": 0.2}, {}, w)
+    assert a == pytest.approx(b)
+
+
+def test_repeat_purchase_dominates_with_default_weights() -> None:
+    """The strongest signal on this data: a shopper's own top repeat item outranks any
+    merely similar or popular item under the default weights."""
+    w = BlendWeights()
+    s = blend({"mine": 2.0}, {"similar": 1.0}, {"popular": 1.0, "similar": 1.0}, w, candidates=["mine", "similar", "popular"])
+    assert top_k(s, 1)[0][0] == "mine"
+
+
+def test_top_k_ties_by_id_and_exclude() -> None:
+    assert top_k({"b": 1.0, "a": 1.0, "c": 2.0}, 2) == [("c", 2.0), ("a", 1.0)]
+    assert top_k({"b": 1.0, "a": 1.0, "c": 2.0}, 5, exclude={"c"}) == [("a", 1.0), ("b", 1.0)]
+    assert top_k({}, 3) == []
+
+
+def test_search_vector_blend() -> None:
+    q = np.array([1, 0], np.float32)
+    u = np.array([0, 1], np.float32)
+    assert np.array_equal(search_vector(q, None, 0.5), q)
+    assert np.array_equal(search_vector(q, u, 0.0), q)
+    v = search_vector(q, u, 0.25)
+    assert np.linalg.norm(v) == pytest.approx(1.0)
+    assert v[0] > v[1] > 0
+    assert np.array_equal(search_vector(q, -q, 0.5), q)  # degenerate: fall back to the query
+
+
+def _space() -> DictSpace:
+    return DictSpace(
+        {
+            "mug_red": np.array([1.0, 0.1, 0.0]),
+            "mug_blue": np.array([0.95, 0.2, 0.0]),
+            "cup": np.array([0.8, 0.3, 0.1]),
+            "lamp": np.array([0.0, 0.1, 1.0]),
+            "candle": np.array([0.1, 0.2, 0.9]),
+            "bestseller": np.array([0.0, 1.0, 0.0]),
+        }
+    )
+
+
+def test_recommend_personal_blend() -> None:
+    space = _space()
+    hist = [It("mug_red", "purchase", 100.0), It("lamp", "view", 10.0)]
+    ranked = scoring.recommend(
+        hist,
+        {"mug_red": 3.0},
+        space,
+        {"bestseller": 1.0, "candle": 0.2},
+        ["bestseller", "candle"],
+        BlendWeights(1.0, 0.5, 0.1),
+        k=4,
+        now_ts=100.0,
+        half_life_s=DAY,
+    )
+    ids = [i for i, _ in ranked]
+    assert ids[0] == "mug_red"  # the repeat purchase
+    assert ids[1] in {"mug_blue", "cup"}  # then what is like the user's history
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_recommend_cold_user_gets_popularity() -> None:
+    ranked = scoring.recommend(
+        [], {}, _space(), {"bestseller": 1.0, "candle": 0.5}, ["bestseller", "candle"], BlendWeights(), k=2, now_ts=0.0, half_life_s=DAY
+    )
+    assert [i for i, _ in ranked] == ["bestseller", "candle"]
+
+
+def test_recommend_never_returns_items_missing_from_the_space() -> None:
+    """A deleted item stays in Redis history and popularity; it must not come back."""
+    space = _space()
+    hist = [It("deleted", "purchase", 5.0), It("cup", "purchase", 5.0)]
+    ranked = scoring.recommend(
+        hist, {"deleted": 9.0, "cup": 1.0}, space, {"deleted": 1.0}, ["deleted"], BlendWeights(), k=10, now_ts=5.0, half_life_s=DAY
+    )
+    ids = [i for i, _ in ranked]
+    assert "deleted" not in ids and ids[0] == "cup"
+
+
+def test_popular_filters_by_presence() -> None:
+    out = scoring.popular({"a": 1.0, "b": 0.5, "c": 0.2}, ["a", "b", "c"], 2, {"b", "c"})
+    assert out == [("b", 0.5), ("c", 0.2)]
+
+
+def test_weights_from_settings() -> None:
+    from freshrec.settings import Settings
+
+    s = Settings(blend_repeat=2.0, blend_similarity=0.1, blend_popularity=0.0)
+    assert BlendWeights.from_settings(s) == BlendWeights(2.0, 0.1, 0.0)
