@@ -152,6 +152,9 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="Most recent pair ids remembered to drop duplicate train pairs"
     )
     learner_log_seconds: float = Field(10.0, gt=0, description="Seconds between learner progress lines")
+    learner_catalog_negatives: int = Field(
+        64, ge=0, description="Random catalog items added as negatives to every micro-batch (0: in-batch only)"
+    )
     learner_mix_pool: int = Field(
         256, ge=1, description="Pairs pooled to mix each micro-batch across shoppers (<= batch size: no mixing)"
     )

@@ -1,0 +1,98 @@
+"""`freshrec eval` reproduces its own figures: same seed, same numbers (with the learner).
+
+A small slice of the bundled sample (its 100 most bought items, May 2011) keeps
+the catalog re-encodes and training steps to seconds on two CPU cores. The full run on
+online_retail_ii is a benchmark (docs/eval_online_retail_ii.*), not a test.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from evaluation.cli import main
+from evaluation.data import build_log, parse_date
+from evaluation.methods import build_system_methods
+from evaluation.protocol import evaluate
+from freshrec.dataset import locate, read_events, read_items
+from freshrec.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def _small_slice(sample_dir: Path, n_items: int = 100):  # type: ignore[no-untyped-def]
+    files = locate(sample_dir)
+    start = parse_date("2011-05-01")
+    events = [e for e in read_events(files.events, files.name) if e["ts"] >= start]
+    top = {i for i, _ in Counter(e["item_id"] for e in events if e["kind"] == "purchase").most_common(n_items)}
+    events = [e for e in events if e["item_id"] in top]
+    items = [r for r in read_items(files.items) if r["item_id"] in top]
+    return files.name, events, items
+
+
+def _small_log(sample_dir: Path):  # type: ignore[no-untyped-def]
+    return build_log(*_small_slice(sample_dir))
+
+
+def _write_dataset(sample_dir: Path, folder: Path) -> Path:
+    """The slice in the normalised format, for the CLI."""
+    _, events, items = _small_slice(sample_dir, 200)
+    folder.mkdir()
+    with open(folder / "events.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["user_id", "item_id", "ts", "event_type"])
+        for e in events:
+            w.writerow([e["user_id"], e["item_id"], int(e["ts"]), e["kind"]])
+    with open(folder / "items.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["item_id", "title", "category", "description"])
+        for r in items:
+            w.writerow([r["item_id"], r["title"], "", ""])
+    return folder
+
+
+def _run(log, seed: int, tmp_path: Path):  # type: ignore[no-untyped-def]
+    import torch
+
+    torch.set_num_threads(2)
+    settings = Settings(
+        seed=seed, state_dir=tmp_path, eval_train_every_days=7.0, eval_pairs_per_update=16,
+        eval_pretrain_days=7.0, eval_pretrain_pairs=16, learner_batch_size=8,
+    )
+    eval_from = parse_date("2011-05-16")
+    methods = build_system_methods(log, settings, eval_from, ["frozen", "full"], "cpu")
+    res = evaluate(log, eval_from, methods)
+    return {k: v.as_dict() for k, v in res.items()}, methods[1]
+
+
+def test_same_seed_same_figures(sample_dir: Path, tmp_path: Path) -> None:
+    log = _small_log(sample_dir)
+    first, full = _run(log, 7, tmp_path)
+    second, _ = _run(log, 7, tmp_path)
+    assert full.learner.updates >= 2, "the adapter must have been updated in the stream"
+    assert first == second
+    assert first["full"]["all"]["baskets"] > 50
+
+
+def test_cli_baselines_on_sample(sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write_dataset(sample_dir, tmp_path / "slice")
+    out = tmp_path / "eval.json"
+    png = tmp_path / "eval.png"
+    argv = [str(data), "--eval-from", "2011-05-10", "--json", str(out), "--plot", str(png),
+            "--methods", "popularity,repeat,cooccurrence", "--quiet"]
+    assert main(argv, Settings(state_dir=tmp_path)) == 0
+    figures = orjson.loads(out.read_bytes())
+    assert list(figures) == ["popularity", "repeat", "cooccurrence"]
+    for slices in figures.values():
+        assert set(slices) == {"all", "warm", "explore"}
+        assert slices["all"]["baskets"] >= slices["warm"]["baskets"] >= slices["explore"]["baskets"] > 0
+        assert 0.0 <= slices["all"]["recall@10"] <= 1.0
+    # re-orders dominate this shop: the shopper's own frequency beats popularity on `all`
+    assert figures["repeat"]["all"]["recall@10"] > figures["popularity"]["all"]["recall@10"]
+    assert png.stat().st_size > 10_000
+    assert main(argv, Settings(state_dir=tmp_path)) == 0
+    assert orjson.loads(out.read_bytes()) == figures
