@@ -1,1 +1,9 @@
-"""learner"""
+"""learner: LoRA fine-tuning of the encoder on train pairs, and the adapter registry.
+
+Modules, in the order a pair meets them: :mod:`.intake` (dedupe, held-out window,
+micro-batches), :mod:`.trainer` (peft LoRA, in-batch contrastive loss), :mod:`.checkpoint`
+(offsets and training state committed together), :mod:`.evaluate` and :mod:`.metrics`
+(Recall@10 / NDCG@10 on the window), :mod:`.publish` (the publish rule),
+:mod:`.registry` (immutable, verified adapter versions), :mod:`.loop` (the process) and
+:mod:`.cli` (``freshrec learn``).
+"""

@@ -1,0 +1,94 @@
+"""Ranking metrics with binary gains: Recall@k and NDCG@k, plain functions over numpy.
+
+Two shapes of the same metrics:
+
+- **one target per query** (the learner's evaluation window: a context and the item that
+  followed it): :func:`target_ranks` turns scores into the target's 0-based rank, and
+  :func:`recall_from_ranks` / :func:`ndcg_from_ranks` average over queries. With a single
+  relevant item the ideal DCG is 1, so NDCG@k is ``1 / log2(rank + 2)`` inside the top k.
+- **a ranked list against a set of relevant items** (next-basket evaluation):
+  :func:`recall_at_k` and :func:`ndcg_at_k`, where recall divides by the number of
+  relevant items and the ideal DCG puts ``min(len(relevant), k)`` hits on top.
+
+For one relevant item the two shapes agree, which a unit test checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import numpy as np
+
+
+def target_ranks(query_vecs: np.ndarray, item_vecs: np.ndarray, target_idx: np.ndarray) -> np.ndarray:
+    """0-based rank of each query's target among all items by dot product (higher is better).
+
+    ``query_vecs`` (n, d), ``item_vecs`` (m, d), ``target_idx`` (n,) row indices into
+    ``item_vecs``. Ties count in the target's favour (only strictly higher scores rank
+    above it); with float embeddings ties are rare enough not to matter.
+    """
+    query_vecs = np.asarray(query_vecs, dtype=np.float32)
+    item_vecs = np.asarray(item_vecs, dtype=np.float32)
+    target_idx = np.asarray(target_idx, dtype=np.int64)
+    if query_vecs.shape[0] != target_idx.shape[0]:
+        raise ValueError(f"{query_vecs.shape[0]} queries but {target_idx.shape[0]} targets")
+    if len(target_idx) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if target_idx.min() < 0 or target_idx.max() >= item_vecs.shape[0]:
+        raise ValueError(f"target index out of range for {item_vecs.shape[0]} items")
+    scores = query_vecs @ item_vecs.T  # (n, m); n is a window (hundreds), m a catalog (thousands)
+    target_scores = scores[np.arange(len(target_idx)), target_idx]
+    return (scores > target_scores[:, None]).sum(axis=1).astype(np.int64)
+
+
+def recall_from_ranks(ranks: np.ndarray, k: int = 10) -> float:
+    """Share of queries whose target is in the top k; 0.0 for no queries."""
+    ranks = np.asarray(ranks)
+    return float((ranks < k).mean()) if ranks.size else 0.0
+
+
+def ndcg_from_ranks(ranks: np.ndarray, k: int = 10) -> float:
+    """Mean NDCG@k with one relevant item per query (ideal DCG = 1); 0.0 for no queries."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if not ranks.size:
+        return 0.0
+    gains = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+    return float(gains.mean())
+
+
+def retrieval_metrics(
+    query_vecs: np.ndarray, item_vecs: np.ndarray, target_idx: np.ndarray, k: int = 10
+) -> dict[str, float]:
+    """``{"recall@k", "ndcg@k", "n"}`` of each query's target among all items."""
+    ranks = target_ranks(query_vecs, item_vecs, target_idx)
+    return {f"recall@{k}": recall_from_ranks(ranks, k), f"ndcg@{k}": ndcg_from_ranks(ranks, k), "n": float(len(ranks))}
+
+
+def recall_at_k(ranked: Sequence[str], relevant: Collection[str], k: int = 10) -> float:
+    """Relevant items found in the top k, over the number of relevant items (0.0 if none)."""
+    if not relevant:
+        return 0.0
+    rel = set(relevant)
+    hits = sum(1 for item in _dedup(ranked)[:k] if item in rel)
+    return hits / len(rel)
+
+
+def ndcg_at_k(ranked: Sequence[str], relevant: Collection[str], k: int = 10) -> float:
+    """NDCG@k with binary gains; the ideal list has ``min(len(relevant), k)`` hits on top."""
+    if not relevant:
+        return 0.0
+    rel = set(relevant)
+    dcg = sum(1.0 / np.log2(i + 2.0) for i, item in enumerate(_dedup(ranked)[:k]) if item in rel)
+    ideal = sum(1.0 / np.log2(i + 2.0) for i in range(min(len(rel), k)))
+    return float(dcg / ideal)
+
+
+def _dedup(ranked: Sequence[str]) -> list[str]:
+    """A ranked list may repeat an item; only its first position counts."""
+    seen: set[str] = set()
+    out = []
+    for item in ranked:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
