@@ -1,20 +1,22 @@
-"""Serving's /recommend blend over the whole catalog at once (numpy, one row per basket).
+"""Serving's /recommend blends over the whole catalog at once (numpy, one row per basket).
 
-``serving.scoring.blend`` scores a dict of candidates in Python, which is right for one
-request but would cost minutes over ten thousand baskets x 4,400 items. These functions
-compute the very same numbers as arrays indexed by item: the unit tests check
-:func:`dense_blend` against ``serving.scoring.blend`` on the same inputs, so the
-evaluation measures what serving serves.
+``serving.scoring.blend`` and ``serving.scoring.log_blend`` score a dict of candidates,
+which is right for one request but would cost minutes over ten thousand baskets x 4,400
+items. These functions compute the very same numbers as arrays indexed by item: the log
+blend's formula itself is ``serving.scoring.log_blend_terms`` (shared, not copied), and
+the unit tests check :func:`dense_blend` and :func:`log_blend` against serving's
+per-request functions on the same inputs, so the evaluation measures what serving serves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from serving.scoring import BlendWeights
+from serving.scoring import BlendWeights, LogBlendWeights, log_blend_terms
+
+__all__ = ["LogBlendWeights", "candidate_pool", "dense_blend", "log_blend"]
 
 
 def dense_blend(
@@ -70,26 +72,7 @@ def candidate_pool(
     return pool
 
 
-# -- the proposed /recommend blend (log-space) --------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LogBlendWeights:
-    """Weights of the log-space blend (settings ``eval_blend_*``; proposed for serving).
-
-    Measured on the validation window (history < 2011-03-01, baskets 2011-03..05):
-    multiplying the signals (adding logs) ranks a shopper's repeat items by how popular
-    they are right now (this shop is seasonal), which the linear blend cannot do, and
-    a small bonus for items that arrived recently finds what shoppers buy for the first
-    time (new lines sell to existing customers).
-    """
-
-    repeat: float = 1.0
-    similarity: float = 2.0
-    popularity: float = 0.8
-    new: float = 0.5
-    repeat_floor: float = 0.005
-    popularity_floor: float = 1e-3
+# -- the log-space blend (serving's default) -----------------------------------------------
 
 
 def log_blend(
@@ -100,21 +83,15 @@ def log_blend(
     weights: LogBlendWeights,
     pool: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``w.repeat*log(rep/max + f_r) + w.pop*log(pop + f_p) + w.sim*max(cos, 0) + w.new*is_new``.
+    """``serving.scoring.log_blend`` per item index; items outside ``pool`` get -inf.
 
-    ``repeat`` raw (normalised by the shopper's maximum; 0 for never bought, which then
-    scores log(f_r): a never-bought item needs similarity, popularity or newness to
-    climb over bought ones), ``popularity`` in [0, 1], ``is_new`` 0/1 per item.
-    Items outside ``pool`` get -inf.
+    ``repeat`` raw (normalised here by the shopper's maximum; 0 for never bought),
+    ``popularity`` in [0, 1], ``is_new`` 0/1 per item (``serving.scoring.new_arrivals``
+    as a mask).
     """
     top = float(repeat.max(initial=0.0))
     rep = np.where(repeat > 0, repeat / top, 0.0) if top > 0 else np.zeros_like(repeat)
-    s = (
-        weights.repeat * np.log(rep + weights.repeat_floor)
-        + weights.popularity * np.log(np.maximum(popularity, 0.0) + weights.popularity_floor)
-        + weights.similarity * np.maximum(similarity, 0.0)
-        + weights.new * is_new
-    )
+    s = log_blend_terms(rep, similarity, popularity, is_new, weights)
     if pool is not None:
         s = np.where(pool, s, -np.inf)
     return s

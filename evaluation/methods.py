@@ -11,14 +11,15 @@ code the flows and serving call, fed from the event log):
   context);
 - scoring: ``serving.scoring`` — the user vector is ``user_vector(history_weights(...))``
   over the candidate pool serving uses (repeats, history, the nearest and the most
-  popular items). With ``eval_blend="linear"`` every candidate is scored by
-  :func:`evaluation.blend.dense_blend`, the vectorised ``serving.scoring.blend`` (a unit
-  test checks they agree); with ``eval_blend="log"`` (the default, proposed for serving)
-  by :func:`evaluation.blend.log_blend`, which also needs each item's first-seen time
-  (tracked here from the events; the streams flow does not keep it yet) and adds new
-  arrivals to the pool. Fresh popularity and the repeat frequency use the half-lives
-  ``eval_popularity_half_life_days`` and ``eval_system_repeat_half_life_days`` (the values
-  proposed for the system's ``popularity_half_life_days`` and ``repeat_half_life_days``);
+  popular items). The blend is the one serving is configured with (``blend_mode``,
+  ``serving.scoring.weights_from_settings``): with ``"log"`` (the default) every
+  candidate is scored by :func:`evaluation.blend.log_blend`, the vectorised
+  ``serving.scoring.log_blend`` (same formula function; a unit test checks they agree),
+  with new arrivals (first seen within ``blend_new_days``, tracked by ``Popularity``
+  exactly as the streams flow tracks it) added to the pool; with ``"linear"`` by
+  :func:`evaluation.blend.dense_blend`, the vectorised ``serving.scoring.blend``. Fresh
+  popularity and the repeat frequency use the system's ``popularity_half_life_days``
+  and ``repeat_half_life_days``;
 - item vectors: the PyTorch encoder (``indexer.encoder.TorchEncoder``); ``frozen`` uses
   the base weights, ``full`` the LoRA adapter of ``learner.trainer.LoraTrainer`` trained
   in the stream: at every ``eval_train_every_days`` boundary of event time it trains on
@@ -32,7 +33,6 @@ written); int8 quantisation moves cosines by ~1e-2, far below the blend's margin
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,11 +41,11 @@ import numpy as np
 
 from freshrec.contracts import Event, TrainPair
 from freshrec.settings import Settings
-from serving.scoring import BlendWeights, history_weights, user_vector
+from serving.scoring import BlendWeights, LogBlendWeights, history_weights, user_vector, weights_from_settings
 from streams.pairs import PairDraft, PairRules, pair_for
 from streams.user_state import DAY_S, Popularity, StateRules, UserState, apply_event
 
-from .blend import LogBlendWeights, candidate_pool, dense_blend, log_blend
+from .blend import candidate_pool, dense_blend, log_blend
 from .data import KIND_NAMES, EventLog
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -61,15 +61,12 @@ class SystemReplay:
     def __init__(self, log: EventLog, settings: Settings, pairs_from: float | None = None) -> None:
         self.log = log
         self.settings = settings
-        # The eval's proposed repeat half-life; everything else is the flow's own rules.
-        self.rules = dataclasses.replace(
-            StateRules.from_settings(settings), repeat_half_life_s=settings.eval_system_repeat_half_life_days * DAY_S
-        )
+        self.rules = StateRules.from_settings(settings)
         self.pair_rules = PairRules.from_settings(settings)
         self.states: dict[int, UserState] = {}
-        self.popularity = Popularity(settings.eval_popularity_half_life_days * DAY_S)
+        self.popularity = Popularity(settings.popularity_half_life_days * DAY_S)
         self.pop = np.zeros(log.n_items, dtype=np.float64)
-        # When each item was first seen in any event (the log blend's "new arrival").
+        # Per item index, ``Popularity.first_seen`` as an array (the log blend's "new arrival").
         self.first_seen = np.full(log.n_items, np.inf)
         self._pop_dirty = True
         self.item_index = {iid: k for k, iid in enumerate(log.item_ids)}
@@ -82,8 +79,6 @@ class SystemReplay:
             return
         self._applied_until = stop
         want_pairs = self.pairs_from is not None and float(log.ts[start]) >= self.pairs_from
-        items = log.item[start:stop]
-        self.first_seen[items] = np.minimum(self.first_seen[items], log.ts[start:stop])
         for k in range(start, stop):
             u = int(log.user[k])
             state = self.states.get(u)
@@ -98,7 +93,14 @@ class SystemReplay:
                 draft = pair_for(state, event, self.pair_rules)
                 if draft is not None:
                     self.drafts.append(draft)
-            if apply_event(state, event, self.rules) and kind in ("purchase", "cancel"):
+            if not apply_event(state, event, self.rules):
+                continue
+            # The flow's popularity bookkeeping (streams.user_partition): every applied
+            # event moves "now" and may be the item's first sighting.
+            self.popularity.observe(ts)
+            if self.popularity.see(item, ts):
+                self.first_seen[int(log.item[k])] = ts
+            if kind in ("purchase", "cancel"):
                 self.popularity.add(item, 1.0 if kind == "purchase" else -1.0, ts)
                 self._pop_dirty = True
 
@@ -140,9 +142,9 @@ class SystemMethod:
         self.candidates = candidates
         s = replay.settings
         self.user_half_life_s = s.user_vector_half_life_days * DAY_S
-        self.repeat_half_life_s = s.eval_system_repeat_half_life_days * DAY_S
+        self.repeat_half_life_s = s.repeat_half_life_days * DAY_S
         self.index = replay.item_index
-        self.new_s = s.eval_new_days * DAY_S
+        self.new_s = s.blend_new_days * DAY_S
 
     def observe(self, log: EventLog, start: int, stop: int) -> None:
         self.replay.observe(log, start, stop)
@@ -168,6 +170,8 @@ class SystemMethod:
             if uvec is not None:
                 sim = self.vectors @ uvec
         if isinstance(self.weights, LogBlendWeights):
+            # serving.scoring.new_arrivals as a mask; "now" is the basket's time, where
+            # serving uses the newest event time seen (the request's time in event time).
             is_new = ((now - self.replay.first_seen) <= self.new_s).astype(np.float64)
             pool = candidate_pool(repeat, sim, pop, hist_idx, self.candidates, is_new)
             return log_blend(repeat, sim, pop, is_new, self.weights, pool)
@@ -252,20 +256,6 @@ def encode_catalog(encode: Encode, titles: list[str]) -> np.ndarray:
     return out
 
 
-def blend_weights(settings: Settings) -> BlendWeights | LogBlendWeights:
-    """Serving's linear blend (``blend_*``) or the proposed log blend (``eval_blend_*``)."""
-    if settings.eval_blend == "linear":
-        return BlendWeights.from_settings(settings)
-    if settings.eval_blend == "log":
-        return LogBlendWeights(
-            repeat=settings.eval_blend_repeat,
-            similarity=settings.eval_blend_similarity,
-            popularity=settings.eval_blend_popularity,
-            new=settings.eval_blend_new,
-        )
-    raise ValueError(f"eval_blend is {settings.eval_blend!r}; expected 'linear' or 'log'")
-
-
 def build_system_methods(
     log: EventLog,
     settings: Settings,
@@ -279,7 +269,7 @@ def build_system_methods(
     from indexer.encoder import TorchEncoder
 
     torch.manual_seed(settings.seed)
-    weights = blend_weights(settings)
+    weights = weights_from_settings(settings)
     pairs_from = eval_from - settings.eval_pretrain_days * DAY_S if "full" in names else None
     replay = SystemReplay(log, settings, pairs_from)
     out: list[SystemMethod] = []

@@ -158,6 +158,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             now_ts=state.last_ts,
             half_life_s=half_life_user_s,
             candidates=settings.recommend_candidates,
+            new_items=popularity.new_items,
         )
         return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal"))
 

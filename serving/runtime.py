@@ -27,8 +27,8 @@ from indexer.encoder import BASE_VERSION
 from .exporter import ExportWorker
 from .metrics import ServingMetrics
 from .pair import ActivePair, ServingPair
-from .scoring import BlendWeights
-from .shopper_data import PopularityCache, RedisGate
+from .scoring import DAY_S, BlendWeights, LogBlendWeights, weights_from_settings
+from .shopper_data import PopularityCache, PopularityReading, RedisGate
 from .swap import ActivationRefused, BuildJob, BuildTools, PairBuilder, default_tools
 from .vectors import VectorApplier, VectorFollower
 
@@ -71,7 +71,7 @@ class ServingRuntime:
         self.settings = settings
         self.admin = admin_enabled(settings)  # refuse to start before any thread runs
         _limit_faiss_threads(settings.serving_faiss_threads)
-        self.weights = BlendWeights.from_settings(settings)
+        self.weights: BlendWeights | LogBlendWeights = weights_from_settings(settings)
         self.metrics = ServingMetrics()
         self.active = ActivePair()
         self.titles: dict[str, str] = {}
@@ -89,7 +89,9 @@ class ServingRuntime:
         self.applier = VectorApplier(self.active, self.builder, self._read_items_quietly, self._remember_titles)
         self.follow_topics = follow_topics
         self.vectors = VectorFollower(settings, self.applier) if follow_topics else None
-        self.popularity = PopularityCache(self._read_popularity, settings.popularity_refresh_s)
+        self.popularity = PopularityCache(
+            self._read_popularity, settings.popularity_refresh_s, settings.blend_new_days * DAY_S
+        )
         self.announcements: list[dict[str, Any]] = []  # the latest few, newest last
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -237,10 +239,10 @@ class ServingRuntime:
     def _read_items_quietly(self, ids: Any) -> dict[str, Any]:
         return self.tools.read_items(ids)
 
-    def _read_popularity(self) -> dict[str, float]:
-        from streams.user_store import read_popularity
+    def _read_popularity(self) -> PopularityReading:
+        from streams.user_store import read_fresh_popularity
 
-        return read_popularity(self.background_redis, self.settings)
+        return read_fresh_popularity(self.background_redis, self.settings)
 
 
 def _redis(settings: Settings, timeout_s: float) -> Any:

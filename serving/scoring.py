@@ -5,15 +5,26 @@ is served. Nothing here touches Redis, FAISS, ONNX or HTTP: the item vectors com
 through the small :class:`ItemSpace` protocol (serving adapts its live index to it,
 evaluation a numpy matrix).
 
-The /recommend score of a candidate item is one line (:func:`blend`)::
+The /recommend score of a candidate item is one of two blends (setting ``blend_mode``).
+``"log"``, the default (:func:`log_blend`, weights :class:`LogBlendWeights`)::
+
+    w.repeat * log(repeat / max(repeat) + f_r)  +  w.popularity * log(pop / max(pop) + f_p)
+      +  w.similarity * max(cos(user, item), 0)  +  w.new * is_new(item)
+
+and ``"linear"`` (:func:`blend`, weights :class:`BlendWeights`)::
 
     w.repeat * repeat / max(repeat)  +  w.similarity * max(cos(user, item), 0)  +  w.popularity * pop / max(pop)
 
-The repeat term is the shopper's own decayed purchase frequency. Measured on
-online_retail_ii it is the strongest single signal (wholesale shoppers re-order the
-same items), so it is normalised per user to [0, 1] and gets the largest default
-weight; similarity and popularity then rank what the shopper has not bought before and
-break ties among what they have.
+The repeat term is the shopper's own decayed purchase frequency, normalised per user to
+[0, 1]: measured on online_retail_ii it is the strongest single signal (wholesale
+shoppers re-order the same items). Adding logs multiplies repeat and popularity, which
+ranks a shopper's own items by how popular they are *right now* (the shop is seasonal);
+the linear blend cannot do that. ``is_new`` is 1 for an item first seen within
+``blend_new_days`` (:func:`new_arrivals`): new lines sell to existing customers, and
+the bonus plus their place in the candidate pool is what finds them. The log blend won
+the evaluation (docs/eval_online_retail_ii.md, base vectors: +6.7 % Recall@10 over the
+best baseline on all baskets and +39 % on never-bought items; the linear blend trailed
+the co-occurrence baseline on the validation window).
 
 Example (the test suite runs it)::
 
@@ -22,12 +33,15 @@ Example (the test suite runs it)::
     >>> s = blend({"a": 4.0, "b": 1.0}, {"b": 0.9, "c": 0.8}, {"c": 1.0}, w)
     >>> [item for item, _ in top_k(s, 3)]
     ['a', 'b', 'c']
+    >>> s = log_blend({"a": 4.0, "b": 1.0}, {"b": 0.9}, {"a": 0.1, "b": 1.0, "c": 1.0}, {"c"}, LogBlendWeights())
+    >>> [item for item, _ in top_k(s, 3)]  # b: bought less, but popular now and similar
+    ['b', 'a', 'c']
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,6 +63,43 @@ class BlendWeights:
     @classmethod
     def from_settings(cls, settings: Any) -> BlendWeights:
         return cls(settings.blend_repeat, settings.blend_similarity, settings.blend_popularity)
+
+
+@dataclass(frozen=True, slots=True)
+class LogBlendWeights:
+    """Weights of the log-space blend (settings ``blend_log_*``); the floors are constants.
+
+    Chosen on the evaluation's validation window (history < 2011-03-01, baskets
+    2011-03..05) and then run once on the report window. The floors keep ``log`` finite
+    and set how much a never-bought (repeat 0) or never-sold (popularity 0) item is held
+    back: with ``repeat_floor`` 0.005 an item never bought needs similarity, popularity
+    or newness to climb over the shopper's own items.
+    """
+
+    repeat: float = 1.0
+    similarity: float = 2.0
+    popularity: float = 0.8
+    new: float = 0.5
+    repeat_floor: float = 0.005
+    popularity_floor: float = 1e-3
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LogBlendWeights:
+        return cls(
+            repeat=settings.blend_log_repeat,
+            similarity=settings.blend_log_similarity,
+            popularity=settings.blend_log_popularity,
+            new=settings.blend_log_new,
+        )
+
+
+def weights_from_settings(settings: Any) -> BlendWeights | LogBlendWeights:
+    """The weights of the blend ``settings.blend_mode`` selects; their type selects the formula."""
+    if settings.blend_mode == "log":
+        return LogBlendWeights.from_settings(settings)
+    if settings.blend_mode == "linear":
+        return BlendWeights.from_settings(settings)
+    raise ValueError(f"blend_mode is {settings.blend_mode!r}; expected 'log' or 'linear'")
 
 
 class HistoryItem(Protocol):
@@ -151,6 +202,64 @@ def blend(
     return out
 
 
+def log_blend_terms(
+    repeat: np.ndarray, similarity: np.ndarray, popularity: np.ndarray, is_new: np.ndarray, weights: LogBlendWeights
+) -> np.ndarray:
+    """The log blend per element, on arrays: the one place its formula is written.
+
+    ``repeat`` is already normalised to [0, 1] by the shopper's maximum (0 = never
+    bought), ``similarity`` is cosine (negatives count as 0), ``popularity`` is in
+    [0, 1], ``is_new`` is 0/1. :func:`log_blend` (one request, a few hundred candidates)
+    and the evaluation's ``evaluation.blend.log_blend`` (every item of a catalog per
+    basket) both call it, so the two cannot drift apart.
+    """
+    return (
+        weights.repeat * np.log(repeat + weights.repeat_floor)
+        + weights.popularity * np.log(np.maximum(popularity, 0.0) + weights.popularity_floor)
+        + weights.similarity * np.maximum(similarity, 0.0)
+        + weights.new * is_new
+    )
+
+
+def log_blend(
+    repeat: Mapping[str, float],
+    similarity: Mapping[str, float],
+    popularity: Mapping[str, float],
+    new_items: Collection[str],
+    weights: LogBlendWeights,
+    candidates: Iterable[str] | None = None,
+) -> dict[str, float]:
+    """The /recommend score of each candidate under the log blend (module docstring).
+
+    Inputs as for :func:`blend`, plus ``new_items`` (:func:`new_arrivals`). Candidates
+    default to the union of repeat, similarity and new keys; as with :func:`blend` a
+    popular item enters only through ``candidates``.
+    """
+    rep = normalise_by_max(repeat)
+    pool = list(dict.fromkeys([*rep, *similarity, *new_items]) if candidates is None else dict.fromkeys(candidates))
+    if not pool:
+        return {}
+    n = len(pool)
+    scores = log_blend_terms(
+        np.fromiter((rep.get(i, 0.0) for i in pool), dtype=np.float64, count=n),
+        np.fromiter((similarity.get(i, 0.0) for i in pool), dtype=np.float64, count=n),
+        np.fromiter((popularity.get(i, 0.0) for i in pool), dtype=np.float64, count=n),
+        np.fromiter((1.0 if i in new_items else 0.0 for i in pool), dtype=np.float64, count=n),
+        weights,
+    )
+    return dict(zip(pool, scores.tolist(), strict=True))
+
+
+def new_arrivals(first_seen: Mapping[str, float], now_ts: float, new_s: float) -> frozenset[str]:
+    """Items first seen at most ``new_s`` seconds before ``now_ts`` (the log blend's ``is_new``).
+
+    ``now_ts`` is event time (serving: the newest event the flow has seen, as fresh
+    popularity uses; the evaluation: the basket's time), never the wall clock, so a
+    replayed dataset years old still has new arrivals.
+    """
+    return frozenset(item for item, ts in first_seen.items() if now_ts - ts <= new_s)
+
+
 def top_k(scores: Mapping[str, float], k: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
     """The k best (item, score), ties broken by item id so results are reproducible."""
     skip = set(exclude)
@@ -180,24 +289,27 @@ def recommend(
     space: ItemSpace,
     popularity: Mapping[str, float],
     popular_top: Sequence[str],
-    weights: BlendWeights,
+    weights: BlendWeights | LogBlendWeights,
     k: int,
     *,
     now_ts: float,
     half_life_s: float,
     candidates: int = 200,
+    new_items: Collection[str] = frozenset(),
 ) -> list[tuple[str, float]]:
     """Rank items for one user; a cold user (no history, no repeats) gets popularity.
 
     Candidates are the user's repeat items, the ``candidates`` nearest items to the
-    user vector and the ``candidates`` most popular items (``popular_top``, best
-    first). Every candidate is scored on all three signals, with similarity computed
-    from the same ``space`` the neighbours came from, and only items present in that
-    space are returned, so a deleted item never comes back through Redis history.
+    user vector, the ``candidates`` most popular items (``popular_top``, best first)
+    and, under the log blend (``LogBlendWeights``), every new arrival (``new_items``):
+    a new line has little popularity yet and may not be near the user, and finding it
+    is what the bonus is for. Every candidate is scored on all signals, with similarity
+    computed from the same ``space`` the neighbours came from, and only items present in
+    that space are returned, so a deleted item never comes back through Redis history.
     """
+    new = new_items if isinstance(weights, LogBlendWeights) else ()
     hw = history_weights(history, now_ts, half_life_s)
-    wanted = list(dict.fromkeys([*hw, *repeat, *popular_top[:candidates]]))
-    vecs = space.vectors(wanted)
+    vecs = space.vectors(list(dict.fromkeys([*hw, *repeat, *popular_top[:candidates], *new])))
     uvec = user_vector(hw, vecs)
     sims: dict[str, float] = {}
     if uvec is not None:
@@ -207,7 +319,9 @@ def recommend(
         for item, vec in vecs.items():
             if item not in sims and vec is not _NO_VECTOR:
                 sims[item] = float(vec @ uvec)
-    pool = [i for i in vecs]  # present in the space: repeats, history, neighbours, popular
+    pool = list(vecs)  # present in the space: repeats, history, neighbours, popular, new
+    if isinstance(weights, LogBlendWeights):
+        return top_k(log_blend(repeat, sims, popularity, new, weights, candidates=pool), k)
     return top_k(blend(repeat, sims, popularity, weights, candidates=pool), k)
 
 

@@ -7,8 +7,10 @@ Invariant 4: serving never blocks on a dependency. Two measures:
   ``retry_after_s`` and fails calls at once, so a dead Redis costs one timeout per
   second, not one per request.
 * :class:`PopularityCache`: fresh popularity is read by a background thread every
-  ``settings.popularity_refresh_s`` and kept in memory, ranked. Requests never read
-  it from Redis, and when Redis goes away the last ranking keeps answering.
+  ``settings.popularity_refresh_s`` and kept in memory, ranked, together with the
+  items that are new arrivals (first seen within ``blend_new_days`` of the newest event
+  time, for the log blend). Requests never read them from Redis, and when Redis goes
+  away the last ranking keeps answering.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+from .scoring import new_arrivals
 
 log = logging.getLogger("freshrec.serving.redis")
 
@@ -59,30 +63,60 @@ class RedisGate:
             raise RedisUnavailable(f"redis unavailable ({self.last_error})") from None
 
 
+class PopularityReading(Protocol):
+    """What the cache reads (``streams.user_store.FreshPopularity`` has it)."""
+
+    @property
+    def scores(self) -> Mapping[str, float]: ...
+
+    @property
+    def first_seen(self) -> Mapping[str, float]: ...
+
+    @property
+    def newest_ts(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class PopularityView:
-    """One ranking of fresh popularity: normalised scores (max 1) and the ids best first."""
+    """One ranking of fresh popularity: normalised scores (max 1), the ids best first, and
+    the new arrivals (``scoring.new_arrivals`` as of the newest event time seen)."""
 
     scores: dict[str, float] = field(default_factory=dict)
     ranked: tuple[str, ...] = ()
     read_at: float = 0.0
+    new_items: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, raw: dict[str, float], read_at: float | None = None) -> PopularityView:
+    def of(
+        cls,
+        raw: Mapping[str, float],
+        read_at: float | None = None,
+        *,
+        first_seen: Mapping[str, float] | None = None,
+        now_ts: float = 0.0,
+        new_s: float = 0.0,
+    ) -> PopularityView:
+        at = time.time() if read_at is None else read_at
+        new = new_arrivals(first_seen, now_ts, new_s) if first_seen else frozenset()
         top = max((v for v in raw.values() if v > 0), default=0.0)
         if top <= 0:
-            return cls(read_at=time.time() if read_at is None else read_at)
+            return cls(read_at=at, new_items=new)
         scores = {k: v / top for k, v in raw.items() if v > 0}
         ranked = tuple(sorted(scores, key=lambda i: (-scores[i], i)))
-        return cls(scores, ranked, time.time() if read_at is None else read_at)
+        return cls(scores, ranked, at, new)
 
 
 class PopularityCache:
-    """Keeps the latest :class:`PopularityView`, refreshed in the background."""
+    """Keeps the latest :class:`PopularityView`, refreshed in the background.
 
-    def __init__(self, read: Callable[[], dict[str, float]], every_s: float) -> None:
+    ``new_s`` is the log blend's "new" window (``blend_new_days`` in seconds), judged
+    against the reading's newest event time, the same "now" popularity is decayed to.
+    """
+
+    def __init__(self, read: Callable[[], PopularityReading], every_s: float, new_s: float = 0.0) -> None:
         self._read = read
         self.every_s = every_s
+        self.new_s = new_s
         self.view = PopularityView()
         self.last_error: str | None = None
         self.loaded = threading.Event()  # a ranking was read
@@ -92,7 +126,8 @@ class PopularityCache:
 
     def refresh(self) -> bool:
         try:
-            self.view = PopularityView.of(self._read())
+            got = self._read()
+            self.view = PopularityView.of(got.scores, first_seen=got.first_seen, now_ts=got.newest_ts, new_s=self.new_s)
             self.last_error = None
             self.loaded.set()
             return True

@@ -146,7 +146,7 @@ class _UserSinkPartition(StatefulSinkPartition[Any, None]):
             if batch.last_offset >= 0:
                 written = user_store.write_partition_batch(
                     self._redis, s, batch.topic, batch.partition, batch.last_offset,
-                    batch.users, batch.popularity, batch.newest_ts,
+                    batch.users, batch.popularity, batch.newest_ts, batch.first_seen,
                 )
                 if not written:
                     self.skipped += 1

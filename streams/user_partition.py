@@ -43,7 +43,9 @@ from .pairs import PairDraft, PairRules, pair_for
 from .user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
 STAGE = "streams.users"
-SNAPSHOT_VERSION = 1
+# v2 added popularity's first-seen times; a v1 snapshot lacks them, so resuming from it
+# would call every old item "new" at its next event: refuse it instead.
+SNAPSHOT_VERSION = 2
 
 
 class SourceMessage(Protocol):
@@ -68,6 +70,7 @@ class UserBatch:
     users: dict[str, bytes] = field(default_factory=dict)
     popularity: dict[str, tuple[float, float]] = field(default_factory=dict)
     newest_ts: float = 0.0
+    first_seen: dict[str, float] = field(default_factory=dict)  # items whose first-seen time changed
     pairs: list[PairDraft] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     applied: int = 0
@@ -99,12 +102,17 @@ class UserPartition:
         self.popularity = Popularity(popularity_half_life_s)
         self.last_offset = -1
         if resume is not None:
-            version, encoded, entries, newest_ts, last_offset = resume
+            version = resume[0]
             if version != SNAPSHOT_VERSION:
-                raise ValueError(f"snapshot v{version} is not readable; clear {STAGE} recovery in state_dir/streams")
+                raise ValueError(
+                    f"snapshot v{version} is not readable (this version writes v{SNAPSHOT_VERSION}); "
+                    f"clear {STAGE} recovery in state_dir/streams and the redis_prefix, then replay the events topic"
+                )
+            _, encoded, entries, newest_ts, first_seen, last_offset = resume
             self._encoded = dict(encoded)
             self.popularity.entries = dict(entries)
             self.popularity.newest_ts = newest_ts
+            self.popularity.first_seen = dict(first_seen)
             self.last_offset = last_offset
 
     @classmethod
@@ -133,6 +141,7 @@ class UserPartition:
         batch: UserBatch | None = None
         changed: dict[str, UserState] = {}
         pop_changed: set[str] = set()
+        seen_changed: set[str] = set()
         rules = self.rules
         for msg in messages:
             if batch is None:
@@ -162,6 +171,8 @@ class UserPartition:
             batch.applied += 1
             changed[user] = state
             self.popularity.observe(event.ts)
+            if event.item_id is not None and self.popularity.see(event.item_id, event.ts):
+                seen_changed.add(event.item_id)
             if pop_weight:
                 self.popularity.add(event.item_id, pop_weight, event.ts)  # type: ignore[arg-type]
                 pop_changed.add(event.item_id)  # type: ignore[arg-type]
@@ -175,16 +186,21 @@ class UserPartition:
         entries = self.popularity.entries
         batch.popularity = {i: entries[i] for i in pop_changed if i in entries}
         batch.newest_ts = self.popularity.newest_ts
+        first_seen = self.popularity.first_seen
+        batch.first_seen = {i: first_seen[i] for i in seen_changed}
         self.last_offset = batch.last_offset
         return batch
 
-    def snapshot(self) -> tuple[int, dict[str, bytes], dict[str, tuple[float, float]], float, int]:
+    def snapshot(
+        self,
+    ) -> tuple[int, dict[str, bytes], dict[str, tuple[float, float]], float, dict[str, float], int]:
         """An immutable copy for Bytewax recovery: encoded states (cheap to copy and to
-        pickle), popularity, and the last offset applied."""
+        pickle), popularity with first-seen times, and the last offset applied."""
         return (
             SNAPSHOT_VERSION,
             dict(self._encoded),
             dict(self.popularity.entries),
             self.popularity.newest_ts,
+            dict(self.popularity.first_seen),
             self.last_offset,
         )

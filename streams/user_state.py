@@ -41,6 +41,13 @@ Popularity (:class:`Popularity`) uses the same decayed-count arithmetic per item
 its own half-life, for the purchase counts of everyone. A cancel lowers it only when it
 undid one of the user's own purchases (:func:`cancel_undoes_purchase`), a per-user fact,
 so the partial counters of different partitions add up to the same total.
+
+Popularity also keeps each item's **first-seen time**: the earliest event time of any
+applied event of the item (view, click, cart, purchase or cancel). Serving's log blend
+calls an item first seen within ``blend_new_days`` a new arrival. A minimum does not
+depend on the order events arrive in (a late event can only lower it) and the minima of
+partitions merge by taking the minimum, so it keeps exactly-once and merges exactly,
+like the counts.
 """
 
 from __future__ import annotations
@@ -171,7 +178,7 @@ class StateRules:
     """The knobs of :func:`apply_event`, taken from Settings once per flow."""
 
     history_size: int = 100
-    repeat_half_life_s: float = 90 * DAY_S
+    repeat_half_life_s: float = 180 * DAY_S  # Settings.repeat_half_life_days
     dedupe_ids: int = 64
     max_freq_items: int = 256
 
@@ -322,28 +329,43 @@ def replay_events(events: Iterable[Event], rules: StateRules = DEFAULT_RULES) ->
 
 @dataclass(slots=True)
 class Popularity:
-    """Decayed purchase counts per item; each entry is ``(count, as_of_ts)``.
+    """Decayed purchase counts per item; each entry is ``(count, as_of_ts)``; and first-seen times.
 
     Entries carry their own time so that partial counters (one per Kafka partition) can
-    be merged exactly by :meth:`merge` and read at any later time.
+    be merged exactly by :meth:`merge` and read at any later time. ``first_seen`` maps an
+    item to the earliest event time of any of its events (see the module docstring).
     """
 
     half_life_s: float
     entries: dict[str, tuple[float, float]] = field(default_factory=dict)
     newest_ts: float = 0.0
+    first_seen: dict[str, float] = field(default_factory=dict)
 
     def observe(self, ts: float) -> None:
         """Note an event time (of any kind): popularity is read as of the newest one."""
         if ts > self.newest_ts:
             self.newest_ts = ts
 
+    def see(self, item_id: str, ts: float) -> bool:
+        """Note an event of ``item_id`` at ``ts`` (any kind); True if that is its earliest yet.
+
+        The caller writes the items for which this returned True: only those changed.
+        """
+        old = self.first_seen.get(item_id)
+        if old is not None and old <= ts:
+            return False
+        self.first_seen[item_id] = ts
+        return True
+
     def add(self, item_id: str, weight: float, ts: float) -> None:
         """Count a purchase (+1) or an undone purchase (-1) of ``item_id`` at ``ts``.
 
         Plain linear arithmetic, no flooring: partial counters may dip below zero and
-        still add up exactly; :meth:`scores` floors the total.
+        still add up exactly; :meth:`scores` floors the total. The event also counts as
+        a sighting of the item (:meth:`see`).
         """
         self.observe(ts)
+        self.see(item_id, ts)
         value, as_of = self.entries.get(item_id, (0.0, ts))
         self.entries[item_id] = decayed_add(value, as_of, weight, ts, self.half_life_s)
 
@@ -357,10 +379,13 @@ class Popularity:
 
     @staticmethod
     def merge(
-        parts: Iterable[Mapping[str, tuple[float, float]]], half_life_s: float, newest_ts: float = 0.0
+        parts: Iterable[Mapping[str, tuple[float, float]]],
+        half_life_s: float,
+        newest_ts: float = 0.0,
+        first_seen_parts: Iterable[Mapping[str, float]] = (),
     ) -> Popularity:
-        """One counter from partial ones (exact: decayed sums add)."""
-        out = Popularity(half_life_s, newest_ts=newest_ts)
+        """One counter from partial ones (exact: decayed sums add, first-seen times take the minimum)."""
+        out = Popularity(half_life_s, newest_ts=newest_ts, first_seen=merge_first_seen(first_seen_parts))
         for part in parts:
             for item, (value, as_of) in part.items():
                 if as_of > out.newest_ts:
@@ -371,3 +396,14 @@ class Popularity:
                 else:
                     out.entries[item] = decayed_add(old[0], old[1], value, as_of, half_life_s)
         return out
+
+
+def merge_first_seen(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Per item, the earliest of the partial first-seen times (each partition saw some events)."""
+    out: dict[str, float] = {}
+    for part in parts:
+        for item, ts in part.items():
+            old = out.get(item)
+            if old is None or ts < old:
+                out[item] = ts
+    return out

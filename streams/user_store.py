@@ -8,6 +8,9 @@ Keys, all under ``settings.redis_prefix``:
   decayed purchase counts of the events of one Kafka partition; partial counters add
   exactly (:meth:`Popularity.merge`). ``popularity:newest`` maps the same
   ``<topic>:<partition>`` to the newest event time seen there.
+* ``first_seen:<topic>:<partition>``: hash item_id -> the earliest event time of the
+  item among that partition's events (a float in ``repr``); the item's first-seen time
+  is the minimum over partitions (:func:`read_item_first_seen`).
 * ``streams:applied:users``: hash ``<topic>:<partition>`` -> the offset of the last
   event whose effects are in Redis. :func:`write_partition_batch` moves it forward in the
   same atomic Lua call that writes the states, and refuses to move it backwards: that is
@@ -16,39 +19,47 @@ Keys, all under ``settings.redis_prefix``:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import orjson
-import hashlib
-
 import redis
 
 from freshrec.settings import Settings
 
 from .redis_client import connect, run_script
-from .user_state import DAY_S, Popularity, UserState
+from .user_state import DAY_S, Popularity, UserState, merge_first_seen
 
 __all__ = [
     "connect", "read_user_state", "read_user_states", "write_user_states", "write_partition_batch",
-    "read_applied_offsets", "read_popularity", "user_key",
+    "read_applied_offsets", "read_popularity", "read_item_first_seen", "read_fresh_popularity",
+    "FreshPopularity", "user_key",
 ]
 
 APPLIED_USERS = "streams:applied:users"
 POPULARITY_NEWEST = "popularity:newest"
 
-# KEYS: applied hash, popularity hash, popularity-newest hash, then one key per user.
+# KEYS: applied hash, popularity hash, popularity-newest hash, first-seen hash, then one
+#       key per user.
 # ARGV: partition field, offset, newest ts, user count, popularity field count,
-#       then user values (in KEYS order), then popularity field/value pairs.
+#       first-seen field count, then user values (in KEYS order), then popularity
+#       field/value pairs, then first-seen field/value pairs.
 # Returns 1 if written, 0 if this offset is already in Redis (a replay after a crash).
 _GUARDED_WRITE = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
 local n_users = tonumber(ARGV[4])
 local n_pop = tonumber(ARGV[5])
-for i = 1, n_users do redis.call('SET', KEYS[3 + i], ARGV[5 + i]) end
-local base = 5 + n_users
+local n_seen = tonumber(ARGV[6])
+for i = 1, n_users do redis.call('SET', KEYS[4 + i], ARGV[6 + i]) end
+local base = 6 + n_users
 for j = 0, n_pop - 1 do
   redis.call('HSET', KEYS[2], ARGV[base + 2 * j + 1], ARGV[base + 2 * j + 2])
+end
+base = base + 2 * n_pop
+for j = 0, n_seen - 1 do
+  redis.call('HSET', KEYS[4], ARGV[base + 2 * j + 1], ARGV[base + 2 * j + 2])
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -105,22 +116,29 @@ def write_partition_batch(
     users: Mapping[str, bytes],
     popularity: Mapping[str, tuple[float, float]],
     newest_ts: float,
+    first_seen: Mapping[str, float] | None = None,
 ) -> bool:
-    """Write one partition's changed users and popularity as of ``offset``, atomically.
+    """Write one partition's changed users, popularity and first-seen times as of ``offset``, atomically.
 
-    Skipped (returns False) if Redis already holds this partition at ``offset`` or later:
-    after a crash the flow recomputes the same states from its snapshot and replays the
-    same events, so those writes would only move Redis back in time.
+    ``first_seen`` holds the items whose first-seen time in this partition changed
+    (``UserBatch.first_seen``). Skipped (returns False) if Redis already holds this
+    partition at ``offset`` or later: after a crash the flow recomputes the same states
+    from its snapshot and replays the same events, so those writes would only move Redis
+    back in time.
     """
+    seen = first_seen or {}
     field = partition_field(topic, partition)
     prefix = settings.redis_prefix
-    keys = [prefix + APPLIED_USERS, f"{prefix}popularity:{field}", prefix + POPULARITY_NEWEST]
+    keys = [prefix + APPLIED_USERS, f"{prefix}popularity:{field}", prefix + POPULARITY_NEWEST, f"{prefix}first_seen:{field}"]
     keys.extend(user_key(settings, u) for u in users)
-    args: list[bytes | str | int | float] = [field, offset, repr(newest_ts), len(users), len(popularity)]
+    args: list[bytes | str | int | float] = [field, offset, repr(newest_ts), len(users), len(popularity), len(seen)]
     args.extend(users.values())
     for item, entry in popularity.items():
         args.append(item)
         args.append(orjson.dumps(entry))
+    for item, ts in seen.items():
+        args.append(item)
+        args.append(repr(float(ts)))
     return bool(run_script(client, _GUARDED_WRITE, _GUARDED_WRITE_SHA, keys, args))
 
 
@@ -130,22 +148,63 @@ def read_applied_offsets(client: redis.Redis, settings: Settings) -> dict[str, i
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class FreshPopularity:
+    """Fresh popularity and first-seen times, read together (what serving's cache holds).
+
+    ``scores`` are decayed to ``newest_ts``, the newest event time any partition has
+    seen: the "now" in event time against which serving also judges what is new.
+    """
+
+    scores: dict[str, float]
+    first_seen: dict[str, float]
+    newest_ts: float
+
+
 def read_popularity(client: redis.Redis, settings: Settings) -> dict[str, float]:
     """Everyone's purchase counts per item, decayed (half-life ``popularity_half_life_days``)
     to the newest event time the flow has seen."""
+    return _read_popularity(client, settings, with_first_seen=False).scores
+
+
+def read_item_first_seen(client: redis.Redis, settings: Settings) -> dict[str, float]:
+    """Per item, the event time of its first event the flow has applied (any kind)."""
+    return _read_popularity(client, settings, with_first_seen=True, with_scores=False).first_seen
+
+
+def read_fresh_popularity(client: redis.Redis, settings: Settings) -> FreshPopularity:
+    """:func:`read_popularity` and :func:`read_item_first_seen` in one round trip, with the "now" they share."""
+    return _read_popularity(client, settings, with_first_seen=True)
+
+
+def _read_popularity(
+    client: redis.Redis, settings: Settings, with_first_seen: bool, with_scores: bool = True
+) -> FreshPopularity:
     prefix = settings.redis_prefix
     newest = client.hgetall(prefix + POPULARITY_NEWEST)
     if not newest:
-        return {}
+        return FreshPopularity({}, {}, 0.0)
     # A fixed merge order makes the float sums, and so the result, identical whatever the
     # order Redis returns the partitions in.
     fields = sorted(newest)
     pipe = client.pipeline(transaction=False)
-    for field in fields:
-        pipe.hgetall(f"{prefix}popularity:".encode() + field)
-    parts = [
-        {item.decode(): tuple(orjson.loads(v)) for item, v in part.items()} for part in pipe.execute()
-    ]
+    if with_scores:
+        for field in fields:
+            pipe.hgetall(f"{prefix}popularity:".encode() + field)
+    if with_first_seen:
+        for field in fields:
+            pipe.hgetall(f"{prefix}first_seen:".encode() + field)
+    replies = pipe.execute()
     now = max(float(v) for v in newest.values())
-    merged = Popularity.merge(parts, settings.popularity_half_life_days * DAY_S, newest_ts=now)  # type: ignore[arg-type]
-    return merged.scores()
+    scores: dict[str, float] = {}
+    if with_scores:
+        parts = [
+            {item.decode(): tuple(orjson.loads(v)) for item, v in part.items()} for part in replies[: len(fields)]
+        ]
+        merged = Popularity.merge(parts, settings.popularity_half_life_days * DAY_S, newest_ts=now)  # type: ignore[arg-type]
+        scores = merged.scores()
+    first_seen: dict[str, float] = {}
+    if with_first_seen:
+        seen_parts = replies[len(fields) :] if with_scores else replies
+        first_seen = merge_first_seen({item.decode(): float(v) for item, v in part.items()} for part in seen_parts)
+    return FreshPopularity(scores, first_seen, now)

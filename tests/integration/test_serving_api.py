@@ -158,12 +158,16 @@ def test_popularity_and_degraded_mode(fresh_settings: Settings, shared_exports: 
     settings = fresh_settings.model_copy(update={"popularity_refresh_s": 0.2})
     items = _prepare(settings, shared_exports, sample_dir)
     ids = list(items)
+    day = 86_400.0
     write_partition_batch(
-        connect(settings), settings, settings.topics.events, 0, 1, {}, {ids[7]: (5.0, 100.0), ids[3]: (2.0, 100.0)}, 100.0
+        connect(settings), settings, settings.topics.events, 0, 1, {}, {ids[7]: (5.0, 100.0), ids[3]: (2.0, 100.0)}, 100.0,
+        {ids[7]: 100.0 - 40 * day, ids[3]: 100.0 - 40 * day, ids[9]: 100.0 - day},
     )
     dead = ServingRuntime(settings, request_redis=_dead_redis())
     with ServerThread(create_app(dead), free_port()) as url:
         assert dead.wait_ready(120) and dead.popularity.loaded.wait(5)
+        # first seen within blend_new_days of the newest event: the log blend's new arrivals
+        assert dead.popularity.view.new_items == {ids[9]}
         with httpx.Client(base_url=url, timeout=10) as c:
             body = c.get("/recommend", params={"user_id": "anyone", "k": 5}).json()
             assert body["degraded"] is True and "redis" in body["reason"]

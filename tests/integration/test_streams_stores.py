@@ -49,10 +49,27 @@ def test_partition_write_is_guarded_by_offset(fresh_settings: Settings) -> None:
     assert user_store.read_user_state(client, fresh_settings, "u1") == s
     assert user_store.read_applied_offsets(client, fresh_settings) == {"ev:0": 10}
     # Another partition has its own offset.
-    assert user_store.write_partition_batch(client, fresh_settings, "ev", 1, 3, {"u2": _state("u2", "a").to_bytes()}, {"a": (1.0, T0 + 14 * DAY_S)}, T0 + 14 * DAY_S)
+    half_life = fresh_settings.popularity_half_life_days * DAY_S
+    assert user_store.write_partition_batch(client, fresh_settings, "ev", 1, 3, {"u2": _state("u2", "a").to_bytes()}, {"a": (1.0, T0 + half_life)}, T0 + half_life)
     pops = user_store.read_popularity(client, fresh_settings)
-    # Partition 0 counted 1 at T0 (half a unit by T0+14d), partition 1 counted 1 at T0+14d.
+    # Partition 0 counted 1 at T0 (half a unit one half-life later), partition 1 counted 1 then.
     assert pops["a"] == pytest.approx(1.5)
+
+
+def test_first_seen_written_with_the_batch_under_the_same_guard(fresh_settings: Settings) -> None:
+    client = user_store.connect(fresh_settings)
+    assert user_store.read_item_first_seen(client, fresh_settings) == {}
+    pop = {"a": (1.0, T0 + 5)}
+    assert user_store.write_partition_batch(client, fresh_settings, "ev", 0, 10, {}, pop, T0 + 5, {"a": T0 + 5, "b": T0})
+    # A replayed offset must not write its first-seen times either.
+    assert not user_store.write_partition_batch(client, fresh_settings, "ev", 0, 10, {}, {}, T0, {"a": T0 - 99, "z": T0})
+    # Another partition saw a earlier and c only: the item's time is the minimum over partitions.
+    assert user_store.write_partition_batch(client, fresh_settings, "ev", 1, 0, {}, {}, T0 + 40 * DAY_S, {"a": T0 + 1, "c": T0 + 9})
+    want = {"a": T0 + 1, "b": T0, "c": T0 + 9}
+    assert user_store.read_item_first_seen(client, fresh_settings) == want
+    fresh = user_store.read_fresh_popularity(client, fresh_settings)
+    assert fresh.first_seen == want and fresh.newest_ts == T0 + 40 * DAY_S
+    assert fresh.scores == user_store.read_popularity(client, fresh_settings)
 
 
 def test_catalog_round_trip_and_guard(fresh_settings: Settings) -> None:

@@ -75,6 +75,8 @@ def _reference(settings: Settings, events: list[dict[str, Any]]) -> tuple[dict[s
         if not apply_event(state, event, rules):
             continue
         pop.observe(event.ts)
+        if event.item_id is not None:
+            pop.see(event.item_id, event.ts)
         if weight:
             pop.add(event.item_id, weight, event.ts)  # type: ignore[arg-type]
         pairs += pair_for(state, event, pair_rules) is not None
@@ -130,6 +132,7 @@ def test_replay_equals_in_memory_reference_and_bad_records_go_to_dead_letter(
         expect_pop = want_pop.scores()
         assert pops.keys() == expect_pop.keys()
         assert all(pops[i] == pytest.approx(expect_pop[i], rel=1e-9, abs=1e-12) for i in expect_pop)
+        assert user_store.read_item_first_seen(connect(settings), settings) == want_pop.first_seen
 
         letters = [DeadLetter.from_bytes(v) for v in _read_topic(settings, settings.topics.dead_letter, n_bad)]
         assert len(letters) == n_bad
@@ -250,3 +253,4 @@ def test_two_workers_and_two_processes_give_the_same_state_as_one(settings: Sett
     _assert_states_equal(_redis_states(two), got_one)
     _assert_states_equal(_redis_states(procs_settings), got_one)
     assert user_store.read_popularity(connect(two), two) == user_store.read_popularity(connect(one), one)
+    assert user_store.read_item_first_seen(connect(two), two) == user_store.read_item_first_seen(connect(one), one)

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.blend import LogBlendWeights, log_blend
+from evaluation.blend import log_blend
 from evaluation.data import build_log
 from evaluation.methods import SystemMethod, SystemReplay, encode_catalog
 from evaluation.protocol import evaluate, top_k
 from freshrec.settings import Settings
-from serving.scoring import BlendWeights
+from serving.scoring import BlendWeights, LogBlendWeights
 
 DAY = 86400.0
 
@@ -37,7 +37,7 @@ def _log():  # type: ignore[no-untyped-def]
 def test_system_method_uses_stream_state_and_serving_blend() -> None:
     log = _log()
     vecs = np.eye(4, dtype=np.float32)
-    settings = Settings(eval_popularity_half_life_days=14.0)
+    settings = Settings(popularity_half_life_days=14.0)
     replay = SystemReplay(log, settings)
     m = SystemMethod("frozen", replay, vecs, BlendWeights(repeat=1.0, similarity=0.0, popularity=0.1), 200)
     res = evaluate(log, 10 * DAY, [m])

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import doctest
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from serving import scoring
-from serving.scoring import BlendWeights, blend, history_weights, normalise_by_max, search_vector, top_k, user_vector
+from serving.scoring import (
+    BlendWeights,
+    LogBlendWeights,
+    blend,
+    history_weights,
+    log_blend,
+    new_arrivals,
+    normalise_by_max,
+    search_vector,
+    top_k,
+    user_vector,
+)
+from serving.shopper_data import PopularityCache, PopularityView
 
 DAY = 86_400.0
 
@@ -185,3 +198,79 @@ def test_weights_from_settings() -> None:
 
     s = Settings(blend_repeat=2.0, blend_similarity=0.1, blend_popularity=0.0)
     assert BlendWeights.from_settings(s) == BlendWeights(2.0, 0.1, 0.0)
+
+
+def test_log_blend_hand_computed() -> None:
+    w = LogBlendWeights()  # repeat 1, similarity 2, popularity 0.8, new 0.5; floors 0.005 and 0.001
+    s = log_blend(
+        {"a": 4.0, "b": 1.0},  # normalised: a 1, b 0.25
+        {"b": 0.5, "c": -0.2, "d": 0.3},
+        {"a": 0.1, "b": 1.0, "d": 0.2},
+        {"d"},
+        w,
+    )
+    assert s["a"] == pytest.approx(math.log(1.005) + 0.8 * math.log(0.101))  # -1.829
+    assert s["b"] == pytest.approx(math.log(0.255) + 0.8 * math.log(1.001) + 2 * 0.5)  # -0.366
+    assert s["c"] == pytest.approx(math.log(0.005) + 0.8 * math.log(0.001))  # -10.82: negative cosine counts 0
+    assert s["d"] == pytest.approx(math.log(0.005) + 0.8 * math.log(0.201) + 2 * 0.3 + 0.5)  # -5.48
+    # b, bought less than a but popular now and like the shopper's taste, leads; the new
+    # arrival d beats c, which is neither new, popular nor similar.
+    assert [i for i, _ in top_k(s, 4)] == ["b", "a", "d", "c"]
+    assert set(s) == {"a", "b", "c", "d"}  # default candidates: repeat, similarity and new keys
+
+
+def test_log_blend_repeat_leads_when_popularity_and_similarity_tie() -> None:
+    """Bought twice beats bought once beats never bought, all else equal."""
+    s = log_blend({"twice": 2.0, "once": 1.0}, {"twice": 0.5, "once": 0.5, "never": 0.5}, {}, set(), LogBlendWeights())
+    assert [i for i, _ in top_k(s, 3)] == ["twice", "once", "never"]
+
+
+def test_new_arrivals_window_in_event_time() -> None:
+    first = {"old": 0.0, "edge": 70 * DAY, "new": 99 * DAY, "future": 101 * DAY}
+    assert new_arrivals(first, 100 * DAY, 30 * DAY) == {"edge", "new", "future"}
+    assert new_arrivals({}, 100 * DAY, 30 * DAY) == frozenset()
+
+
+def test_recommend_log_blend_adds_new_arrivals_to_the_pool() -> None:
+    """A new line far from the shopper's taste and not yet popular still gets a chance."""
+    space = _space()
+    hist = [It("mug_red", "purchase", 100.0)]
+    args = (hist, {"mug_red": 3.0}, space, {"bestseller": 1.0}, ["bestseller"])
+    kw = {"k": 10, "now_ts": 100.0, "half_life_s": DAY, "candidates": 2}
+    ranked = dict(scoring.recommend(*args, LogBlendWeights(), new_items={"lamp", "gone"}, **kw))  # type: ignore[arg-type]
+    assert "lamp" in ranked and "gone" not in ranked  # new and present; a new id missing from the index never comes back
+    assert "candle" not in ranked  # neither near (2 neighbours), popular, bought nor new
+    # the repeat purchase, the bestseller, the nearest neighbour, then the new arrival
+    assert list(ranked) == ["mug_red", "bestseller", "mug_blue", "lamp"]
+    cos = float(space.vecs["lamp"] @ space.vecs["mug_red"])  # the user vector is mug_red's
+    assert ranked["lamp"] == pytest.approx(math.log(0.005) + 0.8 * math.log(0.001) + 2 * cos + 0.5)
+    linear = dict(scoring.recommend(*args, BlendWeights(), new_items={"lamp"}, **kw))  # type: ignore[arg-type]
+    assert "lamp" not in linear  # the linear blend has no new-arrival term and no such candidates
+
+
+def test_weights_from_settings_follow_blend_mode() -> None:
+    from freshrec.settings import Settings
+
+    s = Settings(blend_log_repeat=1.5, blend_log_similarity=1.0, blend_log_popularity=0.4, blend_log_new=0.2)
+    assert scoring.weights_from_settings(s) == LogBlendWeights(1.5, 1.0, 0.4, 0.2)
+    assert Settings().blend_mode == "log" and scoring.weights_from_settings(Settings()) == LogBlendWeights()
+    assert isinstance(scoring.weights_from_settings(Settings(blend_mode="linear")), BlendWeights)
+    with pytest.raises(ValueError):
+        Settings(blend_mode="cubic")
+
+
+@dataclass(frozen=True)
+class _Reading:
+    scores: dict[str, float]
+    first_seen: dict[str, float]
+    newest_ts: float
+
+
+def test_popularity_cache_keeps_new_arrivals_as_of_the_newest_event() -> None:
+    reading = _Reading({"a": 4.0, "b": 2.0}, {"a": 0.0, "b": 80 * DAY, "c": 95 * DAY}, 100 * DAY)
+    cache = PopularityCache(lambda: reading, every_s=60.0, new_s=30 * DAY)
+    assert cache.refresh()
+    view = cache.view
+    assert view.scores == {"a": 1.0, "b": 0.5} and view.ranked == ("a", "b")
+    assert view.new_items == {"b", "c"}  # c: seen, never bought yet
+    assert PopularityView.of({"a": 1.0}).new_items == frozenset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import orjson
+import pytest
 
 from freshrec.contracts import CatalogDelete
 from streams.catalog_partition import CatalogPartition
@@ -61,9 +62,36 @@ def test_snapshot_restore_then_same_events_give_same_bytes() -> None:
     b = new_partition(snap)
     out_b = b.apply(rest)
     assert out_a.users == out_b.users and out_a.popularity == out_b.popularity
+    assert out_a.first_seen == out_b.first_seen
     assert a.snapshot() == b.snapshot()
     # The snapshot is a copy: later batches do not change it.
     assert snap[1] != a.snapshot()[1]
+
+
+def _event(eid: str, item: str, ts: float, kind: str = "view", offset: int = 0) -> Msg:
+    return Msg(b"u1", orjson.dumps({"event_id": eid, "user_id": "u1", "item_id": item, "kind": kind, "ts": ts}), offset)
+
+
+def test_first_seen_is_tracked_and_only_changes_are_written() -> None:
+    p = new_partition()
+    b1 = p.apply([_event("e1", "a", T0 + 10, "view", 0), _event("e2", "b", T0 + 20, "purchase", 1),
+                  _event("e3", "a", T0 + 30, "cart", 2)])
+    assert b1.first_seen == {"a": T0 + 10, "b": T0 + 20}  # any kind counts; the earliest time
+    b2 = p.apply([_event("e4", "a", T0 + 40, "click", 3), _event("e5", "c", T0 + 50, "view", 4)])
+    assert b2.first_seen == {"c": T0 + 50}  # a's later sighting changes nothing
+    b3 = p.apply([_event("e6", "b", T0 + 1, "view", 5), _event("e6", "d", T0, "view", 6)])
+    assert b3.first_seen == {"b": T0 + 1}  # a late event lowers it; the duplicate id is dropped
+    assert p.popularity.first_seen == {"a": T0 + 10, "b": T0 + 1, "c": T0 + 50}
+
+
+def test_snapshot_keeps_first_seen_and_refuses_an_older_format() -> None:
+    a = new_partition()
+    a.apply([_event("e1", "a", T0, "view", 0)])
+    b = new_partition(a.snapshot())
+    assert b.popularity.first_seen == {"a": T0}
+    assert not b.apply([_event("e2", "a", T0 + 5, "view", 1)]).first_seen
+    with pytest.raises(ValueError, match="v1 is not readable"):
+        new_partition((1, {}, {}, 0.0, -1))  # v1 had no first-seen times
 
 
 def test_catalog_partition_emits_only_changes() -> None:

@@ -205,3 +205,24 @@ def test_popularity_weight_counts_a_cancel_only_if_it_undoes_the_users_purchase(
     assert popularity_weight(s, ev("p2", "a", "purchase")) == 1.0
     assert popularity_weight(s, ev("c1", "a", "cancel")) == -1.0
     assert popularity_weight(s, ev("v1", "a", "view")) == 0.0
+
+
+def test_first_seen_is_the_earliest_event_whatever_the_order() -> None:
+    p = Popularity(DAY_S)
+    assert p.see("a", T0 + 10)
+    assert not p.see("a", T0 + 20)  # later sighting: unchanged, nothing to write
+    assert p.see("a", T0 + 5)  # a late event lowers it
+    p.add("b", 1.0, T0 + 7)  # a purchase is a sighting too
+    assert p.first_seen == {"a": T0 + 5, "b": T0 + 7}
+
+
+def test_first_seen_merge_of_partitions_equals_one_counter() -> None:
+    whole = Popularity(DAY_S)
+    parts = [Popularity(DAY_S), Popularity(DAY_S), Popularity(DAY_S)]
+    rng = random.Random(1)
+    for i in range(300):
+        item, ts = rng.choice("abcdefg"), T0 + rng.random() * 10 * DAY_S
+        whole.see(item, ts)
+        parts[i % 3].see(item, ts)
+    merged = Popularity.merge([p.entries for p in parts], DAY_S, first_seen_parts=[p.first_seen for p in parts])
+    assert merged.first_seen == whole.first_seen
