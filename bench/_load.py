@@ -73,10 +73,12 @@ def load_dataset(settings: Any, data_dir: Path, client: Any, keep_events: bool =
     pop = Popularity(settings.popularity_half_life_days * DAY_S)
     for e in events:
         pop.observe(e.ts)
-        if e.item_id is not None and e.kind in ("purchase", "cancel"):
-            pop.add(e.item_id, 1.0 if e.kind == "purchase" else -1.0, e.ts)
+        if e.item_id is not None:
+            pop.see(e.item_id, e.ts)
+            if e.kind in ("purchase", "cancel"):
+                pop.add(e.item_id, 1.0 if e.kind == "purchase" else -1.0, e.ts)
     user_store.write_partition_batch(
-        client, settings, settings.topics.events, 0, 1, {}, dict(pop.entries), pop.newest_ts
+        client, settings, settings.topics.events, 0, 1, {}, dict(pop.entries), pop.newest_ts, pop.first_seen
     )
     rng = random.Random(7)
     titles = [it.title for it in items.values()]

@@ -43,7 +43,7 @@ from freshrec.contracts import Event, TrainPair
 from freshrec.settings import Settings
 from serving.scoring import BlendWeights, LogBlendWeights, history_weights, user_vector, weights_from_settings
 from streams.pairs import PairDraft, PairRules, pair_for
-from streams.user_state import DAY_S, Popularity, StateRules, UserState, apply_event
+from streams.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
 from .blend import candidate_pool, dense_blend, log_blend
 from .data import KIND_NAMES, EventLog
@@ -93,6 +93,9 @@ class SystemReplay:
                 draft = pair_for(state, event, self.pair_rules)
                 if draft is not None:
                     self.drafts.append(draft)
+            # The flow's popularity rule, judged before the event is applied: a purchase
+            # adds one, a cancel subtracts one only if it undoes that shopper's purchase.
+            pop_weight = popularity_weight(state, event)
             if not apply_event(state, event, self.rules):
                 continue
             # The flow's popularity bookkeeping (streams.user_partition): every applied
@@ -100,8 +103,8 @@ class SystemReplay:
             self.popularity.observe(ts)
             if self.popularity.see(item, ts):
                 self.first_seen[int(log.item[k])] = ts
-            if kind in ("purchase", "cancel"):
-                self.popularity.add(item, 1.0 if kind == "purchase" else -1.0, ts)
+            if pop_weight:
+                self.popularity.add(item, pop_weight, ts)
                 self._pop_dirty = True
 
     def popularity_vector(self) -> np.ndarray:
@@ -282,8 +285,12 @@ def build_system_methods(
         from learner.trainer import LoraTrainer
 
         full = FullMethod("full", replay, base.copy(), weights, settings.recommend_candidates)
+        trainer = LoraTrainer(settings, device)
+        # As the learner process does: random catalog items as extra negatives. In-batch
+        # negatives alone pulled retrieval below the frozen encoder (learner/README.md).
+        trainer.set_catalog(log.titles)
         full.learner = StreamLearner(
-            trainer=LoraTrainer(settings, device),
+            trainer=trainer,
             replay=replay,
             method=full,
             every_s=settings.eval_train_every_days * DAY_S,
