@@ -94,22 +94,11 @@ def load_dataset(settings: Any, data_dir: Path, client: Any, keep_events: bool =
 # -- the server ---------------------------------------------------------------------------
 
 
-def settings_env(settings: Any) -> dict[str, str]:
-    """The environment that makes a child process build the same Settings."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            env.pop(f"FRESHREC_{name.upper()}", None)
-            continue
-        env[f"FRESHREC_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
-
-
 def start_server(settings: Any, log_path: Path, extra: Iterable[str] = ()) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")
     return subprocess.Popen(
         [sys.executable, "-m", "freshrec", "serve", "--log-level", "warning", *extra],
-        env=settings_env(settings),
+        env=settings.child_env(os.environ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

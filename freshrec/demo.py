@@ -40,15 +40,6 @@ COMPONENTS = [
 ]
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The FRESHREC_* variables that make a child process see these settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"FRESHREC_{name.upper()}"] = str(value)
-    return env
-
-
 @dataclass
 class Children:
     """The processes the demo started; stopped in reverse order, each given time to finish."""
@@ -60,7 +51,7 @@ class Children:
         log = open(log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "freshrec", *argv],
-            env={**os.environ, **env},
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -203,7 +194,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
             "admin_token": token,
         }
     )
-    env = settings_env(demo)
+    env = demo.child_env(os.environ)
     url = f"http://127.0.0.1:{api_port}"
     try:
         stack = start_stack(demo, reuse_redis=False)

@@ -7,6 +7,7 @@ loopback, so ``freshrec demo`` needs no configuration at all.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -208,6 +209,21 @@ class Settings(BaseSettings):
     def redis_host_port(self) -> tuple[str, int]:
         url = urlparse(self.redis_url)
         return url.hostname or "127.0.0.1", url.port or 6379
+
+    def child_env(self, inherit: Mapping[str, str]) -> dict[str, str]:
+        """``inherit`` plus the FRESHREC_* variables that rebuild these settings in a child.
+
+        Unset (None) settings are removed rather than left to whatever ``inherit`` holds,
+        so the child sees exactly these settings.
+        """
+        env = dict(inherit)
+        for name, value in self.model_dump().items():
+            key = ENV_PREFIX + name.upper()
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
 
     def resolved_device(self) -> str:
         """CUDA when present and allowed; the CPU otherwise (invariant 5)."""

@@ -23,17 +23,6 @@ from . import catalog_store, user_store
 from .redis_client import connect
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment variables that rebuild ``settings`` in a child process."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            env.pop(ENV_PREFIX + name.upper(), None)
-            continue
-        env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
-
-
 class FlowProcess:
     """One ``freshrec stream <flow>`` process; ``extra`` are its flags (``-w 2`` ...).
 
@@ -64,7 +53,7 @@ class FlowProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv,
-            env=settings_env(self.settings),
+            env=self.settings.child_env(os.environ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

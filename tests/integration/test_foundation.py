@@ -87,7 +87,7 @@ def test_malformed_lines_go_to_dead_letter_and_valid_ones_arrive(fresh_settings:
         + orjson.dumps({"item_id": "ok", "title": "Mug"}) + b"\n"
     )
 
-    env = {**os.environ, **env_of(fresh_settings)}
+    env = fresh_settings.child_env(os.environ)
     out = subprocess.run(
         [sys.executable, "-m", "freshrec", "produce", str(path)], env=env, capture_output=True, text=True, timeout=60
     )
@@ -109,16 +109,6 @@ def test_malformed_lines_go_to_dead_letter_and_valid_ones_arrive(fresh_settings:
     assert all(dl.reason for dl in letters)
     assert by_raw[bad[0][:40]].raw == bad[0]  # the original bytes are kept
     assert [m for m in consume(fresh_settings, fresh_settings.topics.catalog, 1)]
-
-
-def env_of(settings: Settings) -> dict[str, str]:
-    return {
-        "FRESHREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FRESHREC_REDIS_URL": settings.redis_url,
-        "FRESHREC_TOPIC_PREFIX": settings.topic_prefix,
-        "FRESHREC_REDIS_PREFIX": settings.redis_prefix,
-        "FRESHREC_STATE_DIR": str(settings.state_dir),
-    }
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -201,11 +201,10 @@ def test_snapshot_then_restore_gives_identical_search_results(served: tuple[str,
 
 
 def _spawn(settings: Settings, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    from bench._load import settings_env
 
     return subprocess.Popen(
         [sys.executable, "-m", "freshrec", *args],
-        env=settings_env(settings),
+        env=settings.child_env(os.environ),
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
