@@ -1,10 +1,9 @@
-"""Helpers shared by the stream benchmarks: a private stack, the real data, tables, JSON."""
+"""Helpers shared by the benchmarks: a private stack on free ports, and the real data."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -44,29 +43,3 @@ def load_events(data_dir: Path, limit: int) -> list[dict[str, Any]]:
     except DatasetError as exc:
         sys.exit(f"benchmark data missing: {exc}\n(pass --data DIR with events.csv[.gz] in the format of ../shared/data)")
     return list(itertools.islice(read_events(files.events, files.name), limit))
-
-
-def print_table(title: str, rows: list[dict[str, Any]]) -> None:
-    print(f"\n{title}")
-    if not rows:
-        return
-    cols = list(rows[0])
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.2f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return "" if v is None else str(v)
-
-
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    if path:
-        Path(path).write_text(json.dumps(payload, indent=2))
-        print(f"\nwrote {path}")

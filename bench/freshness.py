@@ -33,7 +33,8 @@ from streams import user_store
 from streams.flow_process import FlowProcess
 from streams.redis_client import connect
 
-from ._common import DEFAULT_DATA, load_events, print_table, private_stack, write_json
+from ._common import DEFAULT_DATA, load_events, private_stack
+from .report import print_rows, write_json
 
 
 class _Probe(threading.Thread):
@@ -209,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
             for rate in args.rate:
                 rows.append(run(settings, events, rate, args.seconds))
-                print_table("freshness: send -> visible in Redis user state (ms), floor = bare broker hop", rows[-1:])
+                print_rows("freshness: send -> visible in Redis user state (ms), floor = bare broker hop", rows[-1:])
         finally:
             flow.stop()
-    print_table("freshness, all runs", rows)
+    print_rows("freshness, all runs", rows)
     write_json(args.json, {"benchmark": "freshness", "data": str(args.data), "runs": rows})
     return 0 if all(r["lost"] == 0 for r in rows) else 1
 

@@ -17,32 +17,20 @@ The ratio freshrec/bare is the figure that survives a noisy machine.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from bench._common import DEFAULT_DATA, load_events, private_stack
 from bench.report import median, print_table, write_json
 from freshrec.consumer import TopicFollower
 from freshrec.contracts import parse_event
-from freshrec.dataset import DatasetError, locate, read_events
-from freshrec.infra import create_topics, free_port, start_stack, stop_stack
+from freshrec.infra import create_topics
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
-
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "online_retail_ii"
-
-
-def _load(dataset: Path, n: int) -> list[dict]:
-    files = locate(dataset)
-    rows = list(itertools.islice(read_events(files.events, files.name), n))
-    if len(rows) < n:
-        print(f"note: {dataset} holds only {len(rows)} events", file=sys.stderr)
-    return rows
 
 
 def _freshrec_round(settings: Settings, rows: list[dict]) -> tuple[float, float, int]:
@@ -100,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args(argv)
-    try:
-        rows = _load(args.dataset, args.events)
-    except DatasetError as exc:
-        print(f"bench.replay: {exc}\n(the real data lives in ../shared/data; pass --dataset freshrec/sample to use the bundled sample)")
-        return 2
+    rows = load_events(args.dataset, args.events)
 
     # The bare loop sends exactly the bytes freshrec would, so only the framework cost differs.
     now = time.time()
@@ -113,23 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         event = parse_event(row, now=now)
         payloads.append((event.user_id.encode(), event.to_bytes()))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Settings(
-            kafka_bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-            state_dir=Path(tmp), topic_prefix="bench.",
-        )
-        stack = start_stack(base, reuse_redis=False)
-        results: dict[str, list[tuple[float, float, int]]] = {"freshrec": [], "bare": []}
-        try:
-            for i in range(args.repeats):
-                settings = base.model_copy(update={"topic_prefix": f"bench{i}."})
-                create_topics(stack.bootstrap, settings.topics.all(), settings.partitions)
-                results["freshrec"].append(_freshrec_round(settings, rows))
-                bare_topic = f"bare{i}"
-                create_topics(stack.bootstrap, [bare_topic], settings.partitions)
-                results["bare"].append(_bare_round(stack.bootstrap, bare_topic, payloads, settings.partitions))
-        finally:
-            stop_stack(Path(tmp))
+    results: dict[str, list[tuple[float, float, int]]] = {"freshrec": [], "bare": []}
+    with private_stack() as base:
+        for i in range(args.repeats):
+            settings = base.model_copy(update={"topic_prefix": f"bench{i}."})
+            create_topics(base.kafka_bootstrap, settings.topics.all(), settings.partitions)
+            results["freshrec"].append(_freshrec_round(settings, rows))
+            bare_topic = f"bare{i}"
+            create_topics(base.kafka_bootstrap, [bare_topic], settings.partitions)
+            results["bare"].append(_bare_round(base.kafka_bootstrap, bare_topic, payloads, settings.partitions))
 
     def med(kind: str, idx: int) -> float:
         return median([r[idx] for r in results[kind]])

@@ -41,6 +41,27 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
         print(f"{key:<{width}}  {text:>14}")
 
 
+def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    """A table with one row per dict (columns from the first row's keys)."""
+    print(f"\n{title}")
+    if not rows:
+        return
+    cols = list(rows[0])
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
 def write_json(path: str | None, figures: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

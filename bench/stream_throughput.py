@@ -27,7 +27,8 @@ from freshrec.settings import Settings
 from streams.flow_process import FlowProcess, applied_count
 from streams.redis_client import connect
 
-from ._common import DEFAULT_DATA, load_events, print_table, private_stack, write_json
+from ._common import DEFAULT_DATA, load_events, private_stack
+from .report import print_rows, write_json
 
 BARE_COUNT_KEY = "bench:bare:count"
 
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             users = run_once(settings, "users", layout, len(events), args.timeout)
             users["ratio_to_bare"] = users["events_per_s"] / bare["events_per_s"]
             rows += [bare, users]
-            print_table("stream throughput (drain of the topic; start-up excluded)", rows[-2:])
-    print_table("stream throughput, all runs", rows)
+            print_rows("stream throughput (drain of the topic; start-up excluded)", rows[-2:])
+    print_rows("stream throughput, all runs", rows)
     write_json(args.json, {"benchmark": "stream_throughput", "data": str(args.data), "runs": rows})
     return 0
 
