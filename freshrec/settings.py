@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     )
     recommend_candidates: int = Field(200, ge=10, description="Nearest items and popular items considered per /recommend")
     popularity_refresh_s: float = Field(2.0, gt=0, description="How often serving re-reads fresh popularity from Redis")
-    redis_timeout_s: float = Field(0.05, gt=0, description="Request-path Redis timeout; past it /recommend degrades")
+    redis_timeout_s: float = Field(0.25, gt=0, description="Request-path Redis timeout; past it /recommend degrades")
     serving_build_nice: int = Field(
         10, ge=0, le=19, description="Nice value of serving's pair builder and export worker: requests keep the CPU first"
     )

@@ -76,8 +76,8 @@ class ServingRuntime:
         self.active = ActivePair()
         self.titles: dict[str, str] = {}
         self.gate = RedisGate()
-        self.request_redis = request_redis if request_redis is not None else _redis(settings, settings.redis_timeout_s)
-        self.background_redis = background_redis if background_redis is not None else _redis(settings, 5.0)
+        self.request_redis = request_redis if request_redis is not None else redis_client(settings, settings.redis_timeout_s)
+        self.background_redis = background_redis if background_redis is not None else redis_client(settings, 5.0)
         self.exporter: ExportWorker | None = None
         if tools is None:
             self.exporter = ExportWorker(settings.serving_build_nice)
@@ -245,8 +245,15 @@ class ServingRuntime:
         return read_fresh_popularity(self.background_redis, self.settings)
 
 
-def _redis(settings: Settings, timeout_s: float) -> Any:
+def redis_client(settings: Settings, timeout_s: float) -> Any:
+    """A Redis client that fails within ``timeout_s``: no retries.
+
+    redis-py retries a failed command with backoff by default; against a dead Redis that
+    took 4 s per call here, which would stall every request behind the gate's threshold.
+    """
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     return redis.Redis.from_url(
         settings.redis_url,
@@ -254,6 +261,7 @@ def _redis(settings: Settings, timeout_s: float) -> Any:
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=0,
+        retry=Retry(NoBackoff(), 0),
     )
 
 

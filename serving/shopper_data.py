@@ -3,9 +3,11 @@
 Invariant 4: serving never blocks on a dependency. Two measures:
 
 * :class:`RedisGate`: request-path reads go through a client with a short timeout
-  (``settings.redis_timeout_s``); after a failure the gate stays *open* for
-  ``retry_after_s`` and fails calls at once, so a dead Redis costs one timeout per
-  second, not one per request.
+  (``settings.redis_timeout_s``); after ``failure_threshold`` consecutive failures the
+  gate stays *open* for ``retry_after_s`` and fails calls at once, so a dead Redis costs
+  a few timeouts per second, not one per request. One failure alone does not open it:
+  in the demo a single read that waited for the GIL behind an index build (Redis itself
+  was fine) used to turn every request degraded for a second.
 * :class:`PopularityCache`: fresh popularity is read by a background thread every
   ``settings.popularity_refresh_s`` and kept in memory, ranked, together with the
   items that are new arrivals (first seen within ``blend_new_days`` of the newest event
@@ -36,10 +38,14 @@ class RedisUnavailable(Exception):
 class RedisGate:
     """Calls into Redis that fail fast while Redis is known to be down."""
 
-    def __init__(self, retry_after_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, retry_after_s: float = 1.0, clock: Callable[[], float] = time.monotonic, failure_threshold: int = 3
+    ) -> None:
         self.retry_after_s = retry_after_s
+        self.failure_threshold = failure_threshold
         self._clock = clock
         self._open_until = 0.0
+        self._consecutive = 0
         self.last_error: str | None = None
         self.failures = 0
 
@@ -51,16 +57,20 @@ class RedisGate:
         if self._clock() < self._open_until:
             raise RedisUnavailable(f"redis unavailable ({self.last_error}); retrying within {self.retry_after_s:.0f} s")
         try:
-            return fn(*args)
+            result = fn(*args)
         except Exception as exc:
             import redis
 
             if not isinstance(exc, (redis.RedisError, OSError)):
                 raise
             self.failures += 1
+            self._consecutive += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
-            self._open_until = self._clock() + self.retry_after_s
+            if self._consecutive >= self.failure_threshold:
+                self._open_until = self._clock() + self.retry_after_s
             raise RedisUnavailable(f"redis unavailable ({self.last_error})") from None
+        self._consecutive = 0
+        return result
 
 
 class PopularityReading(Protocol):

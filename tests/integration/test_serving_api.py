@@ -179,9 +179,11 @@ def test_popularity_and_degraded_mode(fresh_settings: Settings, shared_exports: 
 
 
 def _dead_redis() -> Any:
-    import redis
+    """Serving's own request-path client, pointed at a port where nothing listens."""
+    from freshrec.settings import Settings
+    from serving.runtime import redis_client
 
-    return redis.Redis(host="127.0.0.1", port=free_port(), socket_timeout=0.05, socket_connect_timeout=0.05)
+    return redis_client(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"), 0.05)
 
 
 def test_snapshot_then_restore_gives_identical_search_results(served: tuple[str, ServingRuntime, dict], tmp_path: Path) -> None:

@@ -155,3 +155,29 @@ def test_not_ready_is_503(tmp_path: Path) -> None:
         assert c.get("/readyz").status_code == 503
         r = c.get("/similar/x")
         assert r.status_code == 503 and "loading" in r.json()["error"]
+
+
+def test_redis_gate_opens_only_after_consecutive_failures() -> None:
+    """One slow read (e.g. a GIL stall behind an index build) must not degrade a whole second."""
+    import redis
+
+    from serving.shopper_data import RedisGate, RedisUnavailable
+
+    now = [0.0]
+    gate = RedisGate(retry_after_s=1.0, clock=lambda: now[0], failure_threshold=3)
+
+    def fail() -> None:
+        raise redis.TimeoutError("slow")
+
+    for _ in range(2):
+        with pytest.raises(RedisUnavailable):
+            gate.call(fail)
+    assert gate.healthy and gate.call(lambda: "ok") == "ok"  # a success resets the count
+    for _ in range(3):
+        with pytest.raises(RedisUnavailable):
+            gate.call(fail)
+    assert not gate.healthy
+    with pytest.raises(RedisUnavailable, match="retrying"):
+        gate.call(lambda: "never called")
+    now[0] = 1.5
+    assert gate.call(lambda: "ok") == "ok"
