@@ -7,8 +7,10 @@ where it wants), and Tansu's group join would wait out a rebalance timeout anywa
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +105,41 @@ class TopicFollower:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def follow_until(
+    stop: threading.Event,
+    open_follower: Callable[[], TopicFollower],
+    on_poll: Callable[[TopicFollower, list[Message]], None],
+    on_error: Callable[[Exception], None],
+    poll_s: float = 0.2,
+    retry_s: float = 1.0,
+) -> None:
+    """Poll a follower until ``stop`` is set; after any error, close it and open a new one.
+
+    Long-running background consumers (serving's item-vectors and adapters followers)
+    must outlive a broker restart or a bad poll: ``on_error`` hears of it, the follower
+    is reopened ``retry_s`` later (``open_follower`` decides where it starts), and
+    ``on_poll`` is called after every poll, also with no messages.
+    """
+    follower: TopicFollower | None = None
+    try:
+        while not stop.is_set():
+            try:
+                if follower is None:
+                    follower = open_follower()
+                on_poll(follower, follower.poll(poll_s))
+            except Exception as exc:
+                on_error(exc)
+                if follower is not None:
+                    with contextlib.suppress(Exception):
+                        follower.close()
+                    follower = None
+                stop.wait(retry_s)
+    finally:
+        if follower is not None:
+            with contextlib.suppress(Exception):
+                follower.close()
 
 
 def topic_counts(settings: Settings) -> dict[str, int]:

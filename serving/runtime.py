@@ -194,32 +194,28 @@ class ServingRuntime:
         return self.builder.activate(version, reason="announcement")
 
     def _follow_announcements(self) -> None:
-        from freshrec.consumer import TopicFollower
+        from freshrec.consumer import Message, TopicFollower, follow_until
         from freshrec.contracts import AdapterAnnouncement
 
-        follower = None
-        while not self._stop.is_set():
-            try:
-                if follower is None:
-                    follower = TopicFollower(self.settings, self.settings.topics.adapters, start="end", client_id="freshrec-serving-adapters")
-                for m in follower.poll(0.5):
-                    try:
-                        ann = AdapterAnnouncement.model_validate_json(m.value)
-                    except Exception as exc:
-                        log.warning("undecodable adapter announcement at %s:%s: %s", m.partition, m.offset, exc)
-                        continue
-                    self.on_announcement(ann.version)
-            except Exception as exc:
-                log.warning("adapters follower: %s: %s; retrying in 1 s", type(exc).__name__, exc)
-                if follower is not None:
-                    try:
-                        follower.close()
-                    except Exception:
-                        pass
-                    follower = None
-                self._stop.wait(1.0)
-        if follower is not None:
-            follower.close()
+        def on_poll(_follower: TopicFollower, messages: list[Message]) -> None:
+            for m in messages:
+                try:
+                    ann = AdapterAnnouncement.model_validate_json(m.value)
+                except Exception as exc:
+                    log.warning("undecodable adapter announcement at %s:%s: %s", m.partition, m.offset, exc)
+                    continue
+                self.on_announcement(ann.version)
+
+        def on_error(exc: Exception) -> None:
+            log.warning("adapters follower: %s: %s; retrying in 1 s", type(exc).__name__, exc)
+
+        follow_until(
+            self._stop,
+            lambda: TopicFollower(self.settings, self.settings.topics.adapters, start="end", client_id="freshrec-serving-adapters"),
+            on_poll,
+            on_error,
+            poll_s=0.5,
+        )
 
     def active_version(self) -> str | None:
         pair = self.active.pair

@@ -141,46 +141,41 @@ class VectorFollower:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        from freshrec.consumer import TopicFollower
+        from freshrec.consumer import Message, TopicFollower, follow_until
 
-        follower = None
         last_lag = 0.0
-        while not self._stop.is_set():
-            try:
-                if follower is None:
-                    follower = TopicFollower(self.settings, self.topic, start="end", client_id="freshrec-serving")
-                    follower.positions()  # resolve the seek now, so "ready" means positioned
-                    self.ready.set()
-                batch = follower.poll(0.2)
-                if batch:
-                    self.received += len(batch)
-                    records = []
-                    for m in batch:
-                        try:
-                            records.append(ItemVector.from_bytes(m.value))
-                        except Exception as exc:  # a bad record is skipped, never fatal
-                            self.errors += 1
-                            self.last_error = f"undecodable item vector at {m.partition}:{m.offset}: {exc}"
-                    if records:
-                        self._apply(records)
-                now = time.monotonic()
-                if now - last_lag > LAG_EVERY_S:
-                    # Tansu under-reports end offsets, so this lag is a lower bound.
-                    self.lag = follower.lag()
-                    last_lag = now
-            except Exception as exc:
-                self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("item-vectors follower: %s; retrying in 1 s", self.last_error)
-                if follower is not None:
+
+        def open_follower() -> TopicFollower:
+            follower = TopicFollower(self.settings, self.topic, start="end", client_id="freshrec-serving")
+            follower.positions()  # resolve the seek now, so "ready" means positioned
+            self.ready.set()
+            return follower
+
+        def on_poll(follower: TopicFollower, batch: list[Message]) -> None:
+            nonlocal last_lag
+            if batch:
+                self.received += len(batch)
+                records = []
+                for m in batch:
                     try:
-                        follower.close()
-                    except Exception:
-                        pass
-                    follower = None
-                self._stop.wait(1.0)
-        if follower is not None:
-            follower.close()
+                        records.append(ItemVector.from_bytes(m.value))
+                    except Exception as exc:  # a bad record is skipped, never fatal
+                        self.errors += 1
+                        self.last_error = f"undecodable item vector at {m.partition}:{m.offset}: {exc}"
+                if records:
+                    self._apply(records)
+            now = time.monotonic()
+            if now - last_lag > LAG_EVERY_S:
+                # Tansu under-reports end offsets, so this lag is a lower bound.
+                self.lag = follower.lag()
+                last_lag = now
+
+        def on_error(exc: Exception) -> None:
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("item-vectors follower: %s; retrying in 1 s", self.last_error)
+
+        follow_until(self._stop, open_follower, on_poll, on_error, poll_s=0.2)
 
     def _apply(self, records: list[ItemVector]) -> None:
         """Apply one batch; a Redis hiccup loses titles or a foreign re-encode, never the position."""
