@@ -40,6 +40,25 @@ class LoadedData:
     event_list: list[Any] | None = None
 
 
+def bench_settings(name: str, **extra: Any) -> Any:
+    """Settings for a benchmark's own broker, Redis and server on free loopback ports."""
+    import tempfile
+
+    from freshrec.infra import free_port
+    from freshrec.settings import Settings
+
+    return Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        state_dir=Path(tempfile.mkdtemp(prefix=f"bench-{name}-")),
+        api_port=free_port(),
+        topic_prefix="bench.",
+        redis_prefix="bench:",
+        partitions=1,
+        **extra,
+    )
+
+
 def load_dataset(settings: Any, data_dir: Path, client: Any, keep_events: bool = False) -> LoadedData:
     """Write a dataset's catalog, user states and popularity into Redis, as the flows would.
 

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench._load import (
+    bench_settings,
     DEFAULT_DATA,
     LoadProcess,
     drive,
@@ -88,26 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from freshrec.contracts import AdapterAnnouncement
-    from freshrec.infra import free_port, start_stack, stop_stack
+    from freshrec.infra import start_stack, stop_stack
     from freshrec.producer import RecordProducer
-    from freshrec.settings import Settings
     from streams.user_store import connect
 
     torch.set_num_threads(2)
-    state = Path(tempfile.mkdtemp(prefix="bench-hotswap-"))
-    port = free_port()
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        redis_url=f"redis://127.0.0.1:{free_port()}/0",
-        state_dir=state,
-        api_port=port,
-        topic_prefix="bench.",
-        redis_prefix="bench:",
-        partitions=1,
-        admin_token=TOKEN,
-        auto_activate=True,
-        serve_version="base",
-    )
+    settings = bench_settings("hotswap", admin_token=TOKEN, auto_activate=True, serve_version="base")
+    state, port = settings.state_dir, settings.api_port
     device = settings.resolved_device()
     start_stack(settings, reuse_redis=False)
     server = None

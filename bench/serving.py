@@ -26,12 +26,11 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._load import DEFAULT_DATA, drive, load_dataset, recommend_requests, search_requests, start_server, summarise, wait_ready
+from bench._load import DEFAULT_DATA, bench_settings, drive, load_dataset, recommend_requests, search_requests, start_server, summarise, wait_ready
 from bench.report import print_table, write_json
 
 
@@ -96,21 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from freshrec.infra import free_port, start_stack, stop_stack
-    from freshrec.settings import Settings
+    from freshrec.infra import start_stack, stop_stack
     from streams.user_store import connect
 
-    state = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    port = free_port()
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        redis_url=f"redis://127.0.0.1:{free_port()}/0",
-        state_dir=state,
-        api_port=port,
-        topic_prefix="bench.",
-        redis_prefix="bench:",
-        partitions=1,
-    )
+    settings = bench_settings("serving")
+    state, port = settings.state_dir, settings.api_port
     stack = start_stack(settings, reuse_redis=False)
     server = None
     try:
