@@ -127,12 +127,11 @@ def repeat_scores(items: np.ndarray, freq: np.ndarray, pop_norm: np.ndarray) -> 
     return s
 
 
-class RepeatMethod:
-    """The shopper's own decayed purchase frequency, popularity as tie-break."""
+class _OwnFrequencyAndPopularity:
+    """What the repeat and co-occurrence baselines both keep: each shopper's decayed
+    purchase frequency and everyone's decayed purchase counts."""
 
-    name = "repeat"
-
-    def __init__(self, n_items: int, half_life_days: float = 365.0, popularity_half_life_days: float = 14.0) -> None:
+    def __init__(self, n_items: int, half_life_days: float, popularity_half_life_days: float) -> None:
         self.freq = UserFrequency(half_life_days)
         self.pop = DecayedCounts(n_items, popularity_half_life_days)
 
@@ -144,6 +143,15 @@ class RepeatMethod:
 
     def advance(self, now: float) -> None:
         pass
+
+
+class RepeatMethod(_OwnFrequencyAndPopularity):
+    """The shopper's own decayed purchase frequency, popularity as tie-break."""
+
+    name = "repeat"
+
+    def __init__(self, n_items: int, half_life_days: float = 365.0, popularity_half_life_days: float = 14.0) -> None:
+        super().__init__(n_items, half_life_days, popularity_half_life_days)
 
     def scores(self, user: int, now: float) -> np.ndarray:
         items, freq = self.freq.items(user)
@@ -187,7 +195,7 @@ class CoPurchase:
         return np.divide(c, denom, out=np.zeros_like(c), where=denom > 0)
 
 
-class CooccurrenceMethod:
+class CooccurrenceMethod(_OwnFrequencyAndPopularity):
     """Co-purchase neighbours of the shopper's items, blended with own frequency and popularity.
 
     score = w_repeat * freq/max(freq) + w_cooc * cooc/max(cooc) + w_pop * pop/max(pop),
@@ -207,22 +215,15 @@ class CooccurrenceMethod:
         shrink: float = 10.0,
         max_profile: int = 200,
     ) -> None:
-        self.freq = UserFrequency(half_life_days)
-        self.pop = DecayedCounts(n_items, popularity_half_life_days)
+        super().__init__(n_items, half_life_days, popularity_half_life_days)
         self.co = CoPurchase(n_items)
         self.w_repeat, self.w_cooc, self.w_pop = w_repeat, w_cooc, w_pop
         self.shrink = shrink
         self.max_profile = max_profile
 
     def observe(self, log: EventLog, start: int, stop: int) -> None:
-        self.freq.observe(log, start, stop)
+        super().observe(log, start, stop)
         self.co.observe(log, start, stop)
-        items = _purchases(log, start, stop)
-        if items.size:
-            self.pop.add(items, float(log.ts[start]))
-
-    def advance(self, now: float) -> None:
-        pass
 
     def scores(self, user: int, now: float) -> np.ndarray:
         pop = self.pop.normalised()
