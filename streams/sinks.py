@@ -110,7 +110,24 @@ def _pair_item_ids(pairs: list[PairDraft]) -> set[str]:
     return ids
 
 
-class _UserSinkPartition(StatefulSinkPartition[Any, None]):
+class _FlushingSinkPartition(StatefulSinkPartition[Any, None]):
+    """A sink partition whose Kafka output is flushed before each snapshot commits.
+
+    Flushing in ``snapshot`` is what makes the Kafka outputs at-least-once: an epoch's
+    snapshot is only taken after everything the epoch produced was acknowledged.
+    """
+
+    _kafka: _KafkaOut
+
+    def snapshot(self) -> None:
+        self._kafka.flush()
+        return None
+
+    def close(self) -> None:
+        self._kafka.flush()
+
+
+class _UserSinkPartition(_FlushingSinkPartition):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._redis = connect(settings)
@@ -158,15 +175,9 @@ class _UserSinkPartition(StatefulSinkPartition[Any, None]):
                     self._kafka.send(topics.train_pairs, draft.user_id, draft.complete(titles, texts).to_bytes())
         self._kafka.maybe_flush()
 
-    def snapshot(self) -> None:
-        self._kafka.flush()
-        return None
-
-    def close(self) -> None:
-        self._kafka.flush()
 
 
-class _CatalogSinkPartition(StatefulSinkPartition[Any, None]):
+class _CatalogSinkPartition(_FlushingSinkPartition):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._redis = connect(settings)
@@ -189,12 +200,6 @@ class _CatalogSinkPartition(StatefulSinkPartition[Any, None]):
                 self._kafka.send(s.topics.changed_items, record.item_id, record.to_bytes())
         self._kafka.maybe_flush()
 
-    def snapshot(self) -> None:
-        self._kafka.flush()
-        return None
-
-    def close(self) -> None:
-        self._kafka.flush()
 
 
 class _PerPartitionSink(FixedPartitionedSink[Any, None]):
