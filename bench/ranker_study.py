@@ -1,0 +1,306 @@
+"""Where is the headroom in next-basket Recall@10? A ranker study on the validation window.
+
+The served blend (``serving.scoring.log_blend``: repeat, fresh popularity, similarity,
+new arrivals) beats every baseline of ``freshrec eval``, but by +6.7 % on all baskets,
+short of the +10 % goal. This study asks what a better ranking stage would need, before
+anyone builds it into the streams and serving:
+
+1. Replay the data with the system's own components (``evaluation.methods.SystemReplay``,
+   base item vectors) and, for every basket of a returning shopper, record the features
+   of each candidate the system considers (serving's candidate pool) and whether it was
+   bought. Three feature groups:
+
+   - ``served``: the four signals the blend uses today;
+   - ``+state``: signals a user-state flow could keep per shopper and item (number of the
+     shopper's baskets with the item, its share of their baskets, days since their last
+     basket and since they last bought the item, 3-day and 60-day popularity);
+   - ``+co-purchase``: collaborative signals the system does not keep yet (co-purchase
+     similarity to the shopper's items and to their last basket, whether the item was in
+     the last basket, distinct buyers).
+
+2. Fit on the baskets before ``--split`` and measure Recall@10 over the candidates on the
+   baskets after it, for the served blend as is, a log-linear blend refitted per group
+   (coordinate ascent on training Recall@10, starting from the served weights), and a
+   gradient-boosted ranker (LightGBM lambdarank) per group.
+
+Windows: the pre-registered validation window only (fit 2010-09 .. 2011-02, test
+2011-03 .. 2011-05); the report window (from 2011-06-01) is never read. Recall here is
+over warm shoppers' baskets and the candidate pool (a cold shopper gets popularity from
+every method), so it is close to, not equal to, ``freshrec eval``'s ``warm`` slice.
+
+    ./dev bench ranker_study --json docs/bench/ranker_study.json
+
+Needs LightGBM (``pip install -e .[bench]``; ``./dev`` installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import DEFAULT_DATA  # noqa: E402
+from bench.report import print_rows, write_json  # noqa: E402
+from evaluation.baselines import CoPurchase, DecayedCounts  # noqa: E402
+from evaluation.data import PURCHASE, EventLog, load_log, parse_date  # noqa: E402
+from evaluation.methods import SystemMethod, build_system_methods  # noqa: E402
+from evaluation.protocol import evaluate  # noqa: E402
+from freshrec.dataset import DatasetError  # noqa: E402
+from freshrec.settings import Settings  # noqa: E402
+from serving.scoring import LogBlendWeights, history_weights, user_vector  # noqa: E402
+
+DAY_S = 86_400.0
+SERVED = ["log_repeat", "log_pop", "sim", "new"]
+STATE = ["log_baskets_with", "log_share", "log_days_since_basket", "log_days_since_item", "log_pop_3d", "log_pop_60d"]
+COPURCHASE = ["log_cooc", "log_cooc_last", "in_last_basket", "log_buyers"]
+GROUPS = {"served": SERVED, "+state": SERVED + STATE, "+co-purchase": SERVED + STATE + COPURCHASE}
+
+
+@dataclass
+class Basket:
+    ts: float
+    features: np.ndarray  # candidates x features (every name of the last group)
+    bought: np.ndarray  # bool per candidate
+    denominator: int  # min(10, basket size), unseen items included, as the protocol counts
+    served_score: np.ndarray  # the blend as served
+
+
+@dataclass
+class ShopperHistory:
+    """Per shopper: baskets with each item, when they last bought it, their basket count."""
+
+    baskets_with: dict[int, dict[int, int]] = field(default_factory=dict)
+    last_bought: dict[int, dict[int, float]] = field(default_factory=dict)
+    baskets: dict[int, int] = field(default_factory=dict)
+    last_basket: dict[int, tuple[float, np.ndarray]] = field(default_factory=dict)
+
+
+class FeatureRecorder:
+    """A protocol ``Method`` that scores like ``frozen`` and records each warm basket's candidates."""
+
+    name = "recorder"
+
+    def __init__(self, log: EventLog, system: SystemMethod, record_from: float) -> None:
+        n = log.n_items
+        self.log, self.system, self.record_from = log, system, record_from
+        self.history = ShopperHistory()
+        self.co = CoPurchase(n)
+        self.pop_3d, self.pop_60d = DecayedCounts(n, 3.0), DecayedCounts(n, 60.0)
+        self.buyers = np.zeros(n)
+        self.pending: list[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._applied = 0
+
+    def observe(self, log: EventLog, start: int, stop: int) -> None:
+        self.system.observe(log, start, stop)
+        if start < self._applied:
+            return
+        self._applied = stop
+        sel = log.kind[start:stop] == PURCHASE
+        if not sel.any():
+            return
+        now = float(log.ts[start])
+        users, items = log.user[start:stop][sel], log.item[start:stop][sel]
+        self.pop_3d.add(items, now)
+        self.pop_60d.add(items, now)
+        h = self.history
+        for u in np.unique(users).tolist():
+            basket = np.unique(items[users == u])
+            self.co.add_basket(basket)
+            with_item = h.baskets_with.setdefault(u, {})
+            last = h.last_bought.setdefault(u, {})
+            for i in basket.tolist():
+                if i not in with_item:
+                    self.buyers[i] += 1
+                with_item[i] = with_item.get(i, 0) + 1
+                last[i] = now
+            h.baskets[u] = h.baskets.get(u, 0) + 1
+            h.last_basket[u] = (now, basket)
+
+    def advance(self, now: float) -> None:
+        pass
+
+    def scores(self, user: int, now: float) -> np.ndarray:
+        served = self.system.scores(user, now)
+        h = self.history
+        if now >= self.record_from and user in h.baskets:
+            pool = np.flatnonzero(np.isfinite(served))
+            self.pending.append((user, now, pool, self._features(user, now, pool), served[pool]))
+        return served
+
+    def _features(self, user: int, now: float, pool: np.ndarray) -> np.ndarray:
+        """One row per candidate, columns in the order of the last feature group."""
+        sys_ = self.system
+        replay = sys_.replay
+        n = self.log.n_items
+        state = replay.states[user]
+        repeat = np.zeros(n)
+        for item, v in state.repeat_scores(state.last_ts, sys_.repeat_half_life_s).items():
+            repeat[sys_.index[item]] = v
+        hw = history_weights(state.history, state.last_ts, sys_.user_half_life_s)
+        uvec = user_vector(hw, {i: sys_.vectors[sys_.index[i]] for i in hw})
+        sim = sys_.vectors[pool] @ uvec if uvec is not None else np.zeros(pool.size)
+        h = self.history
+        with_item = h.baskets_with[user]
+        own = np.fromiter(with_item, dtype=np.int64, count=len(with_item))
+        counts = np.zeros(n)
+        counts[own] = np.fromiter(with_item.values(), dtype=np.float64, count=own.size)
+        since = np.full(n, -1.0)
+        since[own] = [(now - h.last_bought[user][i]) / DAY_S for i in own.tolist()]
+        profile = own if own.size <= 200 else own[np.argsort(-counts[own], kind="stable")[:200]]
+        weights = counts[profile] / counts[profile].max()
+        cooc = weights @ self.co.similarity_rows(profile)
+        last_ts, last_items = h.last_basket[user]
+        cooc_last = self.co.similarity_rows(last_items).sum(axis=0)
+        in_last = np.zeros(n)
+        in_last[last_items] = 1.0
+        bought = counts[pool] > 0
+        days_item = np.where(bought, np.log1p(np.maximum(since[pool], 0.0)), 0.0)
+        top = repeat.max(initial=0.0)
+        rep = repeat[pool] / top if top > 0 else np.zeros(pool.size)
+        is_new = ((now - replay.first_seen[pool]) <= sys_.new_s).astype(np.float64)
+        cols = {
+            "log_repeat": np.log(rep + 0.005),
+            "log_pop": np.log(replay.popularity_vector()[pool] + 1e-3),
+            "sim": np.maximum(sim, 0.0),
+            "new": is_new,
+            "log_baskets_with": np.log1p(counts[pool]),
+            "log_share": np.log(counts[pool] / h.baskets[user] + 0.01),
+            "log_days_since_basket": np.full(pool.size, np.log1p((now - last_ts) / DAY_S)),
+            "log_days_since_item": days_item,
+            "log_pop_3d": np.log(self.pop_3d.normalised()[pool] + 1e-3),
+            "log_pop_60d": np.log(self.pop_60d.normalised()[pool] + 1e-3),
+            "log_cooc": np.log(cooc[pool] + 1e-3),
+            "log_cooc_last": np.log(cooc_last[pool] + 1e-3),
+            "in_last_basket": in_last[pool],
+            "log_buyers": np.log1p(self.buyers[pool]),
+        }
+        return np.stack([cols[k] for k in GROUPS["+co-purchase"]], axis=1).astype(np.float32)
+
+    def baskets(self) -> list[Basket]:
+        """The recorded baskets with their truth (read from the log after the replay)."""
+        log = self.log
+        sel = log.kind == PURCHASE
+        truth: dict[tuple[int, float], set[int]] = {}
+        for u, i, t in zip(log.user[sel].tolist(), log.item[sel].tolist(), log.ts[sel].tolist(), strict=True):
+            truth.setdefault((u, t), set()).add(i)
+        out = []
+        for user, now, pool, feats, served in self.pending:
+            items = truth[(user, now)]
+            bought = np.fromiter((p in items for p in pool.tolist()), dtype=bool, count=pool.size)
+            out.append(Basket(now, feats, bought, min(10, len(items)), served))
+        return out
+
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def recall(baskets: list[Basket], scorer: Scorer | None) -> float:
+    """Mean Recall@10 over the candidates (``None``: the served score)."""
+    total = 0.0
+    for b in baskets:
+        s = b.served_score if scorer is None else scorer(b.features)
+        top = np.argpartition(-s, 9)[:10] if s.size > 10 else np.arange(s.size)
+        total += b.bought[top].sum() / b.denominator
+    return total / max(len(baskets), 1)
+
+
+def fit_linear(train: list[Basket], cols: list[int], start: np.ndarray, steps: tuple[float, ...]) -> np.ndarray:
+    """Coordinate ascent on training Recall@10 (the metric itself, not a surrogate loss)."""
+    w = start.copy()
+    best = recall(train, lambda x: x[:, cols] @ w)
+    for step in steps:
+        improved = True
+        while improved:
+            improved = False
+            for j in range(len(cols)):
+                for delta in (step, -step):
+                    trial = w.copy()
+                    trial[j] += delta
+                    r = recall(train, lambda x, t=trial: x[:, cols] @ t)
+                    if r > best + 1e-5:
+                        best, w, improved = r, trial, True
+                        break
+    return w
+
+
+def fit_gbdt(train: list[Basket], cols: list[int], seed: int):  # type: ignore[no-untyped-def]
+    import lightgbm as lgb
+
+    x = np.concatenate([b.features[:, cols] for b in train])
+    y = np.concatenate([b.bought for b in train]).astype(int)
+    model = lgb.LGBMRanker(
+        n_estimators=300, learning_rate=0.05, num_leaves=31, min_child_samples=50,
+        random_state=seed, n_jobs=2, verbose=-1,
+    )
+    model.fit(x, y, group=[b.bought.size for b in train])
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--record-from", default="2010-09-01", help="first basket recorded (history before it)")
+    p.add_argument("--split", default="2011-03-01", help="fit before, test from this day")
+    p.add_argument("--until", default="2011-06-01", help="stop before this day (the report window starts here)")
+    p.add_argument("--steps", default="0.5,0.2,0.1", help="coordinate-ascent step sizes")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    try:
+        import lightgbm  # noqa: F401
+    except ImportError:
+        sys.exit("ranker_study needs LightGBM: pip install -e '.[bench]' (./dev installs it)")
+    record_from, split, until = parse_date(args.record_from), parse_date(args.split), parse_date(args.until)
+    try:
+        log = load_log(args.data, until)
+    except DatasetError as exc:
+        sys.exit(f"benchmark data missing: {exc}\n(pass --data DIR with events.csv[.gz] in the format of ../shared/data)")
+    settings = Settings()
+    t0 = time.perf_counter()
+    (system,) = build_system_methods(log, settings, record_from, ["frozen"])
+    recorder = FeatureRecorder(log, system, record_from)
+    evaluate(log, record_from, [recorder], eval_until=until)
+    baskets = recorder.baskets()
+    train = [b for b in baskets if b.ts < split]
+    test = [b for b in baskets if b.ts >= split]
+    print(f"recorded {len(baskets):,} warm baskets ({len(train):,} fit, {len(test):,} test) in {time.perf_counter() - t0:.0f} s")
+
+    names = GROUPS["+co-purchase"]
+    served_w = LogBlendWeights()
+    start_w = {"log_repeat": served_w.repeat, "log_pop": served_w.popularity, "sim": served_w.similarity, "new": served_w.new}
+    steps = tuple(float(s) for s in args.steps.split(","))
+    base = recall(test, None)
+    rows = [{"model": "served blend", "features": "served", "recall@10": base, "vs served": 1.0, "seconds": 0.0}]
+    result: dict[str, object] = {"windows": vars(args) | {"data": str(args.data), "json": None}}
+    importance: dict[str, float] = {}
+    for group, feats in GROUPS.items():
+        cols = [names.index(f) for f in feats]
+        t1 = time.perf_counter()
+        w = fit_linear(train, cols, np.array([start_w.get(f, 0.0) for f in feats]), steps)
+        r = recall(test, lambda x, c=cols, w=w: x[:, c] @ w)
+        rows.append({"model": "log-linear", "features": group, "recall@10": r, "vs served": r / base,
+                     "seconds": time.perf_counter() - t1})
+        result[f"linear_weights {group}"] = dict(zip(feats, np.round(w, 2).tolist(), strict=True))
+        t1 = time.perf_counter()
+        model = fit_gbdt(train, cols, args.seed)
+        r = recall(test, lambda x, c=cols, m=model: m.predict(x[:, c]))
+        rows.append({"model": "GBDT ranker", "features": group, "recall@10": r, "vs served": r / base,
+                     "seconds": time.perf_counter() - t1})
+        gain = model.booster_.feature_importance("gain")
+        importance = dict(zip(feats, np.round(gain / gain.sum(), 3).tolist(), strict=True))
+    shown = [r | {"recall@10": f"{r['recall@10']:.4f}", "vs served": f"{r['vs served']:.3f}"} for r in rows]
+    print_rows(f"Recall@10 on {len(test):,} warm baskets {args.split} .. {args.until} (fit on {len(train):,} before)", shown)
+    print("\nGBDT gain share, all features:", importance)
+    result |= {"rows": rows, "gbdt_importance_all": importance, "baskets": {"fit": len(train), "test": len(test)}}
+    write_json(str(args.json) if args.json else None, result)
+
+
+if __name__ == "__main__":
+    main()
