@@ -46,7 +46,6 @@ processes exporting one version at once both end up with one complete folder.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -60,6 +59,8 @@ from typing import Literal
 
 import numpy as np
 import orjson
+
+from freshrec.files import file_sha256
 
 from .encoder import BASE_VERSION, MAX_TOKENS
 from .tokenize import FastTokenizer
@@ -278,7 +279,7 @@ def _export_version(root: Path, version: str, adapter_dir: Path | None) -> None:
             "onnxruntime": onnxruntime.__version__,
             "created": time.time(),
             "export_seconds": round(time.perf_counter() - started, 2),
-            "sha256": {p: _sha256(model_file(tmp, p)) for p in ("fp32", "int8")},
+            "sha256": {p: file_sha256(model_file(tmp, p)) for p in ("fp32", "int8")},
         }
         (tmp / _META).write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
         tmp.chmod(0o755)  # mkdtemp makes it private; exports are shared by processes
@@ -296,7 +297,7 @@ def _add_fp16(vdir: Path) -> None:
     tmp = vdir / f".encoder.fp16.{uuid.uuid4().hex[:8]}.tmp"
     try:
         convert_fp16(model_file(vdir, "fp32"), tmp)
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         os.replace(tmp, model_file(vdir, "fp16"))
     finally:
         tmp.unlink(missing_ok=True)
@@ -319,17 +320,9 @@ def _files_ok(vdir: Path, meta: dict, precisions: tuple[str, ...]) -> bool:
     sums = meta.get("sha256", {})
     for p in precisions:
         f = model_file(vdir, p)
-        if p not in sums or not f.is_file() or _sha256(f) != sums[p]:
+        if p not in sums or not f.is_file() or file_sha256(f) != sums[p]:
             return False
     return True
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _quiet_logging:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from freshrec.contracts import TrainPair
+from freshrec.files import fsync_dir_files, fsync_path
 
 TRAINER_FILE = "trainer.pt"
 STATE_FILE = "state.json"
@@ -104,12 +105,10 @@ class CheckpointStore:
             trainer.save_state(staging / TRAINER_FILE)
             state.created = time.time()
             (staging / STATE_FILE).write_bytes(state.to_json())
-            for p in staging.iterdir():
-                _fsync(p)
-            _fsync(staging)
+            fsync_dir_files(staging)
             final = self.dir / f"{_PREFIX}{seq:09d}"
             os.rename(staging, final)
-            _fsync(self.dir)
+            fsync_path(self.dir)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -168,11 +167,3 @@ class CheckpointStore:
             return True
         data = self.log_path.read_bytes()
         return not data or data.endswith(b"\n")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

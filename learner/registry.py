@@ -39,6 +39,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from freshrec.files import file_sha256, fsync_dir_files, fsync_path
+
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "manifest.json"
@@ -87,7 +89,7 @@ def base_model_id() -> str:
     """
     from indexer.encoder import model_dir
 
-    digest = _file_sha256(model_dir() / "model.safetensors")
+    digest = file_sha256(model_dir() / "model.safetensors")
     return f"{BASE_MODEL_NAME}@sha256:{digest[:16]}"
 
 
@@ -275,41 +277,17 @@ class AdapterRegistry:
                 checksum=checksum,
             )
             (staging / MANIFEST_FILE).write_bytes(manifest.to_bytes())
-            _fsync_dir_files(staging)
+            fsync_dir_files(staging)
             try:
                 os.rename(staging, self.root / version)
             except OSError:
                 if (self.root / version).exists():
                     continue  # another publisher took this sequence number: take the next
                 raise
-            _fsync_path(self.root)
+            fsync_path(self.root)
             return manifest
         raise RuntimeError(f"could not claim a version name in {self.root} after 100 attempts")
 
     def _next_sequence(self) -> int:
         versions = self.versions()
         return parse_version(versions[-1]) + 1 if versions else 1
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    """Flush every file and the directory itself, so a rename never exposes empty files after a crash."""
-    for p in directory.iterdir():
-        if p.is_file():
-            _fsync_path(p)
-    _fsync_path(directory)
