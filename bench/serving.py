@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = bench_settings("serving")
     state, port = settings.state_dir, settings.api_port
-    stack = start_stack(settings, reuse_redis=False)
+    start_stack(settings, reuse_redis=False)
     server = None
     try:
         t0 = time.perf_counter()

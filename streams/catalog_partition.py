@@ -22,7 +22,7 @@ import orjson
 
 from freshrec.contracts import CatalogItem, CatalogRecord, DeadLetter, InvalidRecord, parse_catalog
 
-from .user_partition import SourceMessage
+from .user_partition import SourceMessage, check_key
 
 STAGE = "streams.catalog"
 SNAPSHOT_VERSION = 1
@@ -73,12 +73,7 @@ class CatalogPartition:
             raw = msg.value or b""
             try:
                 record = parse_catalog(raw)
-                if msg.key is not None and msg.key != record.item_id.encode():
-                    raise InvalidRecord(
-                        "key",
-                        f"message key {msg.key[:64]!r} is not the item_id {record.item_id!r}; "
-                        "catalog records must be keyed by item id",
-                    )
+                check_key(msg, record.item_id, "item_id", "catalog records must be keyed by item id")
             except InvalidRecord as err:
                 batch.dead_letters.append(DeadLetter.of(STAGE, err, raw, msg.topic or ""))
                 continue

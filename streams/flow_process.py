@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from freshrec.settings import ENV_PREFIX, Settings
+from freshrec.settings import Settings
 
 from . import catalog_store, user_store
 from .redis_client import connect

@@ -59,6 +59,16 @@ class SourceMessage(Protocol):
     timestamp: tuple[int, int] | None
 
 
+def check_key(msg: SourceMessage, record_id: str, id_field: str, why: str) -> None:
+    """Refuse a message whose Kafka key is not its record's id (a key of None is accepted).
+
+    Partition state is only right if every record of one id lands in one partition, which
+    is what the key decides; ``why`` says that in the dead letter's own words.
+    """
+    if msg.key is not None and msg.key != record_id.encode():
+        raise InvalidRecord("key", f"message key {msg.key[:64]!r} is not the {id_field} {record_id!r}; {why}")
+
+
 @dataclass
 class UserBatch:
     """What one batch of messages changed: written to Redis and Kafka by the flow's sink."""
@@ -151,12 +161,7 @@ class UserPartition:
             raw = msg.value or b""
             try:
                 event = parse_event(raw, now=message_time(msg))
-                if msg.key is not None and msg.key != event.user_id.encode():
-                    raise InvalidRecord(
-                        "key",
-                        f"message key {msg.key[:64]!r} is not the user_id {event.user_id!r}; "
-                        "events must be keyed by user id so one user stays in one partition",
-                    )
+                check_key(msg, event.user_id, "user_id", "events must be keyed by user id so one user stays in one partition")
             except InvalidRecord as err:
                 batch.dead_letters.append(DeadLetter.of(STAGE, err, raw, msg.topic or ""))
                 continue
