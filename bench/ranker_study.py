@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import DEFAULT_DATA  # noqa: E402
 from bench.report import print_rows, write_json  # noqa: E402
-from evaluation.baselines import CoPurchase, DecayedCounts  # noqa: E402
+from evaluation.baselines import CoPurchase, DecayedCounts, strongest_profile  # noqa: E402
 from evaluation.data import PURCHASE, EventLog, load_log, parse_date  # noqa: E402
-from evaluation.methods import SystemMethod, build_system_methods  # noqa: E402
+from evaluation.methods import Signals, SystemMethod, build_system_methods  # noqa: E402
 from evaluation.protocol import evaluate  # noqa: E402
 from freshrec.dataset import DatasetError  # noqa: E402
 from freshrec.settings import Settings  # noqa: E402
-from serving.scoring import LogBlendWeights, history_weights, user_vector  # noqa: E402
+from serving.scoring import LogBlendWeights  # noqa: E402
 
 DAY_S = 86_400.0
 SERVED = ["log_repeat", "log_pop", "sim", "new"]
@@ -127,25 +127,18 @@ class FeatureRecorder:
         pass
 
     def scores(self, user: int, now: float) -> np.ndarray:
-        served = self.system.scores(user, now)
-        h = self.history
-        if now >= self.record_from and user in h.baskets:
+        sig = self.system.signals(user, now)
+        if sig is None:
+            return self.system.scores(user, now)
+        served = self.system.blend(sig)
+        if now >= self.record_from and user in self.history.baskets:
             pool = np.flatnonzero(np.isfinite(served))
-            self.pending.append((user, now, pool, self._features(user, now, pool), served[pool]))
+            self.pending.append((user, now, pool, self._features(user, now, pool, sig), served[pool]))
         return served
 
-    def _features(self, user: int, now: float, pool: np.ndarray) -> np.ndarray:
+    def _features(self, user: int, now: float, pool: np.ndarray, sig: Signals) -> np.ndarray:
         """One row per candidate, columns in the order of the last feature group."""
-        sys_ = self.system
-        replay = sys_.replay
         n = self.log.n_items
-        state = replay.states[user]
-        repeat = np.zeros(n)
-        for item, v in state.repeat_scores(state.last_ts, sys_.repeat_half_life_s).items():
-            repeat[sys_.index[item]] = v
-        hw = history_weights(state.history, state.last_ts, sys_.user_half_life_s)
-        uvec = user_vector(hw, {i: sys_.vectors[sys_.index[i]] for i in hw})
-        sim = sys_.vectors[pool] @ uvec if uvec is not None else np.zeros(pool.size)
         h = self.history
         with_item = h.baskets_with[user]
         own = np.fromiter(with_item, dtype=np.int64, count=len(with_item))
@@ -153,8 +146,7 @@ class FeatureRecorder:
         counts[own] = np.fromiter(with_item.values(), dtype=np.float64, count=own.size)
         since = np.full(n, -1.0)
         since[own] = [(now - h.last_bought[user][i]) / DAY_S for i in own.tolist()]
-        profile = own if own.size <= 200 else own[np.argsort(-counts[own], kind="stable")[:200]]
-        weights = counts[profile] / counts[profile].max()
+        profile, weights = strongest_profile(own, counts[own], 200)
         cooc = weights @ self.co.similarity_rows(profile)
         last_ts, last_items = h.last_basket[user]
         cooc_last = self.co.similarity_rows(last_items).sum(axis=0)
@@ -162,20 +154,20 @@ class FeatureRecorder:
         in_last[last_items] = 1.0
         bought = counts[pool] > 0
         days_item = np.where(bought, np.log1p(np.maximum(since[pool], 0.0)), 0.0)
-        top = repeat.max(initial=0.0)
-        rep = repeat[pool] / top if top > 0 else np.zeros(pool.size)
-        is_new = ((now - replay.first_seen[pool]) <= sys_.new_s).astype(np.float64)
+        top = sig.repeat.max(initial=0.0)
+        rep = sig.repeat[pool] / top if top > 0 else np.zeros(pool.size)
+        floors = LogBlendWeights()
         cols = {
-            "log_repeat": np.log(rep + 0.005),
-            "log_pop": np.log(replay.popularity_vector()[pool] + 1e-3),
-            "sim": np.maximum(sim, 0.0),
-            "new": is_new,
+            "log_repeat": np.log(rep + floors.repeat_floor),
+            "log_pop": np.log(sig.popularity[pool] + floors.popularity_floor),
+            "sim": np.maximum(sig.similarity[pool], 0.0),
+            "new": sig.is_new[pool],
             "log_baskets_with": np.log1p(counts[pool]),
             "log_share": np.log(counts[pool] / h.baskets[user] + 0.01),
             "log_days_since_basket": np.full(pool.size, np.log1p((now - last_ts) / DAY_S)),
             "log_days_since_item": days_item,
-            "log_pop_3d": np.log(self.pop_3d.normalised()[pool] + 1e-3),
-            "log_pop_60d": np.log(self.pop_60d.normalised()[pool] + 1e-3),
+            "log_pop_3d": np.log(self.pop_3d.normalised()[pool] + floors.popularity_floor),
+            "log_pop_60d": np.log(self.pop_60d.normalised()[pool] + floors.popularity_floor),
             "log_cooc": np.log(cooc[pool] + 1e-3),
             "log_cooc_last": np.log(cooc_last[pool] + 1e-3),
             "in_last_basket": in_last[pool],
@@ -278,7 +270,7 @@ def main() -> None:
     steps = tuple(float(s) for s in args.steps.split(","))
     base = recall(test, None)
     rows = [{"model": "served blend", "features": "served", "recall@10": base, "vs served": 1.0, "seconds": 0.0}]
-    result: dict[str, object] = {"windows": vars(args) | {"data": str(args.data), "json": None}}
+    result: dict[str, object] = {"windows": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     importance: dict[str, float] = {}
     for group, feats in GROUPS.items():
         cols = [names.index(f) for f in feats]
@@ -294,7 +286,8 @@ def main() -> None:
         rows.append({"model": "GBDT ranker", "features": group, "recall@10": r, "vs served": r / base,
                      "seconds": time.perf_counter() - t1})
         gain = model.booster_.feature_importance("gain")
-        importance = dict(zip(feats, np.round(gain / gain.sum(), 3).tolist(), strict=True))
+        if feats == names:  # the group with every feature
+            importance = dict(zip(feats, np.round(gain / gain.sum(), 3).tolist(), strict=True))
     shown = [r | {"recall@10": f"{r['recall@10']:.4f}", "vs served": f"{r['vs served']:.3f}"} for r in rows]
     print_rows(f"Recall@10 on {len(test):,} warm baskets {args.split} .. {args.until} (fit on {len(train):,} before)", shown)
     print("\nGBDT gain share, all features:", importance)

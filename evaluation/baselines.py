@@ -195,6 +195,18 @@ class CoPurchase:
         return np.divide(c, denom, out=np.zeros_like(c), where=denom > 0)
 
 
+def strongest_profile(items: np.ndarray, weights: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shopper's ``limit`` heaviest items (ties: earlier first) and their weights over the maximum.
+
+    Bounds the co-purchase rows read per basket for shoppers with thousands of items.
+    ``items`` must be non-empty with positive weights.
+    """
+    if items.size > limit:
+        keep = np.argsort(-weights, kind="stable")[:limit]
+        items, weights = items[keep], weights[keep]
+    return items, weights / weights.max()
+
+
 class CooccurrenceMethod(_OwnFrequencyAndPopularity):
     """Co-purchase neighbours of the shopper's items, blended with own frequency and popularity.
 
@@ -231,10 +243,7 @@ class CooccurrenceMethod(_OwnFrequencyAndPopularity):
         s = self.w_pop * pop
         if items.size == 0:
             return s
-        if items.size > self.max_profile:
-            keep = np.argsort(-freq, kind="stable")[: self.max_profile]
-            items, freq = items[keep], freq[keep]
-        fn = freq / freq.max()
+        items, fn = strongest_profile(items, freq, self.max_profile)
         cooc = fn @ self.co.similarity_rows(items, self.shrink)
         top = cooc.max(initial=0.0)
         if top > 0:

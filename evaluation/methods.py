@@ -127,6 +127,17 @@ class SystemReplay:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """One shopper's blend inputs, one value per item index (``SystemMethod.signals``)."""
+
+    repeat: np.ndarray  # decayed purchase frequency, raw (0 = never bought)
+    similarity: np.ndarray  # cosine to the user vector (0 without one)
+    popularity: np.ndarray  # fresh popularity, max 1
+    is_new: np.ndarray  # 1 for items first seen within blend_new_days
+    history: list[int]  # item indices of the user vector's history
+
+
 class SystemMethod:
     """The system's /recommend ranking with one set of item vectors (``frozen`` or ``full``)."""
 
@@ -155,31 +166,39 @@ class SystemMethod:
     def advance(self, now: float) -> None:
         pass
 
-    def scores(self, user: int, now: float) -> np.ndarray:
-        n = self.vectors.shape[0]
-        pop = self.replay.popularity_vector()
+    def signals(self, user: int, now: float) -> Signals | None:
+        """What the blend sees for ``user`` before a basket at ``now``; None for a cold shopper."""
         state = self.replay.states.get(user)
         if state is None:
-            return pop.copy()  # a cold shopper gets popularity, as serving answers them
+            return None
+        n = self.vectors.shape[0]
         repeat = np.zeros(n)
         for item, v in state.repeat_scores(state.last_ts, self.repeat_half_life_s).items():
             repeat[self.index[item]] = v
         hw = history_weights(state.history, state.last_ts, self.user_half_life_s)
-        hist_idx = [self.index[i] for i in hw]
         sim = np.zeros(n)
         if hw:
-            vecs = {i: self.vectors[self.index[i]] for i in hw}
-            uvec = user_vector(hw, vecs)
+            uvec = user_vector(hw, {i: self.vectors[self.index[i]] for i in hw})
             if uvec is not None:
                 sim = self.vectors @ uvec
+        # serving.scoring.new_arrivals as a mask; "now" is the basket's time, where
+        # serving uses the newest event time seen (the request's time in event time).
+        is_new = ((now - self.replay.first_seen) <= self.new_s).astype(np.float64)
+        return Signals(repeat, sim, self.replay.popularity_vector(), is_new, [self.index[i] for i in hw])
+
+    def scores(self, user: int, now: float) -> np.ndarray:
+        sig = self.signals(user, now)
+        if sig is None:
+            return self.replay.popularity_vector().copy()  # a cold shopper gets popularity, as serving answers them
+        return self.blend(sig)
+
+    def blend(self, sig: Signals) -> np.ndarray:
+        """Serving's blend over its candidate pool (-inf outside the pool)."""
         if isinstance(self.weights, LogBlendWeights):
-            # serving.scoring.new_arrivals as a mask; "now" is the basket's time, where
-            # serving uses the newest event time seen (the request's time in event time).
-            is_new = ((now - self.replay.first_seen) <= self.new_s).astype(np.float64)
-            pool = candidate_pool(repeat, sim, pop, hist_idx, self.candidates, is_new)
-            return log_blend(repeat, sim, pop, is_new, self.weights, pool)
-        pool = candidate_pool(repeat, sim, pop, hist_idx, self.candidates)
-        return dense_blend(repeat, sim, pop, self.weights, pool)
+            pool = candidate_pool(sig.repeat, sig.similarity, sig.popularity, sig.history, self.candidates, sig.is_new)
+            return log_blend(sig.repeat, sig.similarity, sig.popularity, sig.is_new, self.weights, pool)
+        pool = candidate_pool(sig.repeat, sig.similarity, sig.popularity, sig.history, self.candidates)
+        return dense_blend(sig.repeat, sig.similarity, sig.popularity, self.weights, pool)
 
 
 @dataclass
