@@ -9,13 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from freshrec.contracts import CatalogItem
-from freshrec.dataset import read_items
 from freshrec.infra import free_port
 from freshrec.settings import Settings
 from serving.app import create_app
 from serving.runtime import ServingRuntime
 from serving.testing import ServerThread, ensure_test_adapters
+from tests.integration.helpers import seed_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -32,21 +31,12 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 @pytest.fixture
 def admin_server(fresh_settings: Settings, shared: tuple[Path, list[str]], sample_dir: Path) -> Iterator[tuple[httpx.Client, ServingRuntime, dict, list[str]]]:
-    from streams import catalog_store
-    from streams.user_store import connect
-
     root, versions = shared
     settings = fresh_settings.model_copy(update={"admin_token": TOKEN, "serve_version": "base", "auto_activate": False})
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     (settings.state_dir / "exports").symlink_to(root / "exports", target_is_directory=True)
     shutil.copytree(root / "adapters", settings.state_dir / "adapters")
-    items = {}
-    for row in read_items(sample_dir / "items.csv"):
-        item = CatalogItem.model_validate(row)
-        items[item.item_id] = item
-        if len(items) == 150:
-            break
-    catalog_store.write_items(connect(settings), settings, items.values())
+    items = seed_catalog(settings, sample_dir, 150)
     runtime = ServingRuntime(settings)
     with ServerThread(create_app(runtime), free_port()) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert runtime.wait_ready(120)

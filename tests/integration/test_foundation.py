@@ -143,17 +143,25 @@ def test_up_twice_down_twice_and_taken_port(tmp_path: Path) -> None:
     assert run_cli(["status"], env).returncode == 1
 
 
-def test_taken_port_gives_one_line_error(tmp_path: Path) -> None:
+def _up_with_taken_port(tmp_path: Path, taken: str) -> tuple[int, dict[str, str], subprocess.CompletedProcess[str]]:
+    """``freshrec up`` while something that is neither broker nor Redis listens on the
+    ``taken`` ("kafka" or "redis") port; returns that port, the env and the result."""
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
+        kafka_port = port if taken == "kafka" else free_port()
+        redis_port = port if taken == "redis" else free_port()
         env = {
-            "FRESHREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
-            "FRESHREC_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "FRESHREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+            "FRESHREC_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "FRESHREC_STATE_DIR": str(tmp_path / "state"),
         }
-        out = run_cli(["up"], env)
+        return port, env, run_cli(["up"], env)
+
+
+def test_taken_port_gives_one_line_error(tmp_path: Path) -> None:
+    port, _, out = _up_with_taken_port(tmp_path, "kafka")
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0
     assert f"port 127.0.0.1:{port} is already taken" in out.stderr
@@ -161,16 +169,7 @@ def test_taken_port_gives_one_line_error(tmp_path: Path) -> None:
 
 
 def test_redis_port_taken_by_something_else(tmp_path: Path) -> None:
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        env = {
-            "FRESHREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
-            "FRESHREC_REDIS_URL": f"redis://127.0.0.1:{port}/0",
-            "FRESHREC_STATE_DIR": str(tmp_path / "state"),
-        }
-        out = run_cli(["up"], env)
+    _, env, out = _up_with_taken_port(tmp_path, "redis")
     assert out.returncode == 1
     assert "not Redis" in out.stderr and "FRESHREC_REDIS_URL" in out.stderr
     # The broker it had started is stopped again, so a retry can work.

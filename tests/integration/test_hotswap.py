@@ -27,12 +27,12 @@ import httpx
 import pytest
 
 from freshrec.contracts import AdapterAnnouncement, CatalogItem
-from freshrec.dataset import read_items
 from freshrec.infra import free_port
 from freshrec.settings import Settings
 from serving.app import create_app
 from serving.runtime import ServingRuntime
 from serving.testing import ServerThread, ensure_test_adapters
+from tests.integration.helpers import seed_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -58,26 +58,12 @@ def _link(settings: Settings, root: Path, copy_registry: bool = False) -> None:
         (settings.state_dir / "adapters").symlink_to(root / "adapters", target_is_directory=True)
 
 
-def _catalog(settings: Settings, sample_dir: Path, n: int = N_ITEMS) -> dict[str, CatalogItem]:
-    from streams import catalog_store
-    from streams.user_store import connect
-
-    items: dict[str, CatalogItem] = {}
-    for row in read_items(sample_dir / "items.csv"):
-        item = CatalogItem.model_validate(row)
-        items[item.item_id] = item
-        if len(items) == n:
-            break
-    catalog_store.write_items(connect(settings), settings, items.values())
-    return items
-
-
 @pytest.fixture
 def swap_server(fresh_settings: Settings, shared: tuple[Path, list[str]], sample_dir: Path) -> Iterator[tuple[str, ServingRuntime, dict, list[str]]]:
     root, versions = shared
     settings = fresh_settings.model_copy(update={"admin_token": TOKEN, "serve_version": "base"})
     _link(settings, root)
-    items = _catalog(settings, sample_dir)
+    items = seed_catalog(settings, sample_dir, N_ITEMS)
     runtime = ServingRuntime(settings)
     with ServerThread(create_app(runtime), free_port()) as url:
         assert runtime.wait_ready(120)
@@ -208,7 +194,7 @@ def test_corrupt_adapter_is_refused_and_active_keeps_serving(
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     weights.write_bytes(bytes(data))
-    items = _catalog(settings, sample_dir, n=50)
+    items = seed_catalog(settings, sample_dir, 50)
     runtime = ServingRuntime(settings)
     with ServerThread(create_app(runtime), free_port()) as url, httpx.Client(base_url=url, timeout=30) as c:
         assert runtime.wait_ready(120)

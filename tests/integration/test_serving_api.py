@@ -19,12 +19,12 @@ import httpx
 import pytest
 
 from freshrec.contracts import CatalogDelete, CatalogItem, Event
-from freshrec.dataset import read_items
 from freshrec.infra import free_port
 from freshrec.settings import Settings
 from serving.app import create_app
 from serving.runtime import ServingRuntime
 from serving.testing import ServerThread
+from tests.integration.helpers import sample_items, seed_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -40,19 +40,9 @@ def shared_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _prepare(settings: Settings, shared_exports: Path, sample_dir: Path, n: int = N_ITEMS) -> dict[str, CatalogItem]:
-    from streams import catalog_store
-    from streams.user_store import connect
-
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     (settings.state_dir / "exports").symlink_to(shared_exports, target_is_directory=True)
-    items = {}
-    for row in read_items(sample_dir / "items.csv"):
-        item = CatalogItem.model_validate(row)
-        items[item.item_id] = item
-        if len(items) == n:
-            break
-    catalog_store.write_items(connect(settings), settings, items.values())
-    return items
+    return seed_catalog(settings, sample_dir, n)
 
 
 def _runtime(settings: Settings, **kw: Any) -> ServingRuntime:
@@ -235,11 +225,7 @@ def test_published_item_is_searchable_within_2s_and_a_deleted_one_never_returns(
     settings = fresh_settings.model_copy(update={"indexer_flush_seconds": 0.05})
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     (settings.state_dir / "exports").symlink_to(shared_exports, target_is_directory=True)
-    items = {}
-    for row in read_items(sample_dir / "items.csv"):
-        items[row["item_id"]] = CatalogItem.model_validate(row)
-        if len(items) == 100:
-            break
+    items = sample_items(sample_dir, 100)
     procs = [
         _spawn(settings, ["stream", "catalog", "--no-recovery"], tmp_path / "catalog.log"),
         _spawn(settings, ["index"], tmp_path / "index.log"),

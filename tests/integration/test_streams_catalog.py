@@ -3,13 +3,11 @@ dead letters, restart after SIGKILL, and 2 workers equal to 1."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 
-from freshrec.consumer import TopicFollower
 from freshrec.contracts import CatalogItem, DeadLetter, parse_catalog
 from freshrec.dataset import locate, read_items
 from freshrec.producer import RecordProducer
@@ -17,6 +15,7 @@ from freshrec.settings import Settings
 from streams import catalog_store
 from streams.flow_process import FlowProcess, wait_applied
 from streams.redis_client import connect
+from tests.integration.helpers import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -33,18 +32,6 @@ def _catalog_records(sample_dir: Path) -> list[tuple[bytes | None, bytes]]:
     files = locate(sample_dir)
     assert files.items is not None
     return [(r["item_id"].encode(), orjson.dumps(r)) for r in read_items(files.items)]
-
-
-def _read(settings: Settings, topic: str, expected: int, timeout: float = 30.0) -> list[bytes]:
-    out: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    with TopicFollower(settings, topic) as follower:
-        while len(out) < expected and time.monotonic() < deadline:
-            out.extend(m.value for m in follower.poll(0.2))
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            out.extend(m.value for m in follower.poll(0.1))
-    return out
 
 
 def test_catalog_flow_keeps_current_records_and_emits_changes(fresh_settings: Settings, sample_dir: Path) -> None:
@@ -80,7 +67,7 @@ def test_catalog_flow_keeps_current_records_and_emits_changes(fresh_settings: Se
         flow.check_alive()
         assert catalog_store.all_items(connect(settings), settings) == want
 
-        changed = [parse_catalog(v) for v in _read(settings, settings.topics.changed_items, len(records) + 2)]
+        changed = [parse_catalog(v) for v in read_topic(settings, settings.topics.changed_items, len(records) + 2)]
         # At least once, in order per item (one item is in one partition): every item is
         # there, and each item's last change is its current record, or its delete.
         last = {c.item_id: c for c in changed}
@@ -90,7 +77,7 @@ def test_catalog_flow_keeps_current_records_and_emits_changes(fresh_settings: Se
         # At least once, not more: a kill before the first snapshot replays the catalog once.
         assert len(changed) <= 2 * len(records) + 2
 
-        letters = [DeadLetter.from_bytes(v) for v in _read(settings, settings.topics.dead_letter, 3)]
+        letters = [DeadLetter.from_bytes(v) for v in read_topic(settings, settings.topics.dead_letter, 3)]
         assert len(letters) == 3
         assert {d.stage for d in letters} == {"streams.catalog"}
         assert {d.field for d in letters} == {"record", "title", "key"}

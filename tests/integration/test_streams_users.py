@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 import pytest
 
-from freshrec.consumer import TopicFollower
 from freshrec.contracts import DeadLetter, Event, TrainPair, parse_event
 from freshrec.dataset import locate, read_events
 from freshrec.infra import free_port
@@ -28,6 +27,7 @@ from streams.flow_process import FlowProcess, wait_applied
 from streams.pairs import PairRules, pair_for
 from streams.redis_client import connect
 from streams.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
+from tests.integration.helpers import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -90,19 +90,6 @@ def _redis_states(settings: Settings) -> dict[str, UserState]:
     return user_store.read_user_states(client, settings, users)
 
 
-def _read_topic(settings: Settings, topic: str, expected: int, timeout: float = 30.0) -> list[bytes]:
-    out: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    with TopicFollower(settings, topic) as follower:
-        while len(out) < expected and time.monotonic() < deadline:
-            out.extend(m.value for m in follower.poll(0.2))
-        # A moment more, to catch anything beyond the expected count.
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            out.extend(m.value for m in follower.poll(0.1))
-    return out
-
-
 def _assert_states_equal(got: dict[str, UserState], want: dict[str, UserState]) -> None:
     assert got.keys() == want.keys()
     diff = [u for u in want if got[u] != want[u]]
@@ -134,13 +121,13 @@ def test_replay_equals_in_memory_reference_and_bad_records_go_to_dead_letter(
         assert all(pops[i] == pytest.approx(expect_pop[i], rel=1e-9, abs=1e-12) for i in expect_pop)
         assert user_store.read_item_first_seen(connect(settings), settings) == want_pop.first_seen
 
-        letters = [DeadLetter.from_bytes(v) for v in _read_topic(settings, settings.topics.dead_letter, n_bad)]
+        letters = [DeadLetter.from_bytes(v) for v in read_topic(settings, settings.topics.dead_letter, n_bad)]
         assert len(letters) == n_bad
         assert {d.stage for d in letters} == {"streams.users"}
         assert {d.field for d in letters} == {"record", "kind", "item_id", "key"}
         assert all(d.source_topic == settings.topics.events and d.reason for d in letters)
 
-        pairs = [TrainPair.model_validate_json(v) for v in _read_topic(settings, settings.topics.train_pairs, want_pairs)]
+        pairs = [TrainPair.model_validate_json(v) for v in read_topic(settings, settings.topics.train_pairs, want_pairs)]
         assert len(pairs) == want_pairs and len({p.pair_id for p in pairs}) == want_pairs
 
 
