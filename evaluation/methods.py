@@ -18,8 +18,9 @@ code the flows and serving call, fed from the event log):
   with new arrivals (first seen within ``blend_new_days``, tracked by ``Popularity``
   exactly as the streams flow tracks it) added to the pool; with ``"linear"`` by
   :func:`evaluation.blend.dense_blend`, the vectorised ``serving.scoring.blend``. Fresh
-  popularity and the repeat frequency use the system's ``popularity_half_life_days``
-  and ``repeat_half_life_days``;
+  popularity uses the system's ``popularity_half_life_days`` and the repeat signal is
+  the user state's basket count (``UserState.basket_scores`` with ``repeat_basket_decay``),
+  as serving reads it;
 - item vectors: the PyTorch encoder (``indexer.encoder.TorchEncoder``); ``frozen`` uses
   the base weights, ``full`` the LoRA adapter of ``learner.trainer.LoraTrainer`` trained
   in the stream: at every ``eval_train_every_days`` boundary of event time it trains on
@@ -131,7 +132,7 @@ class SystemReplay:
 class Signals:
     """One shopper's blend inputs, one value per item index (``SystemMethod.signals``)."""
 
-    repeat: np.ndarray  # decayed purchase frequency, raw (0 = never bought)
+    repeat: np.ndarray  # basket-decayed purchase count, raw (0 = never bought)
     similarity: np.ndarray  # cosine to the user vector (0 without one)
     popularity: np.ndarray  # fresh popularity, max 1
     is_new: np.ndarray  # 1 for items first seen within blend_new_days
@@ -156,7 +157,7 @@ class SystemMethod:
         self.candidates = candidates
         s = replay.settings
         self.user_half_life_s = s.user_vector_half_life_days * DAY_S
-        self.repeat_half_life_s = s.repeat_half_life_days * DAY_S
+        self.basket_decay = s.repeat_basket_decay
         self.index = replay.item_index
         self.new_s = s.blend_new_days * DAY_S
 
@@ -173,7 +174,7 @@ class SystemMethod:
             return None
         n = self.vectors.shape[0]
         repeat = np.zeros(n)
-        for item, v in state.repeat_scores(state.last_ts, self.repeat_half_life_s).items():
+        for item, v in state.basket_scores(self.basket_decay).items():
             repeat[self.index[item]] = v
         hw = history_weights(state.history, state.last_ts, self.user_half_life_s)
         sim = np.zeros(n)

@@ -155,6 +155,11 @@ class TrainPair(_Record):
     user_id: str
     context_items: list[str] = Field(default_factory=list, description="most recent first")
     context_text: str
+    context_texts: list[str] = Field(
+        default_factory=list,
+        description="each context item's text, in context_items order; the learner averages their vectors as "
+        "serving builds a user vector (empty for a search-query context: context_text is the query)",
+    )
     target_item: str
     target_text: str = ""
     weight: float = 1.0

@@ -65,7 +65,13 @@ class Settings(BaseSettings):
     history_size: int = Field(100, ge=1, le=10_000, description="Interactions kept per user")
     min_history_for_pair: int = Field(1, ge=1, description="Interactions needed before an event yields a train pair")
     popularity_half_life_days: float = Field(7.0, gt=0, description="Half-life of fresh popularity (everyone's purchases)")
-    repeat_half_life_days: float = Field(180.0, gt=0, description="Half-life of a shopper's repeat-purchase frequency")
+    repeat_half_life_days: float = Field(
+        180.0, gt=0, description="Half-life of a shopper's decayed purchase counts (freq: whether a cancel undoes a purchase)"
+    )
+    repeat_basket_decay: float = Field(
+        0.9, gt=0, lt=1,
+        description="Repeat signal: weight of an item's basket one place older (per basket, not per day); see user_state",
+    )
 
     learner_batch_size: int = Field(32, ge=2, description="Pairs per micro-batch")
     learner_flush_seconds: float = Field(5.0, gt=0, description="Train a partial micro-batch after this long")
@@ -82,6 +88,7 @@ class Settings(BaseSettings):
     # -- streams (add stream settings below this line) -----------------------------------
     stream_dedupe_ids: int = Field(64, ge=0, description="Event ids kept per user to drop duplicates (producer retries)")
     stream_max_freq_items: int = Field(256, ge=1, description="Most items kept in a user's repeat-purchase counts")
+    stream_baskets_kept: int = Field(63, ge=1, le=63, description="A shopper's most recent baskets kept for the repeat signal")
     stream_snapshot_seconds: float = Field(
         5.0, gt=0, description="Bytewax epoch length: how often state and Kafka offsets are snapshotted"
     )
@@ -131,7 +138,7 @@ class Settings(BaseSettings):
     blend_mode: Literal["log", "linear"] = Field(
         "log", description="/recommend blend: 'log' (blend_log_*, won the evaluation) or 'linear' (blend_*)"
     )
-    blend_log_repeat: float = Field(1.0, ge=0, description="log blend: weight of log(normalised repeat + 0.005)")
+    blend_log_repeat: float = Field(1.5, ge=0, description="log blend: weight of log(normalised repeat + 0.005)")
     blend_log_similarity: float = Field(2.0, ge=0, description="log blend: weight of cosine(user vector, item)")
     blend_log_popularity: float = Field(0.8, ge=0, description="log blend: weight of log(normalised popularity + 0.001)")
     blend_log_new: float = Field(0.5, ge=0, description="log blend: bonus of an item first seen within blend_new_days")
@@ -166,7 +173,14 @@ class Settings(BaseSettings):
     )
     learner_log_seconds: float = Field(10.0, gt=0, description="Seconds between learner progress lines")
     learner_catalog_negatives: int = Field(
-        64, ge=0, description="Random catalog items added as negatives to every micro-batch (0: in-batch only)"
+        64, ge=0, description="Extra negatives added to every micro-batch (0: in-batch only); see learner_negatives"
+    )
+    learner_negatives: Literal["recent", "catalog"] = Field(
+        "recent", description="Extra negatives: 'recent' (targets of recent pairs: popularity-shaped) or 'catalog' (uniform)"
+    )
+    learner_negative_pool: int = Field(2048, ge=1, description="Recent pair targets the 'recent' negatives are drawn from")
+    learner_anchor_weight: float = Field(
+        3.0, ge=0, description="Weight of the pull of each encoded text back to its base-model vector (0: none)"
     )
     learner_mix_pool: int = Field(
         256, ge=1, description="Pairs pooled to mix each micro-batch across shoppers (<= batch size: no mixing)"

@@ -1,8 +1,10 @@
 """Evaluating an encoder on the held-out window: Recall@10 and NDCG@10 among the catalog.
 
-The protocol: encode every catalog item's text and each window pair's context with
-the same encoder, rank all items by dot product, and find the pair's target. Pairs
-whose target is not (or no longer) in the catalog are left out and counted.
+The protocol: encode every catalog item's text with the encoder under test, build each
+window pair's context vector the way serving builds a user vector from that version's
+item vectors (the normalised mean of its context items' rows; a search query is
+encoded), rank all items by dot product, and find the pair's target. Pairs whose target
+is not (or no longer) in the catalog are left out and counted.
 
 Encoding the catalog dominates the cost (2.7k items take seconds on two cores), so an
 :class:`ItemMatrix` is cached per (encoder version, catalog content): the active
@@ -63,10 +65,32 @@ def window_metrics(encoder: TextEncoder, matrix: ItemMatrix, pairs: Sequence[Tra
     known = [p for p in pairs if p.target_item in matrix.index]
     if not known:
         return {f"recall@{k}": 0.0, f"ndcg@{k}": 0.0, "n": 0.0, "unknown": float(len(pairs))}
-    contexts = encoder.encode([p.context_text for p in known], batch_size=128)
+    contexts = context_matrix(encoder, matrix, known)
     targets = np.array([matrix.index[p.target_item] for p in known], dtype=np.int64)
     out = retrieval_metrics(contexts, matrix.vectors, targets, k)
     out["unknown"] = float(len(pairs) - len(known))
+    return out
+
+
+def context_matrix(encoder: TextEncoder, matrix: ItemMatrix, pairs: Sequence[TrainPair]) -> np.ndarray:
+    """One context vector per pair, from ``matrix``'s own item vectors where it can be.
+
+    Item contexts average the rows of their items present in the matrix, as
+    ``serving.scoring.user_vector`` does (uniform weights: a pair carries no times or
+    kinds for its context); a query, or a context with no item in the matrix, is
+    encoded as text by ``encoder``, which must be the encoder that made ``matrix``.
+    """
+    out = np.empty((len(pairs), matrix.vectors.shape[1]), dtype=np.float32)
+    as_text: list[int] = []
+    for n, p in enumerate(pairs):
+        rows = [matrix.index[i] for i in p.context_items if i in matrix.index]
+        if not rows:
+            as_text.append(n)
+            continue
+        vec = matrix.vectors[rows].mean(axis=0)
+        out[n] = vec / max(float(np.linalg.norm(vec)), 1e-12)
+    if as_text:
+        out[as_text] = encoder.encode([pairs[n].context_text for n in as_text], batch_size=128)
     return out
 
 

@@ -85,7 +85,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
     settings = runtime.settings
     max_k = settings.max_k
     half_life_user_s = settings.user_vector_half_life_days * DAY_S
-    half_life_repeat_s = settings.repeat_half_life_days * DAY_S
+    basket_decay = settings.repeat_basket_decay
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -144,12 +144,12 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             return JSON(
                 _body(pair, _items(ranked, runtime.titles), t0, source="popularity", degraded=True, reason=str(exc))
             )
-        if state is None or (not state.history and not state.freq):
+        if state is None or (not state.history and not state.basket_bits):
             ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
             return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity"))
         ranked = scoring.recommend(
             state.history,
-            state.repeat_scores(state.last_ts, half_life_repeat_s),
+            state.basket_scores(basket_decay),
             space,
             popularity.scores,
             popularity.ranked,

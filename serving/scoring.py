@@ -15,11 +15,13 @@ and ``"linear"`` (:func:`blend`, weights :class:`BlendWeights`)::
 
     w.repeat * repeat / max(repeat)  +  w.similarity * max(cos(user, item), 0)  +  w.popularity * pop / max(pop)
 
-The repeat term is the shopper's own decayed purchase frequency, normalised per user to
-[0, 1]: measured on online_retail_ii it is the strongest single signal (wholesale
-shoppers re-order the same items). Adding logs multiplies repeat and popularity, which
-ranks a shopper's own items by how popular they are *right now* (the shop is seasonal);
-the linear blend cannot do that. ``is_new`` is 1 for an item first seen within
+The repeat term is the shopper's own purchase count in their recent baskets, each basket
+weighted ``repeat_basket_decay ** (baskets since)`` (``UserState.basket_scores``),
+normalised per user to [0, 1]: measured on online_retail_ii it is the strongest single
+signal (wholesale shoppers re-order the same items), and counting in baskets rather than
+days ranked re-orders better than a 180-day half-life (docs/eval_online_retail_ii.md).
+Adding logs multiplies repeat and popularity, which ranks a shopper's own items by how
+popular they are *right now* (the shop is seasonal); the linear blend cannot do that. ``is_new`` is 1 for an item first seen within
 ``blend_new_days`` (:func:`new_arrivals`): new lines sell to existing customers, and
 the bonus plus their place in the candidate pool is what finds them. The log blend won
 the evaluation (docs/eval_online_retail_ii.md, base vectors: +6.7 % Recall@10 over the
@@ -70,13 +72,15 @@ class LogBlendWeights:
     """Weights of the log-space blend (settings ``blend_log_*``); the floors are constants.
 
     Chosen on the evaluation's validation window (history < 2011-03-01, baskets
-    2011-03..05) and then run once on the report window. The floors keep ``log`` finite
+    2011-03..05) and then run once on the report window; ``repeat`` 1.5 (was 1.0 with
+    the 180-day repeat signal) was chosen with the basket signal on baskets of
+    2010-09..2011-02 and checked on that validation window. The floors keep ``log`` finite
     and set how much a never-bought (repeat 0) or never-sold (popularity 0) item is held
     back: with ``repeat_floor`` 0.005 an item never bought needs similarity, popularity
     or newness to climb over the shopper's own items.
     """
 
-    repeat: float = 1.0
+    repeat: float = 1.5
     similarity: float = 2.0
     popularity: float = 0.8
     new: float = 0.5

@@ -51,15 +51,14 @@ class PairDraft:
 
     def complete(self, titles: dict[str, str], target_texts: dict[str, str]) -> TrainPair:
         """The TrainPair, with titles where the catalog has them (else the item id)."""
-        if self.query is not None:
-            context_text = self.query
-        else:
-            context_text = "; ".join(titles.get(i, i) for i in self.context_items)
+        texts = [titles.get(i, i) for i in self.context_items]
+        context_text = self.query if self.query is not None else "; ".join(texts)
         return TrainPair(
             pair_id=self.pair_id,
             user_id=self.user_id,
             context_items=list(self.context_items),
             context_text=context_text,
+            context_texts=texts,
             target_item=self.target_item,
             target_text=target_texts.get(self.target_item, titles.get(self.target_item, "")),
             weight=self.weight,

@@ -20,7 +20,23 @@ by the wall clock, so replaying the same events gives the same state byte for by
   added with its own decay; a newer one first moves ``freq_ts`` forward. A ``cancel``
   subtracts one purchase of that item at the cancel's time (floored at zero: a cancel of
   something never bought changes nothing). Entries that decay below
-  :data:`FREQ_EPSILON` are dropped and at most ``max_freq_items`` are kept.
+  :data:`FREQ_EPSILON` are dropped and at most ``max_freq_items`` are kept. It decides
+  whether a cancel undoes one of the shopper's purchases (:func:`cancel_undoes_purchase`,
+  which popularity follows); serving ranks by the baskets below instead.
+* **Baskets** (the repeat signal serving ranks by): a basket is the set of the
+  shopper's purchases at one event time (one invoice). ``baskets`` holds the times of
+  their ``baskets_kept`` most recent baskets, newest first, and ``basket_bits`` one
+  integer per item whose bit *j* says "in the *j*-th newest basket". An item's repeat
+  score (:meth:`UserState.basket_scores`) is ``sum over its baskets of decay ** j``:
+  how often it was in the shopper's recent baskets, counted in baskets rather than in
+  days (after Hu et al., SIGIR 2020, "Modeling Personalized Item Frequency Information
+  for Next-basket Recommendation"), so a weekly re-orderer and a twice-a-year one are
+  both ranked by their own last few orders. The state is a function of the *set* of
+  (item, basket time) pairs seen, so arrival order, late lines and duplicate lines of
+  one item in a basket change nothing; a basket older than every kept one is not
+  kept (its weight would be below ``decay ** baskets_kept``). A cancel does not
+  remove the item from its basket: measured on online_retail_ii, counting baskets
+  regardless of returns ranked re-orders better (docs/eval_online_retail_ii.md).
 * **search** events do not enter the history (they have no item); the latest query and
   its time are kept so a following click can be paired with the query that led to it.
 * **Duplicates**: the ids of the last ``dedupe_ids`` applied events are kept; an event
@@ -30,9 +46,11 @@ by the wall clock, so replaying the same events gives the same state byte for by
 Wire format (the one place it is defined; :mod:`streams.user_store` reads and writes
 it under the key ``<redis_prefix>user:<user_id>``), one orjson object::
 
-    {"v": 1, "user_id": "u1",
+    {"v": 2, "user_id": "u1",
      "history": [["item", "purchase", 1301000000.0], ...],   # most recent first
      "freq": {"item": 1.83, ...}, "freq_ts": 1301000000.0,
+     "baskets": [1301000000.0, ...],                          # newest first
+     "basket_bits": {"item": 5, ...},                         # bit j: in baskets[j]
      "last_ts": 1301000000.0, "events": 42,                  # events applied so far
      "query": "red mug" | null, "query_ts": 0.0,
      "last_event_id": "ds:17", "recent_ids": ["ds:16", "ds:17"]}
@@ -63,10 +81,12 @@ import orjson
 
 from freshrec.contracts import Event
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DAY_S = 86_400.0
 # A decayed count below this is indistinguishable from "never bought" for scoring.
 FREQ_EPSILON = 1e-3
+# basket_bits are plain ints in the wire format; orjson writes integers up to 64 bits.
+MAX_BASKETS_KEPT = 63
 HISTORY_KINDS = frozenset({"view", "click", "cart", "purchase", "cancel"})
 
 
@@ -83,8 +103,9 @@ class Interaction:
 class UserState:
     """One shopper's recent behaviour, as serving and the train-pair builder need it.
 
-    ``history`` is most recent first; ``freq`` is as of ``freq_ts`` (see module doc).
-    ``events`` counts applied events; ``recent_ids`` is the duplicate window.
+    ``history`` is most recent first; ``freq`` is as of ``freq_ts``; ``baskets`` and
+    ``basket_bits`` are the recent baskets (see module doc). ``events`` counts applied
+    events; ``recent_ids`` is the duplicate window.
     """
 
     user_id: str
@@ -97,17 +118,27 @@ class UserState:
     query_ts: float = 0.0
     last_event_id: str | None = None
     recent_ids: list[str] = field(default_factory=list)
+    baskets: list[float] = field(default_factory=list)
+    basket_bits: dict[str, int] = field(default_factory=dict)
 
     # -- scoring helpers ---------------------------------------------------------------
 
-    def repeat_scores(self, now_ts: float, half_life_s: float) -> dict[str, float]:
-        """Decayed purchase counts per item as of ``now_ts`` (repeat-purchase signal).
+    def basket_scores(self, decay: float) -> dict[str, float]:
+        """Per item, ``sum of decay ** j`` over the kept baskets *j* (0 = newest) holding it.
 
-        ``now_ts`` earlier than ``freq_ts`` is treated as ``freq_ts``: a score never
-        grows by asking about the past.
+        The repeat signal serving and the evaluation rank by; only relative values matter
+        (the blend divides by the shopper's maximum).
         """
-        factor = decay_factor(max(now_ts - self.freq_ts, 0.0), half_life_s)
-        return {item: count * factor for item, count in self.freq.items()}
+        powers = [decay**j for j in range(len(self.baskets))]
+        out: dict[str, float] = {}
+        for item, bits in self.basket_bits.items():
+            total = 0.0
+            while bits:
+                low = bits & -bits
+                total += powers[low.bit_length() - 1]
+                bits ^= low
+            out[item] = total
+        return out
 
     def recent_items(self, limit: int | None = None, before_ts: float | None = None) -> list[str]:
         """Distinct item ids of the history, most recent first, cancels left out.
@@ -142,6 +173,8 @@ class UserState:
             "query_ts": self.query_ts,
             "last_event_id": self.last_event_id,
             "recent_ids": self.recent_ids,
+            "baskets": self.baskets,
+            "basket_bits": self.basket_bits,
         }
 
     def to_bytes(self) -> bytes:
@@ -166,6 +199,8 @@ class UserState:
             query_ts=float(obj.get("query_ts", 0.0)),
             last_event_id=obj.get("last_event_id"),
             recent_ids=list(obj.get("recent_ids", ())),
+            baskets=[float(t) for t in obj.get("baskets", ())],
+            basket_bits={k: int(v) for k, v in obj.get("basket_bits", {}).items()},
         )
 
     @classmethod
@@ -181,6 +216,11 @@ class StateRules:
     repeat_half_life_s: float = 180 * DAY_S  # Settings.repeat_half_life_days
     dedupe_ids: int = 64
     max_freq_items: int = 256
+    baskets_kept: int = 63  # Settings.stream_baskets_kept, at most MAX_BASKETS_KEPT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.baskets_kept <= MAX_BASKETS_KEPT:
+            raise ValueError(f"baskets_kept is {self.baskets_kept}; it must be 1..{MAX_BASKETS_KEPT} (bits of one int)")
 
     @classmethod
     def from_settings(cls, settings: Any) -> StateRules:
@@ -189,6 +229,7 @@ class StateRules:
             repeat_half_life_s=settings.repeat_half_life_days * DAY_S,
             dedupe_ids=settings.stream_dedupe_ids,
             max_freq_items=settings.stream_max_freq_items,
+            baskets_kept=settings.stream_baskets_kept,
         )
 
 
@@ -251,6 +292,44 @@ def _update_freq(state: UserState, item_id: str, sign: float, ts: float, rules: 
         state.freq = dict(ranked)
 
 
+def _add_to_basket(state: UserState, item_id: str, ts: float, rules: StateRules) -> None:
+    """Mark ``item_id`` as in the shopper's basket at ``ts`` (see "Baskets" in the module doc)."""
+    baskets = state.baskets
+    # Position = number of kept baskets newer than ts (the list is newest first).
+    pos = bisect.bisect_left(baskets, -ts, key=_neg)
+    if pos >= len(baskets) or baskets[pos] != ts:
+        if pos >= rules.baskets_kept:
+            return  # older than every kept basket
+        baskets.insert(pos, ts)
+        # Baskets from pos on move one place older: shift their bits up by one.
+        keep = (1 << rules.baskets_kept) - 1
+        low = (1 << pos) - 1
+        bits = state.basket_bits
+        for other, b in list(bits.items()):
+            moved = ((b & ~low) << 1 | (b & low)) & keep
+            if moved:
+                bits[other] = moved
+            else:
+                del bits[other]
+        del baskets[rules.baskets_kept :]
+    state.basket_bits[item_id] = state.basket_bits.get(item_id, 0) | (1 << pos)
+    if len(state.basket_bits) > rules.max_freq_items:
+        # As for freq: drop the weakest an eighth at a time; weakest = in the fewest kept
+        # baskets, then the least recently bought (the state knows no decay: that is a
+        # scoring setting), then by item id so the choice is deterministic.
+        keep_n = rules.max_freq_items - rules.max_freq_items // 8
+        ranked = sorted(state.basket_bits.items(), key=lambda kv: (-kv[1].bit_count(), _newest_bit(kv[1]), kv[0]))
+        state.basket_bits = dict(ranked[:keep_n])
+
+
+def _newest_bit(bits: int) -> int:
+    return (bits & -bits).bit_length() - 1
+
+
+def _neg(ts: float) -> float:
+    return -ts
+
+
 def _insert_history(state: UserState, interaction: Interaction, history_size: int) -> None:
     history = state.history
     ts = interaction.ts
@@ -285,6 +364,7 @@ def apply_event(state: UserState, event: Event, rules: StateRules = DEFAULT_RULE
         _insert_history(state, Interaction(event.item_id, kind, ts), rules.history_size)
         if kind == "purchase":
             _update_freq(state, event.item_id, 1.0, ts, rules)
+            _add_to_basket(state, event.item_id, ts, rules)
         elif kind == "cancel":
             _update_freq(state, event.item_id, -1.0, ts, rules)
     if ts > state.last_ts:

@@ -201,7 +201,7 @@ def test_weights_from_settings() -> None:
 
 
 def test_log_blend_hand_computed() -> None:
-    w = LogBlendWeights()  # repeat 1, similarity 2, popularity 0.8, new 0.5; floors 0.005 and 0.001
+    w = LogBlendWeights(repeat=1.0)  # similarity 2, popularity 0.8, new 0.5; floors 0.005 and 0.001
     s = log_blend(
         {"a": 4.0, "b": 1.0},  # normalised: a 1, b 0.25
         {"b": 0.5, "c": -0.2, "d": 0.3},
@@ -237,7 +237,7 @@ def test_recommend_log_blend_adds_new_arrivals_to_the_pool() -> None:
     hist = [It("mug_red", "purchase", 100.0)]
     args = (hist, {"mug_red": 3.0}, space, {"bestseller": 1.0}, ["bestseller"])
     kw = {"k": 10, "now_ts": 100.0, "half_life_s": DAY, "candidates": 2}
-    ranked = dict(scoring.recommend(*args, LogBlendWeights(), new_items={"lamp", "gone"}, **kw))  # type: ignore[arg-type]
+    ranked = dict(scoring.recommend(*args, LogBlendWeights(repeat=1.0), new_items={"lamp", "gone"}, **kw))  # type: ignore[arg-type]
     assert "lamp" in ranked and "gone" not in ranked  # new and present; a new id missing from the index never comes back
     assert "candle" not in ranked  # neither near (2 neighbours), popular, bought nor new
     # the repeat purchase, the bestseller, the nearest neighbour, then the new arrival

@@ -83,11 +83,7 @@ def test_freq_decays_with_the_half_life() -> None:
     apply_event(s, ev("e1", "a", "purchase", T0), RULES)
     apply_event(s, ev("e2", "b", "purchase", T0 + 10 * DAY_S), RULES)
     assert s.freq["a"] == pytest.approx(0.5)
-    assert s.freq["b"] == pytest.approx(1.0)
-    scores = s.repeat_scores(T0 + 20 * DAY_S, RULES.repeat_half_life_s)
-    assert scores["a"] == pytest.approx(0.25) and scores["b"] == pytest.approx(0.5)
-    # Asking about the past never inflates a score.
-    assert s.repeat_scores(T0, RULES.repeat_half_life_s)["b"] == pytest.approx(1.0)
+    assert s.freq["b"] == pytest.approx(1.0) and s.freq_ts == T0 + 10 * DAY_S
 
 
 def test_cancel_undoes_a_purchase() -> None:
@@ -151,10 +147,87 @@ def test_max_freq_items_drops_the_weakest() -> None:
 def test_wire_format_round_trips() -> None:
     s = UserState("u1")
     apply_event(s, ev("e1", "a", "purchase", T0), RULES)
+    apply_event(s, ev("e0", "b", "purchase", T0 - DAY_S), RULES)
     apply_event(s, ev("e2", None, "search", T0 + 1, query="lamp"), RULES)
     back = UserState.from_bytes(s.to_bytes())
     assert back == s
-    assert back.history == [Interaction("a", "purchase", T0)]
+    assert back.history == [Interaction("a", "purchase", T0), Interaction("b", "purchase", T0 - DAY_S)]
+    assert back.baskets == [T0, T0 - DAY_S] and back.basket_bits == {"a": 1, "b": 2}
+
+
+def test_a_version_1_state_is_refused_not_misread() -> None:
+    raw = UserState("u1").to_dict() | {"v": 1}
+    with pytest.raises(ValueError, match="v1 is not readable"):
+        UserState.from_dict(raw)
+
+
+# -- baskets: the repeat signal ------------------------------------------------------------
+
+BASKET_RULES = StateRules(history_size=5, repeat_half_life_s=10 * DAY_S, dedupe_ids=0, max_freq_items=50, baskets_kept=4)
+
+
+def _buy(s: UserState, baskets: list[tuple[float, str]], rules: StateRules = BASKET_RULES) -> None:
+    for n, (ts, item) in enumerate(baskets):
+        apply_event(s, ev(f"p{n}-{ts}-{item}", item, "purchase", ts), rules)
+
+
+def test_basket_scores_count_baskets_weighted_by_how_many_came_since() -> None:
+    s = UserState("u1")
+    # basket 1: a, b, and a second line of a; basket 2 (a day later): a, c
+    _buy(s, [(T0, "a"), (T0, "b"), (T0, "a"), (T0 + DAY_S, "a"), (T0 + DAY_S, "c")])
+    assert s.baskets == [T0 + DAY_S, T0]
+    assert s.basket_scores(0.5) == {"a": pytest.approx(1.5), "b": pytest.approx(0.5), "c": pytest.approx(1.0)}
+    # The time between baskets does not matter, only their order.
+    far = UserState("u1")
+    _buy(far, [(T0, "a"), (T0, "b"), (T0 + 300 * DAY_S, "a"), (T0 + 300 * DAY_S, "c")])
+    assert far.basket_scores(0.5) == s.basket_scores(0.5)
+
+
+def test_baskets_do_not_depend_on_arrival_order_or_duplicate_lines() -> None:
+    rng = random.Random(5)
+    lines = [(T0 + DAY_S * rng.randrange(6), rng.choice("abcdefg")) for _ in range(40)]
+    in_order = UserState("u1")
+    _buy(in_order, sorted(lines))
+    for seed in range(5):
+        shuffled = lines + lines[:7]  # some lines twice
+        random.Random(seed).shuffle(shuffled)
+        other = UserState("u1")
+        _buy(other, shuffled)
+        assert other.baskets == in_order.baskets
+        assert other.basket_bits == in_order.basket_bits
+
+
+def test_only_the_newest_baskets_are_kept() -> None:
+    s = UserState("u1")
+    _buy(s, [(T0, "old"), (T0 + 1, "a"), (T0 + 2, "b"), (T0 + 3, "c"), (T0 + 4, "d")])
+    assert s.baskets == [T0 + 4, T0 + 3, T0 + 2, T0 + 1]  # baskets_kept = 4
+    assert "old" not in s.basket_bits  # its only basket fell out
+    _buy(s, [(T0 - 10, "older")])  # older than every kept basket: not kept
+    assert "older" not in s.basket_bits and len(s.baskets) == 4
+    _buy(s, [(T0 + 1.5, "late")])  # a late basket between kept ones is placed by its time
+    assert s.baskets == [T0 + 4, T0 + 3, T0 + 2, T0 + 1.5]
+    assert s.basket_bits == {"d": 1, "c": 2, "b": 4, "late": 8}
+
+
+def test_a_cancel_leaves_the_basket_as_it_was() -> None:
+    s = UserState("u1")
+    _buy(s, [(T0, "a")])
+    apply_event(s, ev("c1", "a", "cancel", T0 + 60), BASKET_RULES)
+    assert "a" not in s.freq  # the purchase is undone for the cancel rule and popularity
+    assert s.basket_bits == {"a": 1}  # but the item was in the shopper's basket
+
+
+def test_basket_items_are_capped_weakest_first() -> None:
+    rules = StateRules(history_size=5, repeat_half_life_s=DAY_S, dedupe_ids=0, max_freq_items=3, baskets_kept=8)
+    s = UserState("u1")
+    _buy(s, [(T0, "a"), (T0 + 1, "a"), (T0 + 1, "b"), (T0 + 2, "c"), (T0 + 3, "d")], rules)
+    # a is in two baskets; b, c, d in one each: b is the least recent of those
+    assert set(s.basket_bits) == {"a", "c", "d"}
+
+
+def test_baskets_kept_is_bounded_by_the_bits_of_an_int() -> None:
+    with pytest.raises(ValueError, match="baskets_kept"):
+        StateRules(baskets_kept=64)
 
 
 def test_unknown_format_version_is_refused_with_advice() -> None:
