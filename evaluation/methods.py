@@ -21,6 +21,9 @@ code the flows and serving call, fed from the event log):
   popularity uses the system's ``popularity_half_life_days`` and the repeat signal is
   the user state's basket count (``UserState.basket_scores`` with ``repeat_basket_decay``),
   as serving reads it;
+- similarity: cosine to the user vector, mapped by the version's
+  ``serving.scoring.SimilarityScale`` fitted on its item vectors, as serving's pair
+  builder fits it on each index it builds;
 - item vectors: the PyTorch encoder (``indexer.encoder.TorchEncoder``); ``frozen`` uses
   the base weights, ``full`` the LoRA adapter of ``learner.trainer.LoraTrainer`` trained
   in the stream: at every ``eval_train_every_days`` boundary of event time it trains on
@@ -42,7 +45,14 @@ import numpy as np
 
 from freshrec.contracts import Event, TrainPair
 from freshrec.settings import Settings
-from serving.scoring import BlendWeights, LogBlendWeights, history_weights, user_vector, weights_from_settings
+from serving.scoring import (
+    BlendWeights,
+    LogBlendWeights,
+    history_weights,
+    scale_from_settings,
+    user_vector,
+    weights_from_settings,
+)
 from streams.pairs import PairDraft, PairRules, pair_for
 from streams.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
@@ -152,7 +162,7 @@ class SystemMethod:
     ) -> None:
         self.name = name
         self.replay = replay
-        self.vectors = vectors
+        self.set_vectors(vectors)
         self.weights = weights
         self.candidates = candidates
         s = replay.settings
@@ -160,6 +170,11 @@ class SystemMethod:
         self.basket_decay = s.repeat_basket_decay
         self.index = replay.item_index
         self.new_s = s.blend_new_days * DAY_S
+
+    def set_vectors(self, vectors: np.ndarray) -> None:
+        """New item vectors and, as serving's pair builder does, their similarity scale."""
+        self.vectors = vectors
+        self.similarity_scale = scale_from_settings(vectors, self.replay.settings)
 
     def observe(self, log: EventLog, start: int, stop: int) -> None:
         self.replay.observe(log, start, stop)
@@ -181,7 +196,8 @@ class SystemMethod:
         if hw:
             uvec = user_vector(hw, {i: self.vectors[self.index[i]] for i in hw})
             if uvec is not None:
-                sim = self.vectors @ uvec
+                scale = self.similarity_scale
+                sim = scale.shift + scale.scale * (self.vectors @ uvec).astype(np.float64)
         # serving.scoring.new_arrivals as a mask; "now" is the basket's time, where
         # serving uses the newest event time seen (the request's time in event time).
         is_new = ((now - self.replay.first_seen) <= self.new_s).astype(np.float64)
@@ -254,7 +270,7 @@ class StreamLearner:
                 if len(batch) >= 2:
                     self.trainer.train_step(batch)  # type: ignore[attr-defined]
         t1 = time.perf_counter()
-        self.method.vectors = encode_catalog(self.trainer.encoder().encode, self.replay.log.titles)  # type: ignore[attr-defined]
+        self.method.set_vectors(encode_catalog(self.trainer.encoder().encode, self.replay.log.titles))  # type: ignore[attr-defined]
         self.encode_seconds += time.perf_counter() - t1
         self.train_seconds += t1 - t0
         self.pairs_trained += len(pairs)

@@ -142,6 +142,15 @@ class Settings(BaseSettings):
     blend_log_similarity: float = Field(2.0, ge=0, description="log blend: weight of cosine(user vector, item)")
     blend_log_popularity: float = Field(0.8, ge=0, description="log blend: weight of log(normalised popularity + 0.001)")
     blend_log_new: float = Field(0.5, ge=0, description="log blend: bonus of an item first seen within blend_new_days")
+    blend_calibrate_similarity: bool = Field(
+        True, description="Map each adapter version's cosines onto the reference spread below before blending"
+    )
+    blend_similarity_mean: float = Field(
+        0.20, description="Reference mean item-to-item cosine (the base model's on the bundled catalogs)"
+    )
+    blend_similarity_std: float = Field(
+        0.11, gt=0, description="Reference standard deviation of item-to-item cosines (the base model's)"
+    )
     blend_new_days: float = Field(
         30.0, gt=0, description="log blend: an item first seen this recently (event time) is new and joins the candidates"
     )

@@ -159,6 +159,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             half_life_s=half_life_user_s,
             candidates=settings.recommend_candidates,
             new_items=popularity.new_items,
+            similarity_scale=pair.similarity,
         )
         return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal"))
 

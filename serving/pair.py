@@ -22,6 +22,8 @@ import numpy as np
 
 from indexer.encoder import TextEncoder
 
+from .scoring import IDENTITY_SCALE, SimilarityScale
+
 
 @dataclass(frozen=True, eq=False)
 class ServingPair:
@@ -41,6 +43,8 @@ class ServingPair:
     # hash of each item's encoder text as encoded into this index: lets the follower
     # tell a real catalog change from a re-publication of unchanged items.
     texts: dict[str, int] = field(default_factory=dict, repr=False)
+    # how this version's cosines weigh in the blend (serving.scoring.SimilarityScale)
+    similarity: SimilarityScale = IDENTITY_SCALE
 
     def space(self) -> PairSpace:
         return PairSpace(self.index)

@@ -27,7 +27,7 @@ from indexer.encoder import BASE_VERSION
 from .exporter import ExportWorker
 from .metrics import ServingMetrics
 from .pair import ActivePair, ServingPair
-from .scoring import DAY_S, BlendWeights, LogBlendWeights, weights_from_settings
+from .scoring import DAY_S, BlendWeights, LogBlendWeights, scale_from_settings, weights_from_settings
 from .shopper_data import PopularityCache, PopularityReading, RedisGate
 from .swap import ActivationRefused, BuildJob, BuildTools, PairBuilder, default_tools
 from .vectors import VectorApplier, VectorFollower
@@ -84,7 +84,8 @@ class ServingRuntime:
             tools = default_tools(settings, self.background_redis, self.exporter)
         self.tools = tools
         self.builder = PairBuilder(
-            self.active, self.tools, on_swap=self._swapped, on_items=self._remember_titles, nice=settings.serving_build_nice
+            self.active, self.tools, on_swap=self._swapped, on_items=self._remember_titles, nice=settings.serving_build_nice,
+            similarity=lambda vectors: scale_from_settings(vectors, settings),
         )
         self.applier = VectorApplier(self.active, self.builder, self._read_items_quietly, self._remember_titles)
         self.follow_topics = follow_topics

@@ -97,6 +97,62 @@ class LogBlendWeights:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SimilarityScale:
+    """An affine map of one adapter version's cosines onto the spread the blend was tuned on.
+
+    The blend's similarity weight means "this much score per unit of cosine *as the base
+    model spreads cosines*". A trained adapter can change that spread a lot (measured:
+    mean user-to-item cosine 0.42 -> 0.74-0.89, standard deviation 0.12 -> 0.04-0.05),
+    which silently re-weights the term. Each version's cosines are therefore mapped so
+    that its item-to-item cosines have the reference mean and standard deviation
+    (settings ``blend_similarity_mean``/``_std``: the base model's, measured on both
+    bundled catalogs, so the base version maps to itself up to sampling noise). The map
+    is increasing, so it never changes which items are nearest, only how much nearness
+    weighs against repeat, popularity and newness; and it is a function of the version's
+    own vectors alone (invariant 1).
+    """
+
+    shift: float = 0.0
+    scale: float = 1.0
+
+    def apply(self, cosine: float) -> float:
+        return self.shift + self.scale * cosine
+
+
+IDENTITY_SCALE = SimilarityScale()
+
+
+def fit_similarity_scale(
+    vectors: np.ndarray, target_mean: float, target_std: float, pairs: int = 8192, seed: int = 0
+) -> SimilarityScale:
+    """The :class:`SimilarityScale` of one version from its item vectors (unit rows, any order).
+
+    Item-to-item cosines of ``pairs`` random pairs (a fixed ``seed``: the same vectors
+    always give the same map) are matched to ``target_mean`` and ``target_std``. Fewer
+    than two items, or a degenerate spread, give the identity.
+    """
+    n = int(vectors.shape[0])
+    if n < 2:
+        return IDENTITY_SCALE
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, n, pairs), rng.integers(0, n, pairs)
+    keep = i != j
+    cos = np.einsum("ij,ij->i", vectors[i[keep]], vectors[j[keep]]).astype(np.float64)
+    std = float(cos.std())
+    if cos.size < 2 or not math.isfinite(std) or std < 1e-6:
+        return IDENTITY_SCALE
+    scale = target_std / std
+    return SimilarityScale(target_mean - scale * float(cos.mean()), scale)
+
+
+def scale_from_settings(vectors: np.ndarray, settings: Any) -> SimilarityScale:
+    """:func:`fit_similarity_scale` with the settings' reference, or the identity when calibration is off."""
+    if not settings.blend_calibrate_similarity:
+        return IDENTITY_SCALE
+    return fit_similarity_scale(vectors, settings.blend_similarity_mean, settings.blend_similarity_std)
+
+
 def weights_from_settings(settings: Any) -> BlendWeights | LogBlendWeights:
     """The weights of the blend ``settings.blend_mode`` selects; their type selects the formula."""
     if settings.blend_mode == "log":
@@ -300,6 +356,7 @@ def recommend(
     half_life_s: float,
     candidates: int = 200,
     new_items: Collection[str] = frozenset(),
+    similarity_scale: SimilarityScale = IDENTITY_SCALE,
 ) -> list[tuple[str, float]]:
     """Rank items for one user; a cold user (no history, no repeats) gets popularity.
 
@@ -308,8 +365,9 @@ def recommend(
     and, under the log blend (``LogBlendWeights``), every new arrival (``new_items``):
     a new line has little popularity yet and may not be near the user, and finding it
     is what the bonus is for. Every candidate is scored on all signals, with similarity
-    computed from the same ``space`` the neighbours came from, and only items present in
-    that space are returned, so a deleted item never comes back through Redis history.
+    computed from the same ``space`` the neighbours came from (and mapped by that
+    space's ``similarity_scale``), and only items present in that space are returned, so
+    a deleted item never comes back through Redis history.
     """
     new = new_items if isinstance(weights, LogBlendWeights) else ()
     hw = history_weights(history, now_ts, half_life_s)
@@ -323,6 +381,8 @@ def recommend(
         for item, vec in vecs.items():
             if item not in sims and vec is not _NO_VECTOR:
                 sims[item] = float(vec @ uvec)
+        if similarity_scale != IDENTITY_SCALE:
+            sims = {item: similarity_scale.apply(c) for item, c in sims.items()}
     pool = list(vecs)  # present in the space: repeats, history, neighbours, popular, new
     if isinstance(weights, LogBlendWeights):
         return top_k(log_blend(repeat, sims, popularity, new, weights, candidates=pool), k)

@@ -38,6 +38,7 @@ import numpy as np
 from indexer.encoder import BASE_VERSION, TextEncoder
 
 from .pair import ActivePair, ServingPair
+from .scoring import IDENTITY_SCALE, SimilarityScale
 
 log = logging.getLogger("freshrec.serving.swap")
 
@@ -195,8 +196,11 @@ class PairBuilder:
         on_swap: Callable[[ServingPair, BuildJob], None] | None = None,
         on_items: Callable[[dict[str, Any]], None] | None = None,
         nice: int = 0,
+        similarity: Callable[[np.ndarray], SimilarityScale] | None = None,
     ) -> None:
         self.active = active
+        # A built index's vectors -> the pair's SimilarityScale (identity when not given).
+        self.similarity = similarity
         self.nice = nice  # the build thread's nice value: requests keep the CPU first
         self.tools = tools
         self.on_swap = on_swap
@@ -302,6 +306,14 @@ class PairBuilder:
                 # holding them finishes, and a full collection would stall every request
                 # thread on the GIL for as long as it walks the heap.
 
+    def _similarity_scale(self, index: Any) -> SimilarityScale:
+        if self.similarity is None:
+            return IDENTITY_SCALE
+        vectors = index.reconstruct_many(index.item_ids())
+        if not vectors:
+            return IDENTITY_SCALE
+        return self.similarity(np.stack(list(vectors.values())))
+
     def _stage(self, job: BuildJob, name: str, t0: float) -> float:
         now = time.perf_counter()
         job.stages[name] = now - t0
@@ -332,6 +344,7 @@ class PairBuilder:
             job.progress = (done, total)
 
         index = self.tools.build_index(encoder, items, job.version, progress)
+        scale = self._similarity_scale(index)
         texts = {i: hash(r.text()) for i, r in items.items()}
         del items
         t = self._stage(job, "index", t)
@@ -357,6 +370,7 @@ class PairBuilder:
                 f"{job.version}@{self._builds}",
                 build_seconds=time.perf_counter() - t_start,
                 texts=texts,
+                similarity=scale,
             )
             old = self.active.swap(new)
             self.shadow = None
@@ -369,9 +383,11 @@ class PairBuilder:
         job.index_version, job.items = new.index_version, len(index)
         self.last_swap = job
         log.info(
-            "adapter %s live (%s items) after %.2f s: %s",
+            "adapter %s live (%s items, similarity x%.3f %+.3f) after %.2f s: %s",
             job.version,
             len(index),
+            scale.scale,
+            scale.shift,
             new.build_seconds,
             ", ".join(f"{k} {v:.2f}s" for k, v in job.stages.items()),
         )

@@ -274,3 +274,53 @@ def test_popularity_cache_keeps_new_arrivals_as_of_the_newest_event() -> None:
     assert view.scores == {"a": 1.0, "b": 0.5} and view.ranked == ("a", "b")
     assert view.new_items == {"b", "c"}  # c: seen, never bought yet
     assert PopularityView.of({"a": 1.0}).new_items == frozenset()
+
+
+def _cosines(v: np.ndarray, n: int = 20_000, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, len(v), n), rng.integers(0, len(v), n)
+    keep = i != j
+    return (v[i[keep]] * v[j[keep]]).sum(axis=1)
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    return (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_similarity_scale_maps_a_collapsed_space_onto_the_reference_spread() -> None:
+    rng = np.random.default_rng(0)
+    base = _unit(rng.normal(size=(600, 16)))
+    collapsed = _unit(base + 2.5 * np.ones(16, dtype=np.float32))  # everything in one cone
+    target_mean, target_std = float(_cosines(base).mean()), float(_cosines(base).std())
+    assert _cosines(collapsed).mean() > target_mean + 0.5  # the trained-adapter failure, in miniature
+    s = scoring.fit_similarity_scale(collapsed, target_mean, target_std)
+    mapped = s.shift + s.scale * _cosines(collapsed)
+    assert mapped.mean() == pytest.approx(target_mean, abs=0.02)
+    assert mapped.std() == pytest.approx(target_std, rel=0.05)
+    assert s.scale > 0  # increasing: the nearest items stay the nearest
+    assert scoring.fit_similarity_scale(collapsed, target_mean, target_std) == s  # same vectors, same map
+    own = scoring.fit_similarity_scale(base, target_mean, target_std)  # a space already at the reference
+    assert own.scale == pytest.approx(1.0, abs=0.05) and own.shift == pytest.approx(0.0, abs=0.02)
+
+
+def test_similarity_scale_of_a_degenerate_space_is_the_identity() -> None:
+    one = _unit(np.ones((1, 4)))
+    same = _unit(np.ones((5, 4)))
+    assert scoring.fit_similarity_scale(one, 0.2, 0.1) == scoring.IDENTITY_SCALE
+    assert scoring.fit_similarity_scale(same, 0.2, 0.1) == scoring.IDENTITY_SCALE
+    from freshrec.settings import Settings
+
+    assert scoring.scale_from_settings(same, Settings(blend_calibrate_similarity=False)) == scoring.IDENTITY_SCALE
+
+
+def test_recommend_blends_the_scaled_cosine() -> None:
+    space = _space()
+    hist = [It("mug_red", "purchase", 100.0)]
+    kw = {"k": 3, "now_ts": 100.0, "half_life_s": DAY, "candidates": 3}
+    w = LogBlendWeights(repeat=1.0, new=0.0)
+    args = (hist, {"mug_red": 3.0}, space, {"bestseller": 1.0, "mug_blue": 1.0}, ["bestseller"])
+    plain = dict(scoring.recommend(*args, w, **kw))  # type: ignore[arg-type]
+    halved = dict(scoring.recommend(*args, w, similarity_scale=scoring.SimilarityScale(-0.1, 0.5), **kw))  # type: ignore[arg-type]
+    cos = float(space.vecs["mug_blue"] @ space.vecs["mug_red"])
+    assert plain["mug_blue"] == pytest.approx(math.log(0.005) + 0.8 * math.log(1.001) + 2 * cos)
+    assert halved["mug_blue"] == pytest.approx(math.log(0.005) + 0.8 * math.log(1.001) + 2 * (0.5 * cos - 0.1))

@@ -306,3 +306,30 @@ def test_same_version_requested_twice_builds_once() -> None:
     finally:
         gate.set()
         builder.stop()
+
+
+def test_each_pair_gets_the_similarity_scale_of_its_own_vectors() -> None:
+    from serving.scoring import IDENTITY_SCALE, SimilarityScale
+
+    seen: list[int] = []
+
+    def fit(vectors: np.ndarray) -> SimilarityScale:
+        seen.append(vectors.shape[0])
+        return SimilarityScale(0.1, 2.0)
+
+    catalog = _catalog()
+    active = ActivePair()
+    builder = PairBuilder(active, hash_tools(catalog), similarity=fit)
+    builder.start()
+    try:
+        _live(builder, "base", "startup")
+        assert active.pair is not None and active.pair.similarity == SimilarityScale(0.1, 2.0)
+        assert seen == [len(TITLES)]  # fitted on every vector of the index just built
+    finally:
+        builder.stop()
+    _, plain = _builder(_catalog())  # no fit given: cosines are used as they are
+    try:
+        _live(plain, "base", "startup")
+        assert plain.active.pair.similarity == IDENTITY_SCALE
+    finally:
+        plain.stop()
