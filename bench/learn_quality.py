@@ -36,7 +36,8 @@ from freshrec.contracts import CatalogItem, Event, TrainPair  # noqa: E402
 from freshrec.dataset import SAMPLE_DIR, locate, read_events  # noqa: E402
 from freshrec.settings import Settings  # noqa: E402
 from learner.cli import file_catalog  # noqa: E402
-from learner.evaluate import encode_items, window_metrics  # noqa: E402
+from learner.evaluate import TargetPopularity, WindowBlend, encode_items, window_metrics  # noqa: E402
+from serving.scoring import LogBlendWeights, scale_from_settings  # noqa: E402
 from learner.intake import MicroBatcher  # noqa: E402
 from learner.metrics import ndcg_from_ranks, recall_from_ranks  # noqa: E402
 
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = 0
     feed = iter(train)
     trainer.set_catalog([items[i].text() for i in sorted(items)])
+    target_pop = TargetPopularity(settings.popularity_half_life_days * 86_400.0)
     while time.monotonic() - start < args.budget_s:
         while not batcher.due():
             pair = next(feed, None)
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         # At the end of the stream the live learner's T-second flush trains what is pooled.
         batch = batcher.take()
         losses.append(trainer.train_step(batch))
+        for pair in batch:
+            target_pop.add(pair.target_item, pair.ts)
         trained += len(batch)
         if len(losses) % 25 == 0:
             print(f"  step {len(losses)}: {trained} pairs, loss(last 25) {np.mean(losses[-25:]):.4f}, "
@@ -194,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     adapter_h = window_metrics(enc, adapter_items, heldout)
     pop_w = popularity_metrics(popularity, window)
     pop_h = popularity_metrics(popularity, heldout)
+    # What the learner's publish gate ranks by: the blend's item side, with the popularity
+    # of the trained pairs' targets (as the learner counts it) and each version's own scale.
+
+    def gate(encoder, matrix, pairs):  # type: ignore[no-untyped-def]
+        blend = WindowBlend(target_pop.normalised(matrix.item_ids), LogBlendWeights.from_settings(settings),
+                            scale_from_settings(matrix.vectors, settings))
+        return window_metrics(encoder, matrix, pairs, blend=blend)
+
+    gate_w = (gate(frozen, frozen_items, window), gate(enc, adapter_items, window))
+    gate_h = (gate(frozen, frozen_items, heldout), gate(enc, adapter_items, heldout))
 
     first = float(np.mean(losses[:25])) if losses else float("nan")
     last = float(np.mean(losses[-25:])) if losses else float("nan")
@@ -205,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         ("loss first 25 steps", first),
         ("loss last 25 steps", last),
     ]
-    for name, fig in (("window", (frozen_w, adapter_w, pop_w)), ("heldout", (frozen_h, adapter_h, pop_h))):
+    for name, fig, g in (("window", (frozen_w, adapter_w, pop_w), gate_w), ("heldout", (frozen_h, adapter_h, pop_h), gate_h)):
         f, a, p = fig
         rows += [
+            (f"{name} gate recall@10 frozen", g[0]["recall@10"]),
+            (f"{name} gate recall@10 adapter", g[1]["recall@10"]),
             (f"{name} n", int(f["n"])),
             (f"{name} recall@10 frozen", f["recall@10"]),
             (f"{name} recall@10 adapter", a["recall@10"]),
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "settings": {k: getattr(settings, k) for k in (
                 "learner_lr", "learner_temperature", "lora_rank", "learner_lora_targets", "learner_lora_dropout",
-                "learner_catalog_negatives")},
+                "learner_catalog_negatives", "learner_negatives", "learner_anchor_weight")},
             "pool": pool,
             "pairs_trained": trained,
             "steps": len(losses),
@@ -231,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             "pairs_per_second": trained / train_s if train_s else None,
             "loss_first25": first,
             "loss_last25": last,
-            "window": {"frozen": frozen_w, "adapter": adapter_w, "popularity": pop_w},
-            "heldout": {"frozen": frozen_h, "adapter": adapter_h, "popularity": pop_h},
+            "window": {"frozen": frozen_w, "adapter": adapter_w, "popularity": pop_w,
+                       "gate_frozen": gate_w[0], "gate_adapter": gate_w[1]},
+            "heldout": {"frozen": frozen_h, "adapter": adapter_h, "popularity": pop_h,
+                        "gate_frozen": gate_h[0], "gate_adapter": gate_h[1]},
         },
     )
     return 0

@@ -56,6 +56,8 @@ class LearnerState:
     duplicates: int = 0
     skipped: int = 0
     created: float = 0.0
+    # learner.evaluate.TargetPopularity.entries: what the publish gate ranks by beside similarity
+    target_popularity: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         obj: dict[str, Any] = asdict(self)

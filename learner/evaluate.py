@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from freshrec.contracts import CatalogItem, TrainPair
 from indexer.encoder import TextEncoder
+from serving.scoring import LogBlendWeights, SimilarityScale
 
-from .metrics import retrieval_metrics
+from .metrics import ndcg_from_ranks, ranks_from_scores, recall_from_ranks, retrieval_metrics
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,76 @@ def encode_items(encoder: TextEncoder, items: Mapping[str, CatalogItem], fingerp
     )
 
 
-def window_metrics(encoder: TextEncoder, matrix: ItemMatrix, pairs: Sequence[TrainPair], k: int = 10) -> dict[str, float]:
-    """``recall@k``, ``ndcg@k``, ``n`` (pairs evaluated) and ``unknown`` (targets not in the catalog)."""
+@dataclass(frozen=True)
+class WindowBlend:
+    """The item side of serving's log blend, for judging a version as serving will use it.
+
+    A window pair has no repeat signal to offer (its target is never in its context), so
+    what serving would rank it by is ``w.popularity * log(pop + floor) + w.similarity *
+    max(scale(cos), 0)``. ``popularity`` is one value per row of the matrix being judged
+    (normalised to max 1); ``scale`` is that version's :class:`SimilarityScale`.
+    """
+
+    popularity: np.ndarray
+    weights: LogBlendWeights
+    scale: SimilarityScale
+
+
+def window_metrics(
+    encoder: TextEncoder, matrix: ItemMatrix, pairs: Sequence[TrainPair], k: int = 10, blend: WindowBlend | None = None
+) -> dict[str, float]:
+    """``recall@k``, ``ndcg@k``, ``n`` (pairs evaluated) and ``unknown`` (targets not in the catalog).
+
+    Items are ranked by cosine to the context, or, with ``blend``, by the blend's item side.
+    """
     known = [p for p in pairs if p.target_item in matrix.index]
     if not known:
         return {f"recall@{k}": 0.0, f"ndcg@{k}": 0.0, "n": 0.0, "unknown": float(len(pairs))}
     contexts = context_matrix(encoder, matrix, known)
     targets = np.array([matrix.index[p.target_item] for p in known], dtype=np.int64)
-    out = retrieval_metrics(contexts, matrix.vectors, targets, k)
+    if blend is None:
+        out = retrieval_metrics(contexts, matrix.vectors, targets, k)
+    else:
+        w, sc = blend.weights, blend.scale
+        cos = contexts @ matrix.vectors.T
+        scores = w.popularity * np.log(np.maximum(blend.popularity, 0.0) + w.popularity_floor)[None, :] + (
+            w.similarity * np.maximum(sc.shift + sc.scale * cos, 0.0)
+        )
+        ranks = ranks_from_scores(scores, targets)
+        out = {f"recall@{k}": recall_from_ranks(ranks, k), f"ndcg@{k}": ndcg_from_ranks(ranks, k), "n": float(len(ranks))}
     out["unknown"] = float(len(pairs) - len(known))
     return out
+
+
+@dataclass
+class TargetPopularity:
+    """Decayed counts of trained pairs' targets: the learner's view of fresh popularity.
+
+    Serving reads popularity from the users flow; the learner sees only pairs, and their
+    targets (purchases, carts, clicks) are popularity's own events. Each entry is
+    ``[count, as_of_ts]`` in event time, so the counts survive a checkpoint as plain JSON.
+    """
+
+    half_life_s: float
+    entries: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, item_id: str, ts: float, weight: float = 1.0) -> None:
+        value, as_of = self.entries.get(item_id, (0.0, ts))
+        if ts >= as_of:
+            value, as_of = value * 2.0 ** (-(ts - as_of) / self.half_life_s) + weight, ts
+        else:
+            value += weight * 2.0 ** (-(as_of - ts) / self.half_life_s)
+        self.entries[item_id] = [value, as_of]
+
+    def normalised(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Each id's count decayed to the newest time seen, divided by the largest (0 if unseen)."""
+        if not self.entries:
+            return np.zeros(len(item_ids))
+        now = max(as_of for _, as_of in self.entries.values())
+        decayed = {i: v * 2.0 ** (-(now - t) / self.half_life_s) for i, (v, t) in self.entries.items()}
+        top = max(decayed.values())
+        out = np.array([decayed.get(i, 0.0) for i in item_ids], dtype=np.float64)
+        return out / top if top > 0 else out
 
 
 def context_matrix(encoder: TextEncoder, matrix: ItemMatrix, pairs: Sequence[TrainPair]) -> np.ndarray:

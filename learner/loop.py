@@ -34,7 +34,9 @@ from freshrec.settings import Settings
 from indexer.encoder import BASE_VERSION
 
 from .checkpoint import TRAINER_FILE, CheckpointStore, LearnerState
-from .evaluate import ActiveEncoder, catalog_fingerprint, encode_items, window_metrics
+from serving.scoring import LogBlendWeights, scale_from_settings
+
+from .evaluate import ActiveEncoder, ItemMatrix, TargetPopularity, WindowBlend, catalog_fingerprint, encode_items, window_metrics
 from .intake import Intake
 from .publish import decide_publish
 from .registry import AdapterRegistry, parse_version
@@ -108,6 +110,7 @@ class Learner:
         self._clock = clock
         self.trainer = LoraTrainer(settings, self.device)
         self.state = self._restore()
+        self.popularity = TargetPopularity(settings.popularity_half_life_days * 86_400.0, self.state.target_popularity)
         self.intake = Intake(
             settings.learner_batch_size,
             settings.learner_flush_seconds,
@@ -253,6 +256,8 @@ class Learner:
     def _train(self, batch: list[TrainPair]) -> None:
         self.trainer.set_catalog(self.catalog.texts())
         loss = self.trainer.train_step(batch)
+        for pair in batch:
+            self.popularity.add(pair.target_item, pair.ts)
         self._recent_losses.append(loss)
         self.store.append_trained(self.trainer.step, [p.pair_id for p in batch])
         self.state.batches_since_eval += 1
@@ -269,6 +274,7 @@ class Learner:
         s.step = self.trainer.step
         s.pairs_trained = self.trainer.pairs_trained
         s.duplicates = self.intake.duplicates
+        s.target_popularity = self.popularity.entries
         self.store.write(self.trainer, s)
 
     def _evaluate_and_maybe_publish(self) -> None:
@@ -281,8 +287,9 @@ class Learner:
             return
         fingerprint = catalog_fingerprint(items)
         cand_matrix = encode_items(self.trainer.encoder(), items, fingerprint)
-        cand = window_metrics(self.trainer.encoder(), cand_matrix, window)
-        act = window_metrics(self.active.encoder, self.active.matrix(items, fingerprint), window)
+        act_matrix = self.active.matrix(items, fingerprint)
+        cand = window_metrics(self.trainer.encoder(), cand_matrix, window, blend=self._blend(cand_matrix))
+        act = window_metrics(self.active.encoder, act_matrix, window, blend=self._blend(act_matrix))
         decision = decide_publish(
             cand,
             act,
@@ -314,6 +321,20 @@ class Learner:
         self._announce(manifest.version)
         log.info("published %s (parent %s, %d pairs trained)", manifest.version, parent or BASE_VERSION,
                  manifest.pairs_seen)
+
+    def _blend(self, matrix: ItemMatrix) -> WindowBlend:
+        """Serving's item-side blend over one version's matrix: what the gate ranks by.
+
+        A candidate is judged as serving will use it, beside fresh popularity and on its
+        own similarity scale; judged on cosine alone, an adapter trained to add what
+        popularity does not explain looked worse than the base model while it ranked
+        baskets better (docs/eval_online_retail_ii.md).
+        """
+        return WindowBlend(
+            self.popularity.normalised(matrix.item_ids),
+            LogBlendWeights.from_settings(self.settings),
+            scale_from_settings(matrix.vectors, self.settings),
+        )
 
     def _announce(self, version: str) -> None:
         manifest, path = self.registry.load(version)

@@ -36,7 +36,12 @@ def target_ranks(query_vecs: np.ndarray, item_vecs: np.ndarray, target_idx: np.n
         return np.zeros(0, dtype=np.int64)
     if target_idx.min() < 0 or target_idx.max() >= item_vecs.shape[0]:
         raise ValueError(f"target index out of range for {item_vecs.shape[0]} items")
-    scores = query_vecs @ item_vecs.T  # (n, m); n is a window (hundreds), m a catalog (thousands)
+    return ranks_from_scores(query_vecs @ item_vecs.T, target_idx)  # (n, m): a window x a catalog
+
+
+def ranks_from_scores(scores: np.ndarray, target_idx: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's target column in ``scores`` (n, m); ties favour the target."""
+    target_idx = np.asarray(target_idx, dtype=np.int64)
     target_scores = scores[np.arange(len(target_idx)), target_idx]
     return (scores > target_scores[:, None]).sum(axis=1).astype(np.int64)
 

@@ -1,7 +1,10 @@
 """Whether a candidate adapter may replace the active one: a pure decision with a reason.
 
 The rule (issue 5): publish only if the candidate is not worse than the active adapter
-by more than ``margin`` in Recall@10, both measured on the same held-out window.
+by more than ``margin`` in Recall@10, both measured on the same held-out window. The
+learner ranks that window by the item side of serving's blend (fresh popularity of the
+trained targets plus each version's scaled similarity: ``learner.evaluate.WindowBlend``),
+so a version is judged as serving will use it.
 Two more reasons hold one back, because a figure on too few pairs, or a candidate that
 has not changed since the last publication, says nothing new. Every decision carries a
 sentence for the log, so an operator can see why nothing was published.

@@ -129,3 +129,36 @@ def test_recent_targets_survive_a_checkpoint(settings: Settings, tmp_path) -> No
     other = LoraTrainer(settings, "cpu")
     other.load_state(tmp_path / "t.pt")
     assert other.recent_targets == trainer.recent_targets
+
+
+def test_target_popularity_decays_in_event_time_and_survives_json() -> None:
+    import json
+
+    from learner.checkpoint import LearnerState
+    from learner.evaluate import TargetPopularity
+
+    day = 86_400.0
+    pop = TargetPopularity(7 * day)
+    pop.add("a", 0.0)
+    pop.add("b", 7 * day)
+    pop.add("a", 3 * day)  # arrives late for nothing: order does not matter
+    a = 0.5 + 2 ** (-4 / 7)  # two purchases of a, decayed to day 7; one of b on day 7
+    assert pop.normalised(["a", "b", "never"]) == pytest.approx([1.0, 1.0 / a, 0.0])
+    state = LearnerState(topic="t", target_popularity=pop.entries)
+    back = LearnerState.from_json(state.to_json())
+    assert back.target_popularity == json.loads(json.dumps(pop.entries))
+    assert TargetPopularity(7 * day, back.target_popularity).normalised(["a", "b"]) == pytest.approx(pop.normalised(["a", "b"]))
+
+
+def test_the_gate_ranks_by_the_blends_item_side() -> None:
+    from learner.evaluate import WindowBlend
+    from serving.scoring import IDENTITY_SCALE, LogBlendWeights, SimilarityScale
+
+    enc = _QueryOnlyEncoder()
+    pairs = [_pair("1", ["a"], ["A"], target="b")]  # context a; b is nearer to a than t is
+    plain = window_metrics(enc, _matrix(), pairs, k=1)
+    assert plain["recall@1"] == 0.0  # by cosine alone, a itself ranks first
+    popular_b = WindowBlend(np.array([0.0, 1.0, 0.0]), LogBlendWeights(), IDENTITY_SCALE)
+    assert window_metrics(enc, _matrix(), pairs, k=1, blend=popular_b)["recall@1"] == 1.0  # b sells, a does not
+    flat = WindowBlend(np.ones(3), LogBlendWeights(), SimilarityScale(0.0, 1.0))
+    assert window_metrics(enc, _matrix(), pairs, k=1, blend=flat)["recall@1"] == 0.0  # equal popularity: cosine decides
