@@ -172,9 +172,15 @@ class SystemMethod:
         self.new_s = s.blend_new_days * DAY_S
 
     def set_vectors(self, vectors: np.ndarray) -> None:
-        """New item vectors and, as serving's pair builder does, their similarity scale."""
+        """New item vectors and, as serving's pair builder does, their similarity scale.
+
+        The scale is fitted on the rows in item-id order, the order serving's builder
+        reads its index in, so the same vectors give the same random pairs and scale.
+        """
         self.vectors = vectors
-        self.similarity_scale = scale_from_settings(vectors, self.replay.settings)
+        ids = self.replay.log.item_ids
+        by_id = sorted(range(len(ids)), key=ids.__getitem__)
+        self.similarity_scale = scale_from_settings(vectors[by_id], self.replay.settings)
 
     def observe(self, log: EventLog, start: int, stop: int) -> None:
         self.replay.observe(log, start, stop)

@@ -126,6 +126,9 @@ def default_tools(settings: Any, redis_client: Any, exporter: Any | None = None)
     return BuildTools(load_adapter, make_encoder, catalog, read_items, build, tuple(rejected))
 
 
+SCALE_SAMPLE = 20_000  # items a pair's SimilarityScale is fitted on (the bundled catalogs: all of them)
+
+
 @dataclass
 class Shadow:
     """Changes seen while a version builds: ids to re-encode and that version's own vectors."""
@@ -307,9 +310,18 @@ class PairBuilder:
                 # thread on the GIL for as long as it walks the heap.
 
     def _similarity_scale(self, index: Any) -> SimilarityScale:
+        """The new pair's scale, fitted on (a fixed sample of at most SCALE_SAMPLE of) its vectors.
+
+        A sample, so a catalog of millions is not reconstructed whole; a fixed seed over
+        the sorted ids, so a rebuild of one version (a rollback) gets the same scale.
+        """
         if self.similarity is None:
             return IDENTITY_SCALE
-        vectors = index.reconstruct_many(index.item_ids())
+        ids = sorted(index.item_ids())
+        if len(ids) > SCALE_SAMPLE:
+            pick = np.random.default_rng(0).choice(len(ids), SCALE_SAMPLE, replace=False)
+            ids = [ids[k] for k in np.sort(pick)]
+        vectors = index.reconstruct_many(ids)
         if not vectors:
             return IDENTITY_SCALE
         return self.similarity(np.stack(list(vectors.values())))
