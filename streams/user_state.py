@@ -33,8 +33,9 @@ by the wall clock, so replaying the same events gives the same state byte for by
   for Next-basket Recommendation"), so a weekly re-orderer and a twice-a-year one are
   both ranked by their own last few orders. The state is a function of the *set* of
   (item, basket time) pairs seen, so arrival order, late lines and duplicate lines of
-  one item in a basket change nothing; a basket older than every kept one is not
-  kept (its weight would be below ``decay ** baskets_kept``). A cancel does not
+  one item in a basket change nothing (up to the ``max_freq_items`` cap, which drops
+  the weakest items as they come); a basket older than every kept one is not kept
+  (its weight would be below ``decay ** baskets_kept``). A cancel does not
   remove the item from its basket: measured on online_retail_ii, counting baskets
   regardless of returns ranked re-orders better (docs/eval_online_retail_ii.md).
 * **search** events do not enter the history (they have no item); the latest query and
