@@ -36,8 +36,10 @@ by the wall clock, so replaying the same events gives the same state byte for by
   one item in a basket change nothing (up to the ``max_freq_items`` cap, which drops
   the weakest items as they come); a basket older than every kept one is not kept
   (its weight would be below ``decay ** baskets_kept``). A cancel does not
-  remove the item from its basket: measured on online_retail_ii, counting baskets
-  regardless of returns ranked re-orders better (docs/eval_online_retail_ii.md).
+  remove the item from its basket: on online_retail_ii, basket counts that ignore
+  returns ranked re-orders better than purchase counts with returns subtracted
+  (docs/eval_online_retail_ii.md; that comparison also dedupes lines, and the two
+  differences were not measured apart).
 * **search** events do not enter the history (they have no item); the latest query and
   its time are kept so a following click can be paired with the query that led to it.
 * **Duplicates**: the ids of the last ``dedupe_ids`` applied events are kept; an event
