@@ -37,7 +37,6 @@ from freshrec.dataset import SAMPLE_DIR, locate, read_events  # noqa: E402
 from freshrec.settings import Settings  # noqa: E402
 from learner.cli import file_catalog  # noqa: E402
 from learner.evaluate import TargetPopularity, WindowBlend, encode_items, window_metrics  # noqa: E402
-from serving.scoring import LogBlendWeights, scale_from_settings  # noqa: E402
 from learner.intake import MicroBatcher  # noqa: E402
 from learner.metrics import ndcg_from_ranks, recall_from_ranks  # noqa: E402
 
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = 0
     feed = iter(train)
     trainer.set_catalog([items[i].text() for i in sorted(items)])
-    target_pop = TargetPopularity(settings.popularity_half_life_days * 86_400.0)
+    target_pop = TargetPopularity.days(settings.popularity_half_life_days)
     while time.monotonic() - start < args.budget_s:
         while not batcher.due():
             pair = next(feed, None)
@@ -202,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     # of the trained pairs' targets (as the learner counts it) and each version's own scale.
 
     def gate(encoder, matrix, pairs):  # type: ignore[no-untyped-def]
-        blend = WindowBlend(target_pop.normalised(matrix.item_ids), LogBlendWeights.from_settings(settings),
-                            scale_from_settings(matrix.vectors, settings))
-        return window_metrics(encoder, matrix, pairs, blend=blend)
+        return window_metrics(encoder, matrix, pairs, blend=WindowBlend.for_matrix(matrix, target_pop, settings))
 
     gate_w = (gate(frozen, frozen_items, window), gate(enc, adapter_items, window))
     gate_h = (gate(frozen, frozen_items, heldout), gate(enc, adapter_items, heldout))

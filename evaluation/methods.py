@@ -202,8 +202,7 @@ class SystemMethod:
         if hw:
             uvec = user_vector(hw, {i: self.vectors[self.index[i]] for i in hw})
             if uvec is not None:
-                scale = self.similarity_scale
-                sim = scale.shift + scale.scale * (self.vectors @ uvec).astype(np.float64)
+                sim = self.similarity_scale.apply((self.vectors @ uvec).astype(np.float64))
         # serving.scoring.new_arrivals as a mask; "now" is the basket's time, where
         # serving uses the newest event time seen (the request's time in event time).
         is_new = ((now - self.replay.first_seen) <= self.new_s).astype(np.float64)

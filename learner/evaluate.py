@@ -18,12 +18,14 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from freshrec.contracts import CatalogItem, TrainPair
 from indexer.encoder import TextEncoder
-from serving.scoring import LogBlendWeights, SimilarityScale
+from serving.scoring import DAY_S, LogBlendWeights, SimilarityScale, log_blend_terms, scale_from_settings
+from streams.user_state import decay_factor, decayed_add
 
 from .metrics import ndcg_from_ranks, ranks_from_scores, recall_from_ranks, retrieval_metrics
 
@@ -66,14 +68,24 @@ class WindowBlend:
     """The item side of serving's log blend, for judging a version as serving will use it.
 
     A window pair has no repeat signal to offer (its target is never in its context), so
-    what serving would rank it by is ``w.popularity * log(pop + floor) + w.similarity *
-    max(scale(cos), 0)``. ``popularity`` is one value per row of the matrix being judged
-    (normalised to max 1); ``scale`` is that version's :class:`SimilarityScale`.
+    what serving would rank it by is ``serving.scoring.log_blend_terms`` with repeat 0:
+    popularity plus the version's scaled similarity. ``popularity`` is one value per row
+    of the matrix being judged (normalised to max 1); ``scale`` is that version's
+    :class:`SimilarityScale`.
     """
 
     popularity: np.ndarray
     weights: LogBlendWeights
     scale: SimilarityScale
+
+    @classmethod
+    def for_matrix(cls, matrix: ItemMatrix, popularity: TargetPopularity, settings: Any) -> WindowBlend:
+        """The blend the publish gate ranks ``matrix`` by: its own scale, the learner's popularity."""
+        return cls(
+            popularity.normalised(matrix.item_ids),
+            LogBlendWeights.from_settings(settings),
+            scale_from_settings(matrix.vectors, settings),
+        )
 
 
 def window_metrics(
@@ -91,10 +103,9 @@ def window_metrics(
     if blend is None:
         out = retrieval_metrics(contexts, matrix.vectors, targets, k)
     else:
-        w, sc = blend.weights, blend.scale
-        cos = contexts @ matrix.vectors.T
-        scores = w.popularity * np.log(np.maximum(blend.popularity, 0.0) + w.popularity_floor)[None, :] + (
-            w.similarity * np.maximum(sc.shift + sc.scale * cos, 0.0)
+        none = np.zeros(1)  # no repeat, no new-arrival flag: constants that change no rank
+        scores = log_blend_terms(
+            none, blend.scale.apply(contexts @ matrix.vectors.T), blend.popularity[None, :], none, blend.weights
         )
         ranks = ranks_from_scores(scores, targets)
         out = {f"recall@{k}": recall_from_ranks(ranks, k), f"ndcg@{k}": ndcg_from_ranks(ranks, k), "n": float(len(ranks))}
@@ -114,20 +125,20 @@ class TargetPopularity:
     half_life_s: float
     entries: dict[str, list[float]] = field(default_factory=dict)
 
+    @classmethod
+    def days(cls, half_life_days: float, entries: dict[str, list[float]] | None = None) -> TargetPopularity:
+        return cls(half_life_days * DAY_S, {} if entries is None else entries)
+
     def add(self, item_id: str, ts: float, weight: float = 1.0) -> None:
         value, as_of = self.entries.get(item_id, (0.0, ts))
-        if ts >= as_of:
-            value, as_of = value * 2.0 ** (-(ts - as_of) / self.half_life_s) + weight, ts
-        else:
-            value += weight * 2.0 ** (-(as_of - ts) / self.half_life_s)
-        self.entries[item_id] = [value, as_of]
+        self.entries[item_id] = list(decayed_add(value, as_of, weight, ts, self.half_life_s))
 
     def normalised(self, item_ids: Sequence[str]) -> np.ndarray:
         """Each id's count decayed to the newest time seen, divided by the largest (0 if unseen)."""
         if not self.entries:
             return np.zeros(len(item_ids))
         now = max(as_of for _, as_of in self.entries.values())
-        decayed = {i: v * 2.0 ** (-(now - t) / self.half_life_s) for i, (v, t) in self.entries.items()}
+        decayed = {i: v * decay_factor(now - t, self.half_life_s) for i, (v, t) in self.entries.items()}
         top = max(decayed.values())
         out = np.array([decayed.get(i, 0.0) for i in item_ids], dtype=np.float64)
         return out / top if top > 0 else out

@@ -34,8 +34,6 @@ from freshrec.settings import Settings
 from indexer.encoder import BASE_VERSION
 
 from .checkpoint import TRAINER_FILE, CheckpointStore, LearnerState
-from serving.scoring import LogBlendWeights, scale_from_settings
-
 from .evaluate import ActiveEncoder, ItemMatrix, TargetPopularity, WindowBlend, catalog_fingerprint, encode_items, window_metrics
 from .intake import Intake
 from .publish import decide_publish
@@ -110,7 +108,7 @@ class Learner:
         self._clock = clock
         self.trainer = LoraTrainer(settings, self.device)
         self.state = self._restore()
-        self.popularity = TargetPopularity(settings.popularity_half_life_days * 86_400.0, self.state.target_popularity)
+        self.popularity = TargetPopularity.days(settings.popularity_half_life_days, self.state.target_popularity)
         self.intake = Intake(
             settings.learner_batch_size,
             settings.learner_flush_seconds,
@@ -330,11 +328,7 @@ class Learner:
         popularity does not explain looked worse than the base model while it ranked
         baskets better (docs/eval_online_retail_ii.md).
         """
-        return WindowBlend(
-            self.popularity.normalised(matrix.item_ids),
-            LogBlendWeights.from_settings(self.settings),
-            scale_from_settings(matrix.vectors, self.settings),
-        )
+        return WindowBlend.for_matrix(matrix, self.popularity, self.settings)
 
     def _announce(self, version: str) -> None:
         manifest, path = self.registry.load(version)

@@ -116,7 +116,8 @@ class SimilarityScale:
     shift: float = 0.0
     scale: float = 1.0
 
-    def apply(self, cosine: float) -> float:
+    def apply(self, cosine: Any) -> Any:
+        """The mapped cosine: a float, or a numpy array elementwise."""
         return self.shift + self.scale * cosine
 
 
