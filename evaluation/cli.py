@@ -129,8 +129,14 @@ def main(argv: list[str], settings: Settings) -> int:
         if learner is not None:
             extra = (
                 f" (adapter updates {learner.updates}, pairs trained {learner.pairs_trained:,}, "
-                f"training {learner.train_seconds:.0f} s, re-encoding {learner.encode_seconds:.0f} s)"
+                f"training {learner.train_seconds:.0f} s, re-encoding {learner.encode_seconds:.0f} s"
             )
+            gate = learner.gate
+            if gate is not None:
+                extra += f", published {gate.published} of {learner.updates} by the gate ({learner.gate_seconds:.0f} s)"
+                for n, reason in enumerate(gate.decisions or [], 1):
+                    extra += f"\n{'':14}   update {n}: {reason}"
+            extra += ")"
         print(f"{m.name:14} {results[m.name].seconds:8.1f} s{extra}")
     print(f"total {wall:.0f} s")
     if args.json:

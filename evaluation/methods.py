@@ -28,8 +28,11 @@ code the flows and serving call, fed from the event log):
   the base weights, ``full`` the LoRA adapter of ``learner.trainer.LoraTrainer`` trained
   in the stream: at every ``eval_train_every_days`` boundary of event time it trains on
   (a bounded sample of) the pairs made since its last update, then re-encodes the
-  catalog, and later baskets are scored with the new vectors. Before the first basket
-  it catches up on the pairs of the last ``eval_pretrain_days`` of history.
+  catalog, and later baskets are scored with the new vectors if the learner's publish
+  gate passes them (``learner.publish.decide_publish`` on the newest
+  ``learner_eval_window`` pairs, held out of training as the learner holds them;
+  setting ``eval_gate``). Before the first basket it catches up on the pairs of the
+  last ``eval_pretrain_days`` of history.
 
 The ONNX int8 back end serving uses is not used here (not available when this was
 written); int8 quantisation moves cosines by ~1e-2, far below the blend's margins.
@@ -37,6 +40,9 @@ written); int8 quantisation moves cosines by ~1e-2, far below the blend's margin
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,15 +229,36 @@ class SystemMethod:
         return dense_blend(sig.repeat, sig.similarity, sig.popularity, self.weights, pool)
 
 
+def hold_out(pairs: list[TrainPair], window_size: int) -> tuple[list[TrainPair], list[TrainPair]]:
+    """(trainable, window): the newest ``window_size`` pairs are held back, as the learner's intake does.
+
+    ``learner.intake.Intake`` keeps the most recent untrained pairs as the publish gate's
+    window and trains a pair only once newer ones push it out; ``pairs`` are in event
+    order, so the window is the tail.
+    """
+    if window_size <= 0:
+        return list(pairs), []
+    cut = max(len(pairs) - window_size, 0)
+    return list(pairs[:cut]), list(pairs[cut:])
+
+
 @dataclass
 class StreamLearner:
-    """Trains the adapter in event time and re-encodes the catalog after each update.
+    """Trains the adapter in event time, gates each candidate, re-encodes the catalog.
 
     Bounded work, so a replay fits its time limit: at most ``max_pairs`` pairs per update
     (a uniform sample seeded by ``seed`` and the update number when there are more), in
     shuffled batches of ``batch_size``, for ``epochs`` passes. Training dominates the
     run time (measured: 449 s of a 771 s replay on online_retail_ii), so these budgets
     are what keeps ``freshrec eval`` inside 30 minutes on two cores.
+
+    With ``gate`` (setting ``eval_gate``, on by default) an update is adopted only as the
+    learner process would publish it: the newest ``learner_eval_window`` pairs are held
+    out of training, the candidate and the active version are ranked on them by
+    ``learner.evaluate.window_metrics`` with serving's item-side blend, and
+    ``learner.publish.decide_publish`` decides. A published candidate goes through the
+    adapter registry (a temporary one) and is loaded back, as serving would load it; a
+    held one keeps training, and baskets are scored with the active version meanwhile.
     """
 
     trainer: object  # learner.trainer.LoraTrainer (imported lazily: torch is heavy)
@@ -243,11 +270,13 @@ class StreamLearner:
     batch_size: int
     epochs: int
     seed: int
+    gate: Gate | None = None
     next_update: float | None = None
     updates: int = 0
     pairs_trained: int = 0
     train_seconds: float = 0.0
     encode_seconds: float = 0.0
+    gate_seconds: float = 0.0
 
     def advance(self, now: float) -> None:
         if self.next_update is None:
@@ -260,6 +289,8 @@ class StreamLearner:
 
     def _update(self, budget: int) -> None:
         pairs = self.replay.take_pairs()
+        if self.gate is not None:
+            pairs = self.gate.intake(pairs)
         if len(pairs) > budget:
             rng = np.random.default_rng(self.seed + self.updates)
             keep = np.sort(rng.choice(len(pairs), size=budget, replace=False))
@@ -275,11 +306,94 @@ class StreamLearner:
                 if len(batch) >= 2:
                     self.trainer.train_step(batch)  # type: ignore[attr-defined]
         t1 = time.perf_counter()
-        self.method.set_vectors(encode_catalog(self.trainer.encoder().encode, self.replay.log.titles))  # type: ignore[attr-defined]
-        self.encode_seconds += time.perf_counter() - t1
+        vectors = encode_catalog(self.trainer.encoder().encode, self.replay.log.titles)  # type: ignore[attr-defined]
+        t2 = time.perf_counter()
+        self.encode_seconds += t2 - t1
         self.train_seconds += t1 - t0
         self.pairs_trained += len(pairs)
         self.updates += 1
+        if self.gate is None or self.gate.judge(self.trainer, vectors, pairs):
+            self.method.set_vectors(vectors)
+        self.gate_seconds += time.perf_counter() - t2
+
+
+@dataclass
+class Gate:
+    """The learner process's publish gate, run on the evaluation's stream (:class:`StreamLearner`).
+
+    Keeps the held-out window, the learner's target popularity and the active version
+    (its encoder and item matrix); every judgement is appended to ``decisions`` (the
+    gate's reason sentence), so a run can say what was published and why.
+    """
+
+    settings: Settings
+    item_ids: list[str]
+    device: str
+    registry_root: str
+    window: list[TrainPair]
+    popularity: object  # learner.evaluate.TargetPopularity
+    active: object  # learner.evaluate.ActiveEncoder
+    active_matrix: object  # learner.evaluate.ItemMatrix
+    trained_since_publish: int = 0
+    published: int = 0
+    decisions: list[str] | None = None
+
+    @classmethod
+    def start(cls, settings: Settings, item_ids: list[str], base_vectors: np.ndarray, device: str, registry_root: str) -> Gate:
+        from indexer.encoder import BASE_VERSION
+        from learner.evaluate import ActiveEncoder, TargetPopularity
+
+        active = ActiveEncoder.load(BASE_VERSION, registry_root, device)  # type: ignore[arg-type]
+        return cls(
+            settings, item_ids, device, registry_root, [],
+            TargetPopularity.days(settings.popularity_half_life_days), active,
+            _item_matrix(BASE_VERSION, item_ids, base_vectors), decisions=[],
+        )
+
+    def intake(self, new_pairs: list[TrainPair]) -> list[TrainPair]:
+        """Add the new pairs behind the window; return the pairs that left it (now trainable)."""
+        trainable, self.window = hold_out(self.window + new_pairs, self.settings.learner_eval_window)
+        return trainable
+
+    def judge(self, trainer: object, vectors: np.ndarray, trained: list[TrainPair]) -> bool:
+        """Publish the trained candidate (True) or hold it (False), as ``learner.loop`` does."""
+        from indexer.encoder import BASE_VERSION
+        from learner.evaluate import ActiveEncoder, WindowBlend, window_metrics
+        from learner.publish import decide_publish
+        from learner.registry import AdapterRegistry
+
+        for pair in trained:
+            self.popularity.add(pair.target_item, pair.ts)  # type: ignore[attr-defined]
+        self.trained_since_publish += len(trained)
+        s = self.settings
+        cand_matrix = _item_matrix("candidate", self.item_ids, vectors)
+        encoder = trainer.encoder()  # type: ignore[attr-defined]
+        cand = window_metrics(encoder, cand_matrix, self.window, blend=WindowBlend.for_matrix(cand_matrix, self.popularity, s))  # type: ignore[arg-type]
+        act_blend = WindowBlend.for_matrix(self.active_matrix, self.popularity, s)  # type: ignore[arg-type]
+        act = window_metrics(self.active.encoder, self.active_matrix, self.window, blend=act_blend)  # type: ignore[attr-defined, arg-type]
+        decision = decide_publish(
+            cand, act, s.learner_publish_margin, evaluated_pairs=int(cand["n"]), min_pairs=s.learner_min_eval_pairs,
+            trained_since_publish=self.trained_since_publish, active_version=self.active.version,  # type: ignore[attr-defined]
+        )
+        assert self.decisions is not None
+        self.decisions.append(decision.reason)
+        if not decision.publish:
+            return False
+        registry = AdapterRegistry(self.registry_root)
+        parent = None if self.active.version == BASE_VERSION else self.active.version  # type: ignore[attr-defined]
+        metrics = {"recall@10": cand["recall@10"], "active_recall@10": act["recall@10"], "eval_pairs": cand["n"]}
+        manifest = registry.publish(trainer.peft_model, parent, metrics, trainer.pairs_trained)  # type: ignore[attr-defined]
+        self.active = ActiveEncoder.load(manifest.version, registry.root, self.device)
+        self.active_matrix = _item_matrix(manifest.version, self.item_ids, vectors)
+        self.trained_since_publish = 0
+        self.published += 1
+        return True
+
+
+def _item_matrix(version: str, item_ids: list[str], vectors: np.ndarray):  # type: ignore[no-untyped-def]
+    from learner.evaluate import ItemMatrix
+
+    return ItemMatrix(version, "eval", list(item_ids), vectors, {i: n for n, i in enumerate(item_ids)})
 
 
 class FullMethod(SystemMethod):
@@ -330,6 +444,11 @@ def build_system_methods(
         # As the learner process does: random catalog items as extra negatives. In-batch
         # negatives alone pulled retrieval below the frozen encoder (learner/README.md).
         trainer.set_catalog(log.titles)
+        gate = None
+        if settings.eval_gate:
+            registry = tempfile.mkdtemp(prefix="freshrec-eval-registry-")
+            atexit.register(shutil.rmtree, registry, True)
+            gate = Gate.start(settings, list(log.item_ids), base, device, registry)
         full.learner = StreamLearner(
             trainer=trainer,
             replay=replay,
@@ -340,6 +459,7 @@ def build_system_methods(
             batch_size=settings.learner_batch_size,
             epochs=settings.eval_epochs,
             seed=settings.seed,
+            gate=gate,
         )
         out.append(full)
     return out

@@ -211,6 +211,10 @@ class Settings(BaseSettings):
         1024, ge=0, description="`freshrec eval` full: most train pairs (a seeded sample) for the first adapter"
     )
     eval_epochs: int = Field(1, ge=1, description="`freshrec eval` full: passes over each update's pairs")
+    eval_gate: bool = Field(
+        True,
+        description="`freshrec eval` full: adopt an update only if the learner's publish gate passes it (as the live learner)",
+    )
     eval_repeat_half_life_days: float = Field(
         365.0, gt=0, description="`freshrec eval` repeat and cooccurrence baselines: half-life of the shopper's frequency"
     )

@@ -11,6 +11,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
@@ -55,13 +56,14 @@ def _write_dataset(sample_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def _run(log, seed: int, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _run(log, seed: int, tmp_path: Path, **overrides):  # type: ignore[no-untyped-def]
     import torch
 
     torch.set_num_threads(2)
     settings = Settings(
         seed=seed, state_dir=tmp_path, eval_train_every_days=7.0, eval_pairs_per_update=16,
-        eval_pretrain_days=7.0, eval_pretrain_pairs=16, learner_batch_size=8,
+        eval_pretrain_days=7.0, eval_pretrain_pairs=16, learner_batch_size=8, learner_eval_window=32,
+        **overrides,
     )
     eval_from = parse_date("2011-05-16")
     methods = build_system_methods(log, settings, eval_from, ["frozen", "full"], "cpu")
@@ -76,6 +78,24 @@ def test_same_seed_same_figures(sample_dir: Path, tmp_path: Path) -> None:
     assert full.learner.updates >= 2, "the adapter must have been updated in the stream"
     assert first == second
     assert first["full"]["all"]["baskets"] > 50
+
+
+def test_gate_that_never_publishes_leaves_full_equal_to_frozen(sample_dir: Path, tmp_path: Path) -> None:
+    """A gate that holds every update (too few window pairs) must score with the base vectors."""
+    figures, full = _run(_small_log(sample_dir), 7, tmp_path, learner_min_eval_pairs=10_000)
+    assert full.learner.updates >= 2 and full.learner.gate.published == 0
+    assert all(r.startswith("hold: only") for r in full.learner.gate.decisions)
+    assert figures["full"] == figures["frozen"]
+
+
+def test_gate_that_always_publishes_adopts_every_update(sample_dir: Path, tmp_path: Path) -> None:
+    """With a margin of 1 nothing is worse enough to hold: every update goes through the registry."""
+    figures, full = _run(_small_log(sample_dir), 7, tmp_path, learner_publish_margin=1.0)
+    gate = full.learner.gate
+    assert full.learner.updates >= 2 and gate.published == full.learner.updates
+    assert gate.active.version != "base"
+    assert np.array_equal(gate.active_matrix.vectors, full.vectors)
+    assert figures["full"] != figures["frozen"]
 
 
 def test_cli_baselines_on_sample(sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
