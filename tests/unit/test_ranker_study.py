@@ -38,3 +38,45 @@ def test_coordinate_ascent_moves_weight_to_the_informative_feature() -> None:
     after = recall(train, lambda x: x[:, [0, 1]] @ w)
     assert after > before and after > 0.9
     assert w[1] > abs(w[0])
+
+
+def test_neighbours_score_what_similar_shoppers_bought() -> None:
+    """u shares a and b with v and nothing with w: v's other item c scores, w's d does not."""
+    from bench.ranker_study import Neighbours
+    from evaluation.data import build_log
+    from evaluation.methods import SystemMethod, SystemReplay
+    from freshrec.settings import Settings
+    from serving.scoring import LogBlendWeights
+
+    day = 86400.0
+    rows = [("u", "a", 0.0), ("u", "b", 0.0), ("v", "a", day), ("v", "b", day), ("v", "c", day), ("w", "d", day)]
+    events = [{"event_id": f"t:{k}", "user_id": u, "item_id": i, "ts": t, "kind": "purchase"} for k, (u, i, t) in enumerate(rows)]
+    log = build_log("t", events, [{"item_id": i, "title": i} for i in "abcd"])
+    replay = SystemReplay(log, Settings())
+    system = SystemMethod("frozen", replay, np.eye(4, dtype=np.float32), LogBlendWeights(), 10)
+    neighbours = Neighbours(log, system)
+    replay.observe(log, 0, len(log))
+    for user, ts in (("u", 0.0), ("v", day), ("w", day)):
+        items = np.asarray([log.item_ids.index(i) for u2, i, t in rows if u2 == user])
+        neighbours.bought(log.user_ids.index(user), ts, items)
+    knn, recent = neighbours.scores(log.user_ids.index("u"), 2 * day)
+    c, d = log.item_ids.index("c"), log.item_ids.index("d")
+    assert knn[c] > 0 and knn[d] == 0
+    assert recent[c] > 0 and recent[d] == 0
+    assert knn.max() == 1.0 and recent.max() == 1.0
+
+
+def test_where_the_hits_are_splits_own_items_from_new_ones() -> None:
+    from bench.ranker_study import ALL, where_the_hits_are
+
+    owned = ALL.index("log_baskets_with")
+    f = np.zeros((12, len(ALL)), dtype=np.float32)
+    f[:6, owned] = 1.0  # candidates 0..5 are the shopper's own items
+    score = np.arange(12, 0, -1, dtype=np.float64)  # served order 0, 1, ..., 11
+    bought = np.zeros(12, dtype=bool)
+    bought[[0, 5, 7, 11]] = True  # own 0 and 5 (both in the top ten), new 7 (in) and 11 (out)
+    figures = where_the_hits_are([Basket(0.0, f, bought, 4, score)])
+    assert figures["top10 share own items"] == 0.6
+    assert figures["recall@10 from own items"] == 0.5
+    assert figures["recall@10 from never-bought"] == 0.25
+    assert figures["oracle recall@10 own items ordered perfectly"] == 0.5
