@@ -44,7 +44,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,24 +242,30 @@ class Neighbours:
         return idx, val / np.linalg.norm(val)
 
     def _rebuild(self, now: float) -> None:
-        import scipy.sparse as sp
-
         for u in self.dirty:
             v = self._vector(u)
             if v is not None:
                 self.rows[u] = v
         self.dirty.clear()
-        shape = (self.log.n_users, self.log.n_items)
-        r, c, v = [], [], []
-        for u, (idx, val) in self.rows.items():
-            r.append(np.full(idx.size, u)), c.append(idx), v.append(val)
-        self.matrix = sp.csr_matrix((np.concatenate(v), (np.concatenate(r), np.concatenate(c))), shape=shape) if r else None
-        r, c, v = [], [], []
-        for u, baskets in self.recent.items():
+        self.matrix = self._sparse((u, idx, val) for u, (idx, val) in self.rows.items())
+        for baskets in self.recent.values():
             baskets[:] = [(t, b) for t, b in baskets if now - t <= RECENT_S]
-            for t, b in baskets:
-                r.append(np.full(b.size, u)), c.append(b), v.append(np.full(b.size, 0.5 ** ((now - t) / RECENT_HALF_LIFE_S)))
-        self.recent_matrix = sp.csr_matrix((np.concatenate(v), (np.concatenate(r), np.concatenate(c))), shape=shape) if r else None
+        self.recent_matrix = self._sparse(
+            (u, b, np.full(b.size, 0.5 ** ((now - t) / RECENT_HALF_LIFE_S)))
+            for u, baskets in self.recent.items() for t, b in baskets
+        )
+
+    def _sparse(self, rows: Iterable[tuple[int, np.ndarray, np.ndarray]]) -> object:
+        """A shoppers x items CSR matrix from (shopper, item indices, values) pieces; None if there are none."""
+        import scipy.sparse as sp
+
+        pieces = list(rows)
+        if not pieces:
+            return None
+        users = np.concatenate([np.full(idx.size, u) for u, idx, _ in pieces])
+        items = np.concatenate([idx for _, idx, _ in pieces])
+        values = np.concatenate([val for _, _, val in pieces])
+        return sp.csr_matrix((values, (users, items)), shape=(self.log.n_users, self.log.n_items))
 
     def scores(self, user: int, now: float) -> tuple[np.ndarray, np.ndarray]:
         """(neighbours' basket-count vectors, their recent purchases), each scaled to max 1."""
@@ -289,12 +295,16 @@ class Neighbours:
 Scorer = Callable[[np.ndarray], np.ndarray]
 
 
+def top_ten(scores: np.ndarray) -> np.ndarray:
+    """Positions of the ten best candidates (all of them when there are at most ten)."""
+    return np.argpartition(-scores, 9)[:10] if scores.size > 10 else np.arange(scores.size)
+
+
 def recall(baskets: list[Basket], scorer: Scorer | None) -> float:
     """Mean Recall@10 over the candidates (``None``: the served score)."""
     total = 0.0
     for b in baskets:
-        s = b.served_score if scorer is None else scorer(b.features)
-        top = np.argpartition(-s, 9)[:10] if s.size > 10 else np.arange(s.size)
+        top = top_ten(b.served_score if scorer is None else scorer(b.features))
         total += b.bought[top].sum() / b.denominator
     return total / max(len(baskets), 1)
 
@@ -307,8 +317,7 @@ def where_the_hits_are(baskets: list[Basket]) -> dict[str, float]:
     share = own = novel = oracle = 0.0
     for b in baskets:
         owned = b.features[:, owned_col] > 0
-        s = b.served_score
-        top = np.argpartition(-s, 9)[:10] if s.size > 10 else np.arange(s.size)
+        top = top_ten(b.served_score)
         share += owned[top].mean()
         own += (b.bought[top] & owned[top]).sum() / b.denominator
         novel += (b.bought[top] & ~owned[top]).sum() / b.denominator

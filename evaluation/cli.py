@@ -134,7 +134,7 @@ def main(argv: list[str], settings: Settings) -> int:
             gate = learner.gate
             if gate is not None:
                 extra += f", published {gate.published} of {learner.updates} by the gate ({learner.gate_seconds:.0f} s)"
-                for n, reason in enumerate(gate.decisions or [], 1):
+                for n, reason in enumerate(gate.decisions, 1):
                     extra += f"\n{'':14}   update {n}: {reason}"
             extra += ")"
         print(f"{m.name:14} {results[m.name].seconds:8.1f} s{extra}")

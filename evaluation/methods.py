@@ -45,12 +45,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from freshrec.contracts import Event, TrainPair
 from freshrec.settings import Settings
+from learner.evaluate import ActiveEncoder, ItemMatrix, TargetPopularity
+from learner.gate import judge_candidate, publish_candidate
+from learner.intake import HoldoutWindow
+from learner.registry import AdapterRegistry
 from serving.scoring import (
     BlendWeights,
     LogBlendWeights,
@@ -229,17 +234,14 @@ class SystemMethod:
         return dense_blend(sig.repeat, sig.similarity, sig.popularity, self.weights, pool)
 
 
-def hold_out(pairs: list[TrainPair], window_size: int) -> tuple[list[TrainPair], list[TrainPair]]:
-    """(trainable, window): the newest ``window_size`` pairs are held back, as the learner's intake does.
+def leaving_window(window: HoldoutWindow, pairs: list[TrainPair]) -> list[TrainPair]:
+    """Push ``pairs`` (in event order) into the gate's window; return those pushed out, now trainable.
 
-    ``learner.intake.Intake`` keeps the most recent untrained pairs as the publish gate's
-    window and trains a pair only once newer ones push it out; ``pairs`` are in event
-    order, so the window is the tail.
+    ``learner.intake.Intake`` does the same one pair at a time: the newest
+    ``learner_eval_window`` pairs stay held out for the publish gate, and a pair is
+    trained only once newer ones push it out.
     """
-    if window_size <= 0:
-        return list(pairs), []
-    cut = max(len(pairs) - window_size, 0)
-    return list(pairs[:cut]), list(pairs[cut:])
+    return [left for pair in pairs if (left := window.push(pair)) is not None]
 
 
 @dataclass
@@ -322,78 +324,66 @@ class Gate:
     """The learner process's publish gate, run on the evaluation's stream (:class:`StreamLearner`).
 
     Keeps the held-out window, the learner's target popularity and the active version
-    (its encoder and item matrix); every judgement is appended to ``decisions`` (the
-    gate's reason sentence), so a run can say what was published and why.
+    (its encoder and item matrix), and judges and publishes with the learner's own
+    ``learner.gate`` functions; every judgement's reason sentence is appended to
+    ``decisions``, so a run can say what was published and why.
     """
 
     settings: Settings
     item_ids: list[str]
+    index: dict[str, int]  # item id -> row, as SystemReplay.item_index
     device: str
-    registry_root: str
-    window: list[TrainPair]
-    popularity: object  # learner.evaluate.TargetPopularity
-    active: object  # learner.evaluate.ActiveEncoder
-    active_matrix: object  # learner.evaluate.ItemMatrix
+    registry: AdapterRegistry
+    popularity: TargetPopularity
+    active: ActiveEncoder
+    active_matrix: ItemMatrix
+    window: HoldoutWindow
     trained_since_publish: int = 0
     published: int = 0
-    decisions: list[str] | None = None
+    decisions: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, settings: Settings, item_ids: list[str], base_vectors: np.ndarray, device: str, registry_root: str) -> Gate:
+    def start(cls, replay: SystemReplay, base_vectors: np.ndarray, device: str, registry_root: str) -> Gate:
         from indexer.encoder import BASE_VERSION
-        from learner.evaluate import ActiveEncoder, TargetPopularity
 
-        active = ActiveEncoder.load(BASE_VERSION, registry_root, device)  # type: ignore[arg-type]
+        settings, item_ids, index = replay.settings, list(replay.log.item_ids), replay.item_index
+        registry = AdapterRegistry(registry_root)
         return cls(
-            settings, item_ids, device, registry_root, [],
-            TargetPopularity.days(settings.popularity_half_life_days), active,
-            _item_matrix(BASE_VERSION, item_ids, base_vectors), decisions=[],
+            settings, item_ids, index, device, registry,
+            TargetPopularity.days(settings.popularity_half_life_days),
+            ActiveEncoder.load(BASE_VERSION, registry.root, device),
+            ItemMatrix(BASE_VERSION, "eval", item_ids, base_vectors, index),
+            HoldoutWindow(settings.learner_eval_window),
         )
 
     def intake(self, new_pairs: list[TrainPair]) -> list[TrainPair]:
         """Add the new pairs behind the window; return the pairs that left it (now trainable)."""
-        trainable, self.window = hold_out(self.window + new_pairs, self.settings.learner_eval_window)
-        return trainable
+        return leaving_window(self.window, new_pairs)
 
-    def judge(self, trainer: object, vectors: np.ndarray, trained: list[TrainPair]) -> bool:
-        """Publish the trained candidate (True) or hold it (False), as ``learner.loop`` does."""
-        from indexer.encoder import BASE_VERSION
-        from learner.evaluate import ActiveEncoder, WindowBlend, window_metrics
-        from learner.publish import decide_publish
-        from learner.registry import AdapterRegistry
+    def judge(self, trainer: Any, vectors: np.ndarray, trained: list[TrainPair]) -> bool:
+        """Publish the trained candidate (True) or hold it (False), as ``learner.loop`` does.
 
+        ``trainer`` is the ``learner.trainer.LoraTrainer`` that made ``vectors``.
+        """
         for pair in trained:
-            self.popularity.add(pair.target_item, pair.ts)  # type: ignore[attr-defined]
+            self.popularity.add(pair.target_item, pair.ts)
         self.trained_since_publish += len(trained)
-        s = self.settings
-        cand_matrix = _item_matrix("candidate", self.item_ids, vectors)
-        encoder = trainer.encoder()  # type: ignore[attr-defined]
-        cand = window_metrics(encoder, cand_matrix, self.window, blend=WindowBlend.for_matrix(cand_matrix, self.popularity, s))  # type: ignore[arg-type]
-        act_blend = WindowBlend.for_matrix(self.active_matrix, self.popularity, s)  # type: ignore[arg-type]
-        act = window_metrics(self.active.encoder, self.active_matrix, self.window, blend=act_blend)  # type: ignore[attr-defined, arg-type]
-        decision = decide_publish(
-            cand, act, s.learner_publish_margin, evaluated_pairs=int(cand["n"]), min_pairs=s.learner_min_eval_pairs,
-            trained_since_publish=self.trained_since_publish, active_version=self.active.version,  # type: ignore[attr-defined]
+        cand_matrix = ItemMatrix("candidate", "eval", self.item_ids, vectors, self.index)
+        judgement = judge_candidate(
+            trainer.encoder(), cand_matrix, self.active, self.active_matrix, self.window.pairs(),
+            self.popularity, self.settings, self.trained_since_publish,
         )
-        assert self.decisions is not None
-        self.decisions.append(decision.reason)
-        if not decision.publish:
+        self.decisions.append(judgement.decision.reason)
+        if not judgement.decision.publish:
             return False
-        registry = AdapterRegistry(self.registry_root)
-        parent = None if self.active.version == BASE_VERSION else self.active.version  # type: ignore[attr-defined]
-        metrics = {"recall@10": cand["recall@10"], "active_recall@10": act["recall@10"], "eval_pairs": cand["n"]}
-        manifest = registry.publish(trainer.peft_model, parent, metrics, trainer.pairs_trained)  # type: ignore[attr-defined]
-        self.active = ActiveEncoder.load(manifest.version, registry.root, self.device)
-        self.active_matrix = _item_matrix(manifest.version, self.item_ids, vectors)
+        _, self.active = publish_candidate(
+            self.registry, trainer.peft_model, trainer.pairs_trained, self.active.version, judgement, cand_matrix,
+            self.device,
+        )
+        self.active_matrix = cand_matrix
         self.trained_since_publish = 0
         self.published += 1
         return True
-
-
-def _item_matrix(version: str, item_ids: list[str], vectors: np.ndarray):  # type: ignore[no-untyped-def]
-    from learner.evaluate import ItemMatrix
-
-    return ItemMatrix(version, "eval", list(item_ids), vectors, {i: n for n, i in enumerate(item_ids)})
 
 
 class FullMethod(SystemMethod):
@@ -448,7 +438,7 @@ def build_system_methods(
         if settings.eval_gate:
             registry = tempfile.mkdtemp(prefix="freshrec-eval-registry-")
             atexit.register(shutil.rmtree, registry, True)
-            gate = Gate.start(settings, list(log.item_ids), base, device, registry)
+            gate = Gate.start(replay, base, device, registry)
         full.learner = StreamLearner(
             trainer=trainer,
             replay=replay,

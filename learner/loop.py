@@ -34,9 +34,9 @@ from freshrec.settings import Settings
 from indexer.encoder import BASE_VERSION
 
 from .checkpoint import TRAINER_FILE, CheckpointStore, LearnerState
-from .evaluate import ActiveEncoder, ItemMatrix, TargetPopularity, WindowBlend, catalog_fingerprint, encode_items, window_metrics
+from .evaluate import ActiveEncoder, TargetPopularity, catalog_fingerprint, encode_items
+from .gate import judge_candidate, publish_candidate
 from .intake import Intake
-from .publish import decide_publish
 from .registry import AdapterRegistry, parse_version
 from .trainer import LoraTrainer
 
@@ -286,49 +286,25 @@ class Learner:
         fingerprint = catalog_fingerprint(items)
         cand_matrix = encode_items(self.trainer.encoder(), items, fingerprint)
         act_matrix = self.active.matrix(items, fingerprint)
-        cand = window_metrics(self.trainer.encoder(), cand_matrix, window, blend=self._blend(cand_matrix))
-        act = window_metrics(self.active.encoder, act_matrix, window, blend=self._blend(act_matrix))
-        decision = decide_publish(
-            cand,
-            act,
-            self.settings.learner_publish_margin,
-            evaluated_pairs=int(cand["n"]),
-            min_pairs=self.settings.learner_min_eval_pairs,
-            trained_since_publish=self.state.trained_since_publish,
-            active_version=self.active.version,
+        judgement = judge_candidate(
+            self.trainer.encoder(), cand_matrix, self.active, act_matrix, window, self.popularity, self.settings,
+            self.state.trained_since_publish,
         )
         log.info("evaluated in %.1f s on %d window pairs (%d targets not in the catalog): %s",
-                 time.monotonic() - t0, int(cand["n"]), int(cand["unknown"]), decision.reason)
-        if not decision.publish:
+                 time.monotonic() - t0, int(judgement.candidate["n"]), int(judgement.candidate["unknown"]),
+                 judgement.decision.reason)
+        if not judgement.decision.publish:
             return
-        metrics = {
-            "recall@10": cand["recall@10"],
-            "ndcg@10": cand["ndcg@10"],
-            "eval_pairs": cand["n"],
-            "active_recall@10": act["recall@10"],
-            "active_ndcg@10": act["ndcg@10"],
-        }
-        parent = None if self.active.version == BASE_VERSION else self.active.version
-        manifest = self.registry.publish(self.trainer.peft_model, parent, metrics, self.trainer.pairs_trained)
-        new_active = ActiveEncoder.load(manifest.version, self.registry.root, self.device)  # verifies it
-        new_active.adopt_matrix(cand_matrix)
-        self.active = new_active
+        manifest, self.active = publish_candidate(
+            self.registry, self.trainer.peft_model, self.trainer.pairs_trained, self.active.version, judgement,
+            cand_matrix, self.device,
+        )
         self.state.active_version = manifest.version
         self.state.trained_since_publish = 0
         self.published.append(manifest.version)
         self._announce(manifest.version)
-        log.info("published %s (parent %s, %d pairs trained)", manifest.version, parent or BASE_VERSION,
+        log.info("published %s (parent %s, %d pairs trained)", manifest.version, manifest.parent or BASE_VERSION,
                  manifest.pairs_seen)
-
-    def _blend(self, matrix: ItemMatrix) -> WindowBlend:
-        """Serving's item-side blend over one version's matrix: what the gate ranks by.
-
-        A candidate is judged as serving will use it, beside fresh popularity and on its
-        own similarity scale; judged on cosine alone, an adapter trained to add what
-        popularity does not explain looked worse than the base model while it ranked
-        baskets better (docs/eval_online_retail_ii.md).
-        """
-        return WindowBlend.for_matrix(matrix, self.popularity, self.settings)
 
     def _announce(self, version: str) -> None:
         manifest, path = self.registry.load(version)

@@ -67,13 +67,15 @@ def test_encode_catalog_keeps_item_order() -> None:
     assert out[:, 0].tolist() == [3.0, 1.0, 2.0]
 
 
-def test_hold_out_keeps_the_newest_pairs_back_as_the_learner_does() -> None:
-    from evaluation.methods import hold_out
+def test_leaving_window_keeps_the_newest_pairs_back_as_the_learner_does() -> None:
+    from evaluation.methods import leaving_window
     from freshrec.contracts import TrainPair
+    from learner.intake import HoldoutWindow
 
     pairs = [TrainPair(pair_id=f"p{i}", user_id="u", context_text="c", target_item=f"i{i}", target_text="t") for i in range(5)]
-    trainable, window = hold_out(pairs, 3)
-    assert [p.pair_id for p in trainable] == ["p0", "p1"]
-    assert [p.pair_id for p in window] == ["p2", "p3", "p4"]
-    assert hold_out(pairs[:2], 3) == ([], pairs[:2])
-    assert hold_out(pairs, 0) == (pairs, [])
+    window = HoldoutWindow(3)
+    assert [p.pair_id for p in leaving_window(window, pairs)] == ["p0", "p1"]
+    assert [p.pair_id for p in window.pairs()] == ["p2", "p3", "p4"]
+    short = HoldoutWindow(3)
+    assert leaving_window(short, pairs[:2]) == []
+    assert short.pairs() == pairs[:2]
