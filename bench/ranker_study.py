@@ -23,6 +23,11 @@ anyone builds it into the streams and serving:
      similarity-weighted basket-count vectors and what they bought in the last 30 days
      (7-day half-life), and each item's re-order ratio (baskets that re-bought it over
      all baskets with it). Neighbour vectors are rebuilt once a day of event time.
+   - ``+cycle`` (added 2026-12-02, session 5; run with ``--groups``): when a re-order is
+     due. Per shopper and item: days since bought over the shopper's mean gap between
+     baskets with it, and over their mean gap between any two baskets; the gaps
+     themselves; baskets since the item was last in one. Repeat-consumption models
+     (e.g. ReCANet, Ariannezhad et al., SIGIR 2022) rank re-orders by such timing.
 
 2. Fit on the baskets before ``--split`` and measure Recall@10 over the candidates on the
    baskets after it, for the served blend as is, a log-linear blend refitted per group
@@ -67,13 +72,17 @@ SERVED = ["log_repeat", "log_pop", "sim", "new"]
 STATE = ["log_baskets_with", "log_share", "log_days_since_basket", "log_days_since_item", "log_pop_3d", "log_pop_60d"]
 COPURCHASE = ["log_cooc", "log_cooc_last", "in_last_basket", "log_buyers"]
 NEIGHBOURS = ["log_knn", "log_neighbour_recent", "log_reorder_ratio"]
+CYCLE = ["log_due_item", "log_due_shopper", "log_item_gap", "log_shopper_gap", "log_baskets_since_item"]
 GROUPS = {
     "served": SERVED,
     "+state": SERVED + STATE,
     "+co-purchase": SERVED + STATE + COPURCHASE,
     "+neighbours": SERVED + STATE + COPURCHASE + NEIGHBOURS,
+    "+cycle": SERVED + STATE + CYCLE,
+    "every feature": SERVED + STATE + COPURCHASE + NEIGHBOURS + CYCLE,
 }
-ALL = GROUPS["+neighbours"]
+DEFAULT_GROUPS = "served,+state,+co-purchase,+neighbours"  # the 2026-12-02 run of docs/bench/ranker_study.json
+ALL = GROUPS["every feature"]
 KNN = 50  # neighbours per shopper (TIFU-KNN's k is of this order)
 RECENT_S = 30 * DAY_S  # neighbours' purchases this recent count as their "fresh" taste
 RECENT_HALF_LIFE_S = 7 * DAY_S
@@ -90,10 +99,14 @@ class Basket:
 
 @dataclass
 class ShopperHistory:
-    """Per shopper: baskets with each item, when they last bought it, their basket count."""
+    """Per shopper: baskets with each item, when they first and last bought it (and in
+    which of their baskets, counted from 0), their basket count, their first and last basket."""
 
     baskets_with: dict[int, dict[int, int]] = field(default_factory=dict)
+    first_bought: dict[int, dict[int, float]] = field(default_factory=dict)
     last_bought: dict[int, dict[int, float]] = field(default_factory=dict)
+    last_basket_index: dict[int, dict[int, int]] = field(default_factory=dict)
+    first_basket: dict[int, float] = field(default_factory=dict)
     baskets: dict[int, int] = field(default_factory=dict)
     last_basket: dict[int, tuple[float, np.ndarray]] = field(default_factory=dict)
 
@@ -131,12 +144,16 @@ class FeatureRecorder:
             basket = np.unique(items[users == u])
             self.co.add_basket(basket)
             with_item = h.baskets_with.setdefault(u, {})
-            last = h.last_bought.setdefault(u, {})
+            first, last = h.first_bought.setdefault(u, {}), h.last_bought.setdefault(u, {})
+            index = h.last_basket_index.setdefault(u, {})
+            h.first_basket.setdefault(u, now)
             for i in basket.tolist():
                 if i not in with_item:
                     self.buyers[i] += 1
+                    first[i] = now
                 with_item[i] = with_item.get(i, 0) + 1
                 last[i] = now
+                index[i] = h.baskets.get(u, 0)
             h.baskets[u] = h.baskets.get(u, 0) + 1
             h.last_basket[u] = (now, basket)
             self.neighbours.bought(u, now, basket)
@@ -194,8 +211,31 @@ class FeatureRecorder:
             "log_knn": np.log(knn[pool] + 1e-3),
             "log_neighbour_recent": np.log(recent[pool] + 1e-3),
             "log_reorder_ratio": np.log((self.co.baskets[pool] - self.buyers[pool] + 1.0) / (self.co.baskets[pool] + 2.0)),
-        }
+        } | self._cycle(user, now, pool, counts[pool], since[pool])
         return np.stack([cols[k] for k in ALL], axis=1).astype(np.float32)
+
+    def _cycle(self, user: int, now: float, pool: np.ndarray, counts: np.ndarray, since: np.ndarray) -> dict[str, np.ndarray]:
+        """The ``+cycle`` columns: 0 for items the shopper never bought (the gap ones also for
+        items bought in one basket only), so the ranker sees them only beside ``log_baskets_with``."""
+        h = self.history
+        first, index = h.first_bought[user], h.last_basket_index[user]
+        k = h.baskets[user]
+        shopper_gap = (h.last_basket[user][0] - h.first_basket[user]) / DAY_S / max(k - 1, 1)
+        item_gap, baskets_since = np.zeros(pool.size), np.zeros(pool.size)
+        for j, i in enumerate(pool.tolist()):
+            if counts[j] > 0:
+                baskets_since[j] = k - 1 - index[i]
+                if counts[j] > 1:
+                    item_gap[j] = (h.last_bought[user][i] - first[i]) / DAY_S / (counts[j] - 1)
+        bought, repeated = counts > 0, counts > 1
+        days = np.maximum(since, 0.0)
+        return {
+            "log_due_item": np.where(repeated, np.log((days + 1.0) / (item_gap + 1.0)), 0.0),
+            "log_due_shopper": np.where(bought, np.log((days + 1.0) / (shopper_gap + 1.0)), 0.0),
+            "log_item_gap": np.log1p(item_gap),
+            "log_shopper_gap": np.full(pool.size, np.log1p(shopper_gap)),
+            "log_baskets_since_item": np.log1p(baskets_since),
+        }
 
     def baskets(self) -> list[Basket]:
         """The recorded baskets with their truth (read from the log after the replay)."""
@@ -377,8 +417,12 @@ def main() -> None:
     p.add_argument("--steps", default="0.5,0.2,0.1", help="coordinate-ascent step sizes")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", type=Path)
+    p.add_argument("--groups", default=DEFAULT_GROUPS, help=f"feature groups to fit, of {', '.join(GROUPS)}")
     p.add_argument("--hits-only", action="store_true", help="record, print where the served hits are, and stop (3 min)")
     args = p.parse_args()
+    groups = [g.strip() for g in args.groups.split(",")]
+    if unknown := [g for g in groups if g not in GROUPS]:
+        sys.exit(f"unknown feature group(s) {unknown}; known: {', '.join(GROUPS)}")
     try:
         import lightgbm  # noqa: F401
     except ImportError:
@@ -412,7 +456,8 @@ def main() -> None:
              "fit recall@10": recall(train, None), "seconds": 0.0}]
     result: dict[str, object] = {"windows": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     importance: dict[str, dict[str, float]] = {}
-    for group, feats in GROUPS.items():
+    for group in groups:
+        feats = GROUPS[group]
         cols = [names.index(f) for f in feats]
         t1 = time.perf_counter()
         w = fit_linear(train, cols, np.array([start_w.get(f, 0.0) for f in feats]), steps)
@@ -428,14 +473,14 @@ def main() -> None:
             rows.append({"model": config, "features": group, "recall@10": r, "vs served": r / base,
                          "fit recall@10": r_fit, "seconds": time.perf_counter() - t1})
             gain = model.booster_.feature_importance("gain")
-            if feats == names:  # the group with every feature
+            if group == groups[-1]:  # the last group run (the richest, as groups are listed)
                 importance[config] = dict(zip(feats, np.round(gain / gain.sum(), 3).tolist(), strict=True))
     shown = [r | {"recall@10": f"{r['recall@10']:.4f}", "vs served": f"{r['vs served']:.3f}",
                   "fit recall@10": f"{r['fit recall@10']:.4f}"} for r in rows]
     print_rows(f"Recall@10 on {len(test):,} warm baskets {args.split} .. {args.until} (fit on {len(train):,} before)", shown)
     for config, share in importance.items():
-        print(f"\n{config}, gain share, all features:", share)
-    result |= {"where_the_hits_are": hits, "rows": rows, "gbdt_importance_all": importance, "baskets": {"fit": len(train), "test": len(test)}}
+        print(f"\n{config}, gain share, {groups[-1]}:", share)
+    result |= {"where_the_hits_are": hits, "rows": rows, "gbdt_importance": {"group": groups[-1]} | importance, "baskets": {"fit": len(train), "test": len(test)}}
     write_json(str(args.json) if args.json else None, result)
 
 

@@ -80,3 +80,23 @@ def test_where_the_hits_are_splits_own_items_from_new_ones() -> None:
     assert figures["recall@10 from own items"] == 0.5
     assert figures["recall@10 from never-bought"] == 0.25
     assert figures["oracle recall@10 own items ordered perfectly"] == 0.5
+
+
+def test_cycle_columns_time_a_reorder_against_the_shoppers_own_gaps() -> None:
+    """Three baskets on days 0, 10 and 20, each with a, the middle one with b; asked on day 25:
+    a is half its 10-day gap past its last purchase, b was bought once, two baskets ago, c never."""
+    from bench.ranker_study import FeatureRecorder, ShopperHistory
+
+    day = 86400.0
+    rec = FeatureRecorder.__new__(FeatureRecorder)  # only the history is needed for _cycle
+    rec.history = ShopperHistory(
+        baskets_with={0: {0: 3, 1: 1}}, first_bought={0: {0: 0.0, 1: 10 * day}},
+        last_bought={0: {0: 20 * day, 1: 10 * day}}, last_basket_index={0: {0: 2, 1: 1}},
+        first_basket={0: 0.0}, baskets={0: 3}, last_basket={0: (20 * day, np.array([0]))},
+    )
+    cols = rec._cycle(0, 25 * day, np.array([0, 1, 2]), np.array([3.0, 1.0, 0.0]), np.array([5.0, 15.0, -1.0]))
+    np.testing.assert_allclose(cols["log_item_gap"], np.log1p([10.0, 0.0, 0.0]))
+    np.testing.assert_allclose(cols["log_due_item"], [np.log(6 / 11), 0.0, 0.0])
+    np.testing.assert_allclose(cols["log_due_shopper"], [np.log(6 / 11), np.log(16 / 11), 0.0])
+    np.testing.assert_allclose(cols["log_shopper_gap"], np.log1p([10.0] * 3))
+    np.testing.assert_allclose(cols["log_baskets_since_item"], np.log1p([0.0, 1.0, 0.0]))
