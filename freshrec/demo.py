@@ -205,6 +205,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
     children = Children()
     live = Live()
     stop = threading.Event()
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         for name, argv in COMPONENTS[:-1]:
             children.start(name, argv, env, state_dir / "logs")
@@ -234,6 +235,12 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
         timer = threading.Timer(total_s, stop.set)
         timer.daemon = True
         timer.start()
+        # From here Ctrl-C (SIGINT) asks for a stop that on_event honours between two sends.
+        # A KeyboardInterrupt raised inside the Kafka client could leave a record half handed
+        # over; and a demo started in the background by a script inherits SIGINT as ignored,
+        # so without a handler of its own it could not be stopped that way at all (the
+        # browser test, run so, once had to kill it).
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         try:
             replay(demo, dataset, Pace(speedup=speedup), progress=True, include_catalog=False, on_event=on_event)
             print("\nreplay finished; serving keeps running until the time is up (Ctrl-C to stop)")
@@ -253,6 +260,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
         print(f"freshrec demo: {exc} (logs in {state_dir / 'logs'})", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGINT, previous_sigint)  # a second Ctrl-C while stopping interrupts again
         stop.set()
         children.stop()
         stop_stack(state_dir)

@@ -15,9 +15,13 @@ from typing import Any
 
 import orjson
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from .contracts import CatalogRecord, DeadLetter, Event, InvalidRecord, parse_catalog, parse_event
 from .settings import Settings
+
+
+INTERRUPTED_FLUSH_S = 5.0  # how long a producer left by an exception still tries to deliver
 
 
 @dataclass
@@ -124,9 +128,23 @@ class RecordProducer:
     def __enter__(self) -> RecordProducer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.flush()
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            try:
+                self.flush()
+            finally:
+                self.close()
+            return
+        # Leaving on an error or Ctrl-C: the client may hold a record it never finished
+        # taking (an interrupt inside send), and flush would wait its whole timeout for it.
+        # Try briefly, keep the original exception, and let ``report.pending`` say what
+        # was not confirmed.
+        try:
+            self.flush(timeout=INTERRUPTED_FLUSH_S)
+        except KafkaError as err:
+            self.report.errors.append(f"flush on exit after {exc_type.__name__}: {err}")
+        finally:
+            self.close(timeout=INTERRUPTED_FLUSH_S)
 
 
 def _as_bytes(raw: bytes | str | dict[str, Any]) -> bytes:
