@@ -8,6 +8,7 @@ latest record of an item wins.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from .settings import Settings
 
 
 INTERRUPTED_FLUSH_S = 5.0  # how long a producer left by an exception still tries to deliver
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,14 +140,19 @@ class RecordProducer:
             return
         # Leaving on an error or Ctrl-C: the client may hold a record it never finished
         # taking (an interrupt inside send), and flush would wait its whole timeout for it.
-        # Try briefly, keep the original exception, and let ``report.pending`` say what
-        # was not confirmed.
+        # Try briefly, keep the original exception, and say what was not confirmed (the
+        # caller gets no report on this path, so it is logged).
         try:
             self.flush(timeout=INTERRUPTED_FLUSH_S)
         except KafkaError as err:
             self.report.errors.append(f"flush on exit after {exc_type.__name__}: {err}")
         finally:
             self.close(timeout=INTERRUPTED_FLUSH_S)
+        if self.report.pending:
+            log.warning(
+                "producer left by %s: %d of %d records not confirmed within %.0f s",
+                exc_type.__name__, self.report.pending, self.report.sent + self.report.rejected, INTERRUPTED_FLUSH_S,
+            )
 
 
 def _as_bytes(raw: bytes | str | dict[str, Any]) -> bytes:

@@ -35,7 +35,7 @@ def producer_with(client: StuckClient) -> RecordProducer:
     return producer
 
 
-def test_leaving_on_an_interrupt_flushes_briefly_closes_and_keeps_the_interrupt() -> None:
+def test_leaving_on_an_interrupt_flushes_briefly_closes_and_keeps_the_interrupt(caplog: pytest.LogCaptureFixture) -> None:
     client = StuckClient()
     producer = producer_with(client)
     with pytest.raises(KeyboardInterrupt):
@@ -44,6 +44,7 @@ def test_leaving_on_an_interrupt_flushes_briefly_closes_and_keeps_the_interrupt(
     assert client.flushes == [INTERRUPTED_FLUSH_S] and client.closes == [INTERRUPTED_FLUSH_S]
     assert producer.report.pending == 1
     assert "KeyboardInterrupt" in producer.report.errors[0]
+    assert "1 of 3 records not confirmed" in caplog.text
 
 
 def test_a_normal_exit_waits_the_full_flush_raises_its_failure_and_still_closes() -> None:
