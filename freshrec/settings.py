@@ -106,6 +106,16 @@ class Settings(BaseSettings):
         1800.0, ge=0, description="A search this recent before a click/cart/purchase is taken as what led to it"
     )
     stream_title_cache: int = Field(200_000, ge=0, description="Item titles cached per flow process for train pairs")
+    stream_dedupe_window: int = Field(
+        1_000_000, ge=0,
+        description="Event ids (64-bit hashes) remembered per events partition: a repeat within them is dropped",
+    )
+    stream_redis_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between a flow's Redis retries during an outage (doubling from 0.1 s)"
+    )
+    stream_redis_check_s: float = Field(
+        2.0, gt=0, description="How often an idle flow checks that Redis still holds its state (rebuilds it if not)"
+    )
 
     # -- indexer and serving (add indexer/serving settings below this line) --------------
     # indexer

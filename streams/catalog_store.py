@@ -6,7 +6,10 @@ Keys, under ``settings.redis_prefix``:
   form). A deleted item is absent.
 * ``streams:applied:catalog``: hash ``<topic>:<partition>`` -> offset of the last catalog
   record reflected in ``catalog``; :func:`apply_partition_batch` moves it forward in the
-  same atomic call and never backwards, so a replay after a crash writes nothing twice.
+  same atomic call and never backwards, so a replay after a crash writes nothing twice,
+  and notices a Redis behind the flow (restarted empty) so the flow rewrites its items.
+* ``streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
+  (:mod:`streams.redis_client`).
 """
 
 from __future__ import annotations
@@ -20,23 +23,36 @@ import redis
 from freshrec.contracts import CatalogItem
 from freshrec.settings import Settings
 
-from .redis_client import run_script
+from .redis_client import EPOCH_LUA, EPOCHS, Outcome, outcome_of, run_script
 
 CATALOG = "catalog"
 APPLIED_CATALOG = "streams:applied:catalog"
 
-# KEYS: applied hash, catalog hash. ARGV: partition field, offset, upsert count,
-# then upsert id/value pairs, then ids to delete.
-_GUARDED_APPLY = """
+# KEYS: applied hash, catalog hash, epoch hash. ARGV: partition field, offset, upsert
+# count, previous offset, epoch field, epoch, then upsert id/value pairs, then ids to
+# delete. Returns {code, stored epoch} with the codes of streams.user_store's write: 1
+# written, 0 offset already held, 2 Redis behind `previous offset`, -1 another epoch.
+_GUARDED_APPLY = EPOCH_LUA + """
+local ok, stored = epoch_ok(KEYS[3], ARGV[5], ARGV[6])
+if not ok then return {-1, stored} end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return {0, ''} end
+local prev = tonumber(ARGV[4])
+if prev >= 0 and (not cur or tonumber(cur) < prev) then return {2, ''} end
 local n_up = tonumber(ARGV[3])
-for j = 0, n_up - 1 do redis.call('HSET', KEYS[2], ARGV[4 + 2 * j], ARGV[5 + 2 * j]) end
-for k = 4 + 2 * n_up, #ARGV do redis.call('HDEL', KEYS[2], ARGV[k]) end
+for j = 0, n_up - 1 do redis.call('HSET', KEYS[2], ARGV[7 + 2 * j], ARGV[8 + 2 * j]) end
+for k = 7 + 2 * n_up, #ARGV do redis.call('HDEL', KEYS[2], ARGV[k]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
+return {1, ''}
 """
 _GUARDED_APPLY_SHA = hashlib.sha1(_GUARDED_APPLY.encode()).hexdigest()
+# The partition's whole catalog (every current item, every item it deleted) without the
+# "behind" check: the catalog hash is shared by partitions, so it cannot be cleared.
+_FULL_APPLY = _GUARDED_APPLY.replace(
+    "if prev >= 0 and (not cur or tonumber(cur) < prev) then return {2, ''} end\n", ""
+)
+assert _FULL_APPLY != _GUARDED_APPLY
+_FULL_APPLY_SHA = hashlib.sha1(_FULL_APPLY.encode()).hexdigest()
 
 
 def _catalog_key(settings: Settings) -> str:
@@ -92,18 +108,38 @@ def apply_partition_batch(
     offset: int,
     upserts: Mapping[str, bytes],
     deletes: Iterable[str],
-) -> bool:
+    *,
+    prev_offset: int = -1,
+    topic: str | None = None,
+    epoch: str | None = None,
+    full: bool = False,
+) -> Outcome:
     """Apply one catalog partition's changes up to ``offset`` atomically, unless Redis
-    already holds that partition at ``offset`` or later (then False)."""
-    args: list[str | bytes | int] = [field, offset, len(upserts)]
+    already holds that partition at ``offset`` or later (then :data:`Outcome.HELD`, false).
+
+    ``prev_offset``, ``epoch`` and ``full`` work as in
+    :func:`streams.user_store.write_partition_batch`: Redis behind ``prev_offset`` answers
+    :data:`Outcome.BEHIND` and wants a ``full=True`` write (all the partition's items as
+    upserts, all the items it deleted as deletes); another epoch of ``topic`` (default:
+    ``field`` up to its last ``:``) raises :class:`~freshrec.epochs.EpochMismatch`.
+    """
+    topic = topic if topic is not None else field.rsplit(":", 1)[0]
+    args: list[str | bytes | int] = [field, offset, len(upserts), prev_offset, topic, epoch or ""]
     for item_id, raw in upserts.items():
         args.append(item_id)
         args.append(raw)
     args.extend(deletes)
-    keys = [settings.redis_prefix + APPLIED_CATALOG, _catalog_key(settings)]
-    return bool(run_script(client, _GUARDED_APPLY, _GUARDED_APPLY_SHA, keys, args))
+    keys = [settings.redis_prefix + APPLIED_CATALOG, _catalog_key(settings), settings.redis_prefix + EPOCHS]
+    script, sha = (_FULL_APPLY, _FULL_APPLY_SHA) if full else (_GUARDED_APPLY, _GUARDED_APPLY_SHA)
+    return outcome_of(run_script(client, script, sha, keys, args), "streams.catalog", settings, topic, epoch)
 
 
 def read_applied_offsets(client: redis.Redis, settings: Settings) -> dict[str, int]:
     raw = client.hgetall(settings.redis_prefix + APPLIED_CATALOG)
     return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def read_applied_offset(client: redis.Redis, settings: Settings, field: str) -> int | None:
+    """The offset of the partition's last record reflected in ``catalog``; None if Redis has none."""
+    raw = client.hget(settings.redis_prefix + APPLIED_CATALOG, field)
+    return None if raw is None else int(raw)

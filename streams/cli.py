@@ -36,31 +36,47 @@ def main(argv: list[str], settings: Settings) -> int:
     if addresses is not None and not 0 <= args.process_id < len(addresses):
         print(f"freshrec stream: process id {args.process_id} is not an index of the {len(addresses)} addresses", file=sys.stderr)
         return 2
-    from .runner import run_flow
+    from freshrec.epochs import EpochMismatch
 
-    if args.flow == "users":
-        from .users_flow import build_users_flow
+    from .flow_epoch import check_flow_epoch, flow_topic, topic_epoch
+    from .runner import recovery_dir, run_flow
 
-        flow = build_users_flow(settings)
-    else:
-        from .catalog_flow import build_catalog_flow
-
-        flow = build_catalog_flow(settings)
-    workers = args.workers or settings.stream_workers
+    recovery = not args.no_recovery
     try:
-        run_flow(flow, settings, args.flow, workers, args.process_id, addresses, recovery=not args.no_recovery)
+        epoch = topic_epoch(settings, flow_topic(settings, args.flow))
+        check_flow_epoch(settings, args.flow, recovery_dir(settings, args.flow) if recovery else None, epoch)
+        if args.flow == "users":
+            from .users_flow import build_users_flow
+
+            flow = build_users_flow(settings, epoch)
+        else:
+            from .catalog_flow import build_catalog_flow
+
+            flow = build_catalog_flow(settings, epoch)
+        workers = args.workers or settings.stream_workers
+        run_flow(flow, settings, args.flow, workers, args.process_id, addresses, recovery=recovery)
     except BaseException as exc:
         # Bytewax wraps a Ctrl-C that lands inside Python code in its own runtime error.
         if _interrupted(exc):
             print(f"freshrec stream {args.flow}: stopped; a restart resumes from the last snapshot", file=sys.stderr)
             return 130
+        mismatch = _find(exc, EpochMismatch)
+        if mismatch is not None:
+            # One paragraph that says what happened and the fix; a traceback adds nothing.
+            print(f"freshrec stream {args.flow}: stopped, nothing was skipped. {mismatch}", file=sys.stderr)
+            return 1
         raise
     return 0
 
 
-def _interrupted(exc: BaseException | None) -> bool:
+def _find(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first exception of type ``kind`` in its cause/context chain."""
     while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
+        if isinstance(exc, kind):
+            return exc
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    return _find(exc, KeyboardInterrupt) is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import bytewax.operators as op
@@ -11,6 +12,8 @@ from bytewax.operators import StatefulBatchLogic
 
 from freshrec.contracts import DeadLetter
 from freshrec.settings import Settings
+
+from .partition_writer import PartitionWriter
 
 
 def kafka_source(settings: Settings, topic: str) -> KafkaSource:
@@ -46,13 +49,43 @@ def keyed_by_partition(step_id: str, flow: Dataflow, settings: Settings, topic: 
 
 
 class PartitionLogic(StatefulBatchLogic[Any, Any, Any]):
-    """Bytewax glue around a partition object with ``apply(messages)`` and ``snapshot()``."""
+    """Bytewax glue around a partition object (``apply(messages)``, ``snapshot()``,
+    ``full_batch()``) and its Redis writer (:mod:`streams.partition_writer`).
 
-    def __init__(self, partition: Any) -> None:
+    The write happens here, in the stateful step, because only here is the partition's
+    full state at hand when Redis turns out to have lost it. Bytewax snapshots the
+    partition after the batch's write, so the exactly-once argument of
+    :mod:`streams.user_partition` holds as when a sink wrote. Every ``check_every_s``
+    without a batch, :meth:`on_notify` has the writer check that Redis still holds the
+    partition (an emptied Redis is rebuilt on an idle stream too).
+    """
+
+    def __init__(self, partition: Any, writer: PartitionWriter | None = None, check_every_s: float = 2.0) -> None:
         self.partition = partition
+        self.writer = writer
+        self._check_every = timedelta(seconds=check_every_s)
+        self._next_check = _now() + self._check_every
 
     def on_batch(self, values: list[Any]) -> tuple[list[Any], bool]:
-        return [self.partition.apply(values)], StatefulBatchLogic.RETAIN
+        prev_offset = self.partition.last_offset
+        batch = self.partition.apply(values)
+        if self.writer is not None:
+            self.writer.write(batch, prev_offset, self.partition)
+        self._next_check = _now() + self._check_every
+        return [batch], StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        if self.writer is not None:
+            self.writer.check(self.partition)
+        self._next_check = _now() + self._check_every
+        return [], StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self._next_check if self.writer is not None else None
 
     def snapshot(self) -> Any:
         return self.partition.snapshot()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,7 +1,9 @@
-"""Bytewax sinks of the two flows: Redis (guarded, atomic per batch) and Kafka outputs.
+"""Bytewax sinks of the two flows: their Kafka outputs (train pairs, changed items, dead letters).
 
-Both sinks are partitioned like the input topic (sink partition ``p`` gets the batches
-of Kafka partition ``p``), which keeps one writer per partition's Redis offset.
+The Redis state is written by the stateful step itself (:mod:`streams.partition_writer`:
+it alone holds the full state to rebuild a Redis that lost it). Both sinks are
+partitioned like the input topic (sink partition ``p`` gets the batches of Kafka
+partition ``p``).
 
 Kafka outputs (train pairs, changed items, dead letters) are produced asynchronously and
 flushed in :meth:`snapshot`, which Bytewax calls before it commits an epoch: an epoch
@@ -11,7 +13,6 @@ least once without blocking the worker on a broker round trip for every batch.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import OrderedDict
 from typing import Any
@@ -23,10 +24,11 @@ from confluent_kafka.admin import AdminClient
 from freshrec.contracts import DeadLetter
 from freshrec.settings import Settings
 
-from . import catalog_store, user_store
+from . import catalog_store
 from .catalog_partition import CatalogBatch
 from .pairs import PairDraft
 from .redis_client import connect
+from .redis_retry import with_retry
 from .user_partition import UserBatch
 
 # Flush anyway after this long, so outputs move even when no epoch closes (no recovery).
@@ -133,54 +135,30 @@ class _UserSinkPartition(_FlushingSinkPartition):
         self._redis = connect(settings)
         self._kafka = _KafkaOut(settings)
         self._texts = _ItemTexts(self._redis, settings)
-        self._resumed = False
-        self.skipped = 0
-
-    def _log_resume(self, batch: UserBatch) -> None:
-        """Say once per run where the flow resumed relative to what Redis holds."""
-        self._resumed = True
-        field = user_store.partition_field(batch.topic, batch.partition)
-        held = user_store.read_applied_offsets(self._redis, self._settings).get(field, -1)
-        overlap = "replaying offsets already in Redis (their writes are skipped)" if batch.first_offset <= held else "no overlap"
-        print(
-            f"streams.users: partition {field} starts at offset {batch.first_offset}; "
-            f"Redis holds up to {held}: {overlap}",
-            file=sys.stderr,
-            flush=True,
-        )
 
     def write_batch(self, values: list[Any]) -> None:
-        s = self._settings
-        topics = s.topics
+        topics = self._settings.topics
         for value in values:
             if isinstance(value, DeadLetter):
                 self._kafka.send(topics.dead_letter, None, value.to_bytes())
                 continue
             batch: UserBatch = value
-            if not self._resumed:
-                self._log_resume(batch)
-            # Redis first: it is what freshness is measured on.
-            if batch.last_offset >= 0:
-                written = user_store.write_partition_batch(
-                    self._redis, s, batch.topic, batch.partition, batch.last_offset,
-                    batch.users, batch.popularity, batch.newest_ts, batch.first_seen,
-                )
-                if not written:
-                    self.skipped += 1
             for dead in batch.dead_letters:
                 self._kafka.send(topics.dead_letter, None, dead.to_bytes())
             if batch.pairs:
-                titles, texts = self._texts.lookup(_pair_item_ids(batch.pairs))
+                ids = _pair_item_ids(batch.pairs)
+                titles, texts = with_retry(
+                    lambda: self._texts.lookup(ids), "streams.users: reading item titles",
+                    self._settings.stream_redis_backoff_max_s,
+                )
                 for draft in batch.pairs:
                     self._kafka.send(topics.train_pairs, draft.user_id, draft.complete(titles, texts).to_bytes())
         self._kafka.maybe_flush()
 
 
-
 class _CatalogSinkPartition(_FlushingSinkPartition):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._redis = connect(settings)
         self._kafka = _KafkaOut(settings)
 
     def write_batch(self, values: list[Any]) -> None:
@@ -190,16 +168,11 @@ class _CatalogSinkPartition(_FlushingSinkPartition):
                 self._kafka.send(s.topics.dead_letter, None, value.to_bytes())
                 continue
             batch: CatalogBatch = value
-            if batch.last_offset >= 0:
-                catalog_store.apply_partition_batch(
-                    self._redis, s, f"{batch.topic}:{batch.partition}", batch.last_offset, batch.upserts, batch.deletes
-                )
             for dead in batch.dead_letters:
                 self._kafka.send(s.topics.dead_letter, None, dead.to_bytes())
             for record in batch.changed:
                 self._kafka.send(s.topics.changed_items, record.item_id, record.to_bytes())
         self._kafka.maybe_flush()
-
 
 
 class _PerPartitionSink(FixedPartitionedSink[Any, None]):
@@ -217,7 +190,7 @@ class _PerPartitionSink(FixedPartitionedSink[Any, None]):
 
 
 class UserStateSink(_PerPartitionSink):
-    """Writes :class:`UserBatch` es to Redis and their pairs/dead letters to Kafka."""
+    """Writes the pairs and dead letters of :class:`UserBatch` es to Kafka."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.topics.events)
@@ -227,7 +200,7 @@ class UserStateSink(_PerPartitionSink):
 
 
 class CatalogSink(_PerPartitionSink):
-    """Writes :class:`CatalogBatch` es to Redis and changed items/dead letters to Kafka."""
+    """Writes the changed items and dead letters of :class:`CatalogBatch` es to Kafka."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.topics.catalog)

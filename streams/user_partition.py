@@ -4,8 +4,10 @@ Why state is keyed by Kafka partition and not by user: one Python call per batch
 messages instead of one per user per batch (Bytewax's per-key overhead dominates at
 tens of thousands of events per second), and one atomic Redis write per batch that also
 records the partition's offset. The producer keys events by user id, so a user's events
-all live in one partition and arrive in offset order; a message whose key is not its
-``user_id`` breaks that promise and goes to dead-letter.
+all live in one partition and arrive in offset order. A message without a key, or whose
+key is not its ``user_id``, breaks that promise (an unkeyed user's events spread over
+partitions, whose states would overwrite each other in Redis) and goes to dead-letter
+with a reason that says how to key it.
 
 How exactly-once holds (invariant 2 of DESIGN.md):
 
@@ -16,15 +18,29 @@ How exactly-once holds (invariant 2 of DESIGN.md):
 2. Every update is a deterministic function of the snapshot and the events in offset
    order (event time, not the wall clock; validation's "too far in the future" is judged
    against the message's Kafka timestamp), so the replay recomputes byte-identical states.
-3. Each batch is written to Redis as one Lua call that overwrites the changed users'
+3. Each batch is written to Redis, by the stateful step itself
+   (:mod:`streams.partition_writer`), as one Lua call that overwrites the changed users'
    whole states and sets the partition's applied offset, and refuses any offset not
    beyond the one already stored (:func:`streams.user_store.write_partition_batch`).
    Writes of the replayed stretch, which Redis already holds, are therefore skipped;
    the first batch past the stored offset carries states that include every earlier
    event. Redis thus always equals "the state after exactly the events up to the
    applied offset" per partition: nothing lost, nothing counted twice, never moving back.
-4. Duplicate *events* (same ``event_id`` at another offset, e.g. a producer retry) are
-   dropped per user within a window of recent ids (:mod:`streams.user_state`).
+4. Redis may lose data the flow already wrote (restarted without persistence, replaced
+   by an empty one, AOF's last second). The same Lua call notices that Redis holds less
+   than this partition's offset *before* the batch, writes nothing, and the writer then
+   sends :meth:`UserPartition.full_batch` (every user, all popularity and first-seen
+   times of the partition) with the batch's offset in one call: Redis is again "the
+   state after exactly the events up to the applied offset". An idle flow checks every
+   ``stream_redis_check_s`` too. While Redis is unreachable the writer retries forever
+   (:mod:`streams.redis_retry`): the flow stalls, and loses nothing.
+5. The offsets are only meaningful for the incarnation of the topic they were read from
+   (:mod:`freshrec.epochs`): Redis records the topic id beside them and refuses writes
+   of another one; the flow then stops with :class:`~freshrec.epochs.EpochMismatch`.
+6. Duplicate *events* (same ``event_id`` at another offset: a producer retry, the same
+   file replayed twice) are dropped within the partition's last ``stream_dedupe_window``
+   event ids (:mod:`streams.dedupe`), and per user within a short window of recent ids
+   (:mod:`streams.user_state`).
 
 Train pairs and dead letters go to Kafka at least once: a replay re-sends those of the
 replayed stretch, and consumers dedupe on ``pair_id`` (the event id).
@@ -39,13 +55,20 @@ from typing import Any, Protocol
 
 from freshrec.contracts import DeadLetter, InvalidRecord, parse_event
 
+from .dedupe import EventIdWindow
 from .pairs import PairDraft, PairRules, pair_for
 from .user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
 STAGE = "streams.users"
 # v2 added popularity's first-seen times; a v1 snapshot lacks them, so resuming from it
-# would call every old item "new" at its next event: refuse it instead.
-SNAPSHOT_VERSION = 2
+# would call every old item "new" at its next event: refuse it instead. v3 added the
+# partition's event-id window and its topic and partition (to rebuild Redis while idle);
+# a v2 snapshot would accept every replayed event again.
+SNAPSHOT_VERSION = 3
+UNKEYED_WHY = (
+    "events must be keyed by user_id (the Kafka message key is the user_id as UTF-8; "
+    "freshrec.producer and `freshrec produce` do this) so all of a user's events stay in one partition"
+)
 
 
 class SourceMessage(Protocol):
@@ -60,12 +83,15 @@ class SourceMessage(Protocol):
 
 
 def check_key(msg: SourceMessage, record_id: str, id_field: str, why: str) -> None:
-    """Refuse a message whose Kafka key is not its record's id (a key of None is accepted).
+    """Refuse a message without a Kafka key or whose key is not its record's id.
 
     Partition state is only right if every record of one id lands in one partition, which
-    is what the key decides; ``why`` says that in the dead letter's own words.
+    is what the key decides; ``why`` says that in the dead letter's own words. An unkeyed
+    message is refused too: producers spread those over partitions.
     """
-    if msg.key is not None and msg.key != record_id.encode():
+    if msg.key is None:
+        raise InvalidRecord("key", f"message has no key; {why}")
+    if msg.key != record_id.encode():
         raise InvalidRecord("key", f"message key {msg.key[:64]!r} is not the {id_field} {record_id!r}; {why}")
 
 
@@ -104,6 +130,7 @@ class UserPartition:
         pair_rules: PairRules,
         popularity_half_life_s: float,
         resume: Any | None = None,
+        dedupe_window: int = 1_000_000,
     ) -> None:
         self.rules = rules
         self.pair_rules = pair_rules
@@ -111,19 +138,26 @@ class UserPartition:
         self._encoded: dict[str, bytes] = {}
         self.popularity = Popularity(popularity_half_life_s)
         self.last_offset = -1
+        # Known from the first message on (and from the snapshot): what the partition's
+        # Redis keys are named after, needed to rebuild Redis before any new message.
+        self.topic: str | None = None
+        self.partition: int | None = None
+        window: bytes | None = None
         if resume is not None:
             version = resume[0]
             if version != SNAPSHOT_VERSION:
                 raise ValueError(
                     f"snapshot v{version} is not readable (this version writes v{SNAPSHOT_VERSION}); "
-                    f"clear {STAGE} recovery in state_dir/streams and the redis_prefix, then replay the events topic"
+                    f"clear {STAGE} recovery in state_dir/streams and the redis_prefix (`freshrec reset`), "
+                    "then replay the events topic"
                 )
-            _, encoded, entries, newest_ts, first_seen, last_offset = resume
+            _, encoded, entries, newest_ts, first_seen, last_offset, self.topic, self.partition, window = resume
             self._encoded = dict(encoded)
             self.popularity.entries = dict(entries)
             self.popularity.newest_ts = newest_ts
             self.popularity.first_seen = dict(first_seen)
             self.last_offset = last_offset
+        self.seen_ids = EventIdWindow(dedupe_window, window)
 
     @classmethod
     def from_settings(cls, settings: Any, resume: Any | None = None) -> UserPartition:
@@ -132,6 +166,7 @@ class UserPartition:
             PairRules.from_settings(settings),
             settings.popularity_half_life_days * DAY_S,
             resume,
+            settings.stream_dedupe_window,
         )
 
     def state(self, user_id: str) -> UserState | None:
@@ -156,14 +191,18 @@ class UserPartition:
         for msg in messages:
             if batch is None:
                 batch = UserBatch(msg.topic or "", msg.partition or 0, self.last_offset, msg.offset or 0)
+                self.topic, self.partition = batch.topic, batch.partition
             if msg.offset is not None:
                 batch.last_offset = msg.offset
             raw = msg.value or b""
             try:
                 event = parse_event(raw, now=message_time(msg))
-                check_key(msg, event.user_id, "user_id", "events must be keyed by user id so one user stays in one partition")
+                check_key(msg, event.user_id, "user_id", UNKEYED_WHY)
             except InvalidRecord as err:
                 batch.dead_letters.append(DeadLetter.of(STAGE, err, raw, msg.topic or ""))
+                continue
+            if not self.seen_ids.add(event.event_id):
+                batch.duplicates += 1
                 continue
             user = event.user_id
             state = changed.get(user) or self.state(user)
@@ -196,11 +235,25 @@ class UserPartition:
         self.last_offset = batch.last_offset
         return batch
 
-    def snapshot(
-        self,
-    ) -> tuple[int, dict[str, bytes], dict[str, tuple[float, float]], float, dict[str, float], int]:
+    def full_batch(self) -> UserBatch | None:
+        """The partition's whole state as one batch at :attr:`last_offset` (None before
+        the first message): what Redis must hold of this partition, to rebuild it."""
+        if self.topic is None or self.partition is None or self.last_offset < 0:
+            return None
+        return UserBatch(
+            self.topic,
+            self.partition,
+            self.last_offset,
+            users=dict(self._encoded),
+            popularity=dict(self.popularity.entries),
+            newest_ts=self.popularity.newest_ts,
+            first_seen=dict(self.popularity.first_seen),
+        )
+
+    def snapshot(self) -> tuple[Any, ...]:
         """An immutable copy for Bytewax recovery: encoded states (cheap to copy and to
-        pickle), popularity with first-seen times, and the last offset applied."""
+        pickle), popularity with first-seen times, the last offset applied, the topic and
+        partition, and the event-id window (8 bytes per id)."""
         return (
             SNAPSHOT_VERSION,
             dict(self._encoded),
@@ -208,4 +261,7 @@ class UserPartition:
             self.popularity.newest_ts,
             dict(self.popularity.first_seen),
             self.last_offset,
+            self.topic,
+            self.partition,
+            self.seen_ids.snapshot(),
         )

@@ -14,7 +14,10 @@ Keys, all under ``settings.redis_prefix``:
 * ``streams:applied:users``: hash ``<topic>:<partition>`` -> the offset of the last
   event whose effects are in Redis. :func:`write_partition_batch` moves it forward in the
   same atomic Lua call that writes the states, and refuses to move it backwards: that is
-  the guard that makes the flow's writes idempotent under replay.
+  the guard that makes the flow's writes idempotent under replay. The same call notices
+  a Redis that is *behind* the flow (restarted empty) so the flow rewrites its full state.
+* ``streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
+  (:mod:`streams.redis_client`); a write for another id is refused.
 """
 
 from __future__ import annotations
@@ -28,32 +31,39 @@ import redis
 
 from freshrec.settings import Settings
 
-from .redis_client import connect, run_script
+from .redis_client import EPOCH_LUA, EPOCHS, Outcome, connect, outcome_of, run_script
 from .user_state import DAY_S, Popularity, UserState, merge_first_seen
 
 __all__ = [
     "connect", "read_user_state", "read_user_states", "write_user_states", "write_partition_batch",
     "read_applied_offsets", "read_popularity", "read_item_first_seen", "read_fresh_popularity",
-    "FreshPopularity", "user_key",
+    "FreshPopularity", "user_key", "read_applied_offset", "Outcome",
 ]
 
 APPLIED_USERS = "streams:applied:users"
 POPULARITY_NEWEST = "popularity:newest"
 
-# KEYS: applied hash, popularity hash, popularity-newest hash, first-seen hash, then one
-#       key per user.
+# KEYS: applied hash, popularity hash, popularity-newest hash, first-seen hash, epoch
+#       hash, then one key per user.
 # ARGV: partition field, offset, newest ts, user count, popularity field count,
-#       first-seen field count, then user values (in KEYS order), then popularity
-#       field/value pairs, then first-seen field/value pairs.
-# Returns 1 if written, 0 if this offset is already in Redis (a replay after a crash).
-_GUARDED_WRITE = """
+#       first-seen field count, previous offset, epoch field, epoch, then user values (in
+#       KEYS order), then popularity field/value pairs, then first-seen field/value pairs.
+# Returns {code, stored epoch}: 1 written; 0 this offset is already in Redis (a replay
+# after a crash); 2 Redis is behind the writer's state before this batch (it holds less
+# than `previous offset`: restarted empty, or lost its last writes), nothing written;
+# -1 Redis holds another epoch of the topic, nothing written.
+_GUARDED_WRITE = EPOCH_LUA + """
+local ok, stored = epoch_ok(KEYS[5], ARGV[8], ARGV[9])
+if not ok then return {-1, stored} end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return {0, ''} end
+local prev = tonumber(ARGV[7])
+if prev >= 0 and (not cur or tonumber(cur) < prev) then return {2, ''} end
 local n_users = tonumber(ARGV[4])
 local n_pop = tonumber(ARGV[5])
 local n_seen = tonumber(ARGV[6])
-for i = 1, n_users do redis.call('SET', KEYS[4 + i], ARGV[6 + i]) end
-local base = 6 + n_users
+for i = 1, n_users do redis.call('SET', KEYS[5 + i], ARGV[9 + i]) end
+local base = 9 + n_users
 for j = 0, n_pop - 1 do
   redis.call('HSET', KEYS[2], ARGV[base + 2 * j + 1], ARGV[base + 2 * j + 2])
 end
@@ -63,9 +73,20 @@ for j = 0, n_seen - 1 do
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
+return {1, ''}
 """
 _GUARDED_WRITE_SHA = hashlib.sha1(_GUARDED_WRITE.encode()).hexdigest()
+
+# The partition's whole state replacing whatever Redis holds of it (same KEYS and ARGV
+# as above, previous offset unused): popularity and first-seen hashes are rebuilt from
+# scratch, every user of the partition is overwritten. Still refuses an offset Redis
+# already holds, and another epoch.
+_FULL_WRITE = _GUARDED_WRITE.replace(
+    "local prev = tonumber(ARGV[7])\nif prev >= 0 and (not cur or tonumber(cur) < prev) then return {2, ''} end\n",
+    "redis.call('DEL', KEYS[2], KEYS[4])\n",
+)
+assert _FULL_WRITE != _GUARDED_WRITE
+_FULL_WRITE_SHA = hashlib.sha1(_FULL_WRITE.encode()).hexdigest()
 
 
 def user_key(settings: Settings, user_id: str) -> str:
@@ -117,21 +138,37 @@ def write_partition_batch(
     popularity: Mapping[str, tuple[float, float]],
     newest_ts: float,
     first_seen: Mapping[str, float] | None = None,
-) -> bool:
+    *,
+    prev_offset: int = -1,
+    epoch: str | None = None,
+    full: bool = False,
+) -> Outcome:
     """Write one partition's changed users, popularity and first-seen times as of ``offset``, atomically.
 
     ``first_seen`` holds the items whose first-seen time in this partition changed
-    (``UserBatch.first_seen``). Skipped (returns False) if Redis already holds this
-    partition at ``offset`` or later: after a crash the flow recomputes the same states
-    from its snapshot and replays the same events, so those writes would only move Redis
-    back in time.
+    (``UserBatch.first_seen``). Skipped (:data:`Outcome.HELD`, false) if Redis already
+    holds this partition at ``offset`` or later: after a crash the flow recomputes the same
+    states from its snapshot and replays the same events, so those writes would only move
+    Redis back in time.
+
+    ``prev_offset`` is the writer's offset before this batch: if Redis holds less (lost
+    data), nothing is written and :data:`Outcome.BEHIND` asks for a ``full=True`` write of
+    the partition's whole state, which replaces its popularity and first-seen hashes and
+    overwrites every given user. ``epoch`` is the topic's id (:mod:`freshrec.epochs`): a
+    Redis holding another one raises :class:`~freshrec.epochs.EpochMismatch`; a Redis
+    without one records it.
     """
     seen = first_seen or {}
     field = partition_field(topic, partition)
     prefix = settings.redis_prefix
-    keys = [prefix + APPLIED_USERS, f"{prefix}popularity:{field}", prefix + POPULARITY_NEWEST, f"{prefix}first_seen:{field}"]
+    keys = [
+        prefix + APPLIED_USERS, f"{prefix}popularity:{field}", prefix + POPULARITY_NEWEST,
+        f"{prefix}first_seen:{field}", prefix + EPOCHS,
+    ]
     keys.extend(user_key(settings, u) for u in users)
-    args: list[bytes | str | int | float] = [field, offset, repr(newest_ts), len(users), len(popularity), len(seen)]
+    args: list[bytes | str | int | float] = [
+        field, offset, repr(newest_ts), len(users), len(popularity), len(seen), prev_offset, topic, epoch or "",
+    ]
     args.extend(users.values())
     for item, entry in popularity.items():
         args.append(item)
@@ -139,7 +176,8 @@ def write_partition_batch(
     for item, ts in seen.items():
         args.append(item)
         args.append(repr(float(ts)))
-    return bool(run_script(client, _GUARDED_WRITE, _GUARDED_WRITE_SHA, keys, args))
+    script, sha = (_FULL_WRITE, _FULL_WRITE_SHA) if full else (_GUARDED_WRITE, _GUARDED_WRITE_SHA)
+    return outcome_of(run_script(client, script, sha, keys, args), "streams.users", settings, topic, epoch)
 
 
 def read_applied_offsets(client: redis.Redis, settings: Settings) -> dict[str, int]:
@@ -208,3 +246,9 @@ def _read_popularity(
         seen_parts = replies[len(fields) :] if with_scores else replies
         first_seen = merge_first_seen({item.decode(): float(v) for item, v in part.items()} for part in seen_parts)
     return FreshPopularity(scores, first_seen, now)
+
+
+def read_applied_offset(client: redis.Redis, settings: Settings, topic: str, partition: int) -> int | None:
+    """The offset of the partition's last event reflected in Redis; None if Redis has none."""
+    raw = client.hget(settings.redis_prefix + APPLIED_USERS, partition_field(topic, partition))
+    return None if raw is None else int(raw)

@@ -18,17 +18,26 @@ from bytewax.dataflow import Dataflow
 
 from freshrec.settings import Settings
 
+from .flow_epoch import UNRESOLVED, Unresolved, topic_epoch
 from .flow_parts import PartitionLogic, keyed_by_partition
+from .partition_writer import UserStateWriter
 from .sinks import UserStateSink
 from .user_partition import STAGE, UserPartition
 
 
-def build_users_flow(settings: Settings) -> Dataflow:
+def build_users_flow(settings: Settings, epoch: str | None | Unresolved = UNRESOLVED) -> Dataflow:
+    """The flow; ``epoch`` is the events topic's id (:mod:`freshrec.epochs`), asked of
+    the broker when not given."""
+    if isinstance(epoch, Unresolved):
+        epoch = topic_epoch(settings, settings.topics.events)
     flow = Dataflow("freshrec_users")
     keyed, errors = keyed_by_partition("events", flow, settings, settings.topics.events, STAGE)
-    batches = op.stateful_batch(
-        "user-state", keyed, lambda resume: PartitionLogic(UserPartition.from_settings(settings, resume))
-    )
+
+    def build(resume: Any) -> PartitionLogic:
+        partition = UserPartition.from_settings(settings, resume)
+        return PartitionLogic(partition, UserStateWriter(settings, epoch), settings.stream_redis_check_s)
+
+    batches = op.stateful_batch("user-state", keyed, build)
     op.output("outputs", op.merge("all-outputs", batches, errors), UserStateSink(settings))
     return flow
 

@@ -1,0 +1,78 @@
+"""A flow's topic epoch, checked before Bytewax resumes from anything it stored.
+
+Both places a flow keeps positions hold offsets of one incarnation of its input topic
+(:mod:`freshrec.epochs`): the Bytewax snapshots in ``state_dir/streams/<flow>`` (with
+``epoch.json`` beside them) and the applied offsets in Redis (with ``streams:epoch``).
+If the topic was recreated (the embedded broker restarted, which empties it), resuming
+from either would skip every new event without a word; :func:`check_flow_epoch` stops
+the flow first with :class:`~freshrec.epochs.EpochMismatch`, which names the fix. A
+Redis or a recovery directory without an epoch takes the current one.
+
+The guarded Redis writes check the epoch again on every batch
+(:mod:`streams.redis_client`), which also covers flows started by ``python -m
+bytewax.run`` (no recovery directory known here) and a Redis swapped while running.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from freshrec.epochs import EpochMismatch, check_epoch_file, topic_ids
+from freshrec.settings import Settings
+
+from .redis_client import EPOCHS, connect
+from .redis_retry import with_retry
+
+EPOCH_FILE = "epoch.json"
+
+
+class Unresolved:
+    """Marks "ask the broker" where ``None`` already means "the broker has no topic id"."""
+
+
+UNRESOLVED = Unresolved()
+
+
+def flow_topic(settings: Settings, flow: str) -> str:
+    """The input topic of ``flow`` (``users`` or ``catalog``)."""
+    return settings.topics.events if flow == "users" else settings.topics.catalog
+
+
+def topic_epoch(settings: Settings, topic: str) -> str | None:
+    """The topic's current id; None (said on stderr) when the broker gives none."""
+    epoch = topic_ids(settings, [topic]).get(topic)
+    if epoch is None:
+        print(
+            f"streams: the broker gives no id for topic {topic!r} (missing, or a broker without topic ids): "
+            "a recreated topic cannot be told apart from the old one",
+            file=sys.stderr,
+            flush=True,
+        )
+    return epoch
+
+
+def check_redis_epoch(settings: Settings, owner: str, topic: str, epoch: str | None) -> None:
+    """Record ``epoch`` for ``topic`` in a Redis that has none; raise
+    :class:`EpochMismatch` if Redis holds another one."""
+    if epoch is None:
+        return
+    client = connect(settings)
+    key = settings.redis_prefix + EPOCHS
+
+    def record() -> bytes | None:
+        client.hsetnx(key, topic, epoch)
+        return client.hget(key, topic)  # type: ignore[return-value]
+
+    stored = with_retry(record, f"{owner}: checking the topic epoch", settings.stream_redis_backoff_max_s)
+    if stored is not None and stored.decode() != epoch:
+        raise EpochMismatch(owner, topic, stored.decode(), epoch, f"Redis {settings.redis_url}, hash {key}")
+
+
+def check_flow_epoch(settings: Settings, flow: str, recovery: Path | None, epoch: str | None) -> None:
+    """Check (or record) ``epoch`` against the flow's recovery directory and Redis."""
+    owner = f"streams.{flow}"
+    topic = flow_topic(settings, flow)
+    if recovery is not None:
+        check_epoch_file(recovery / EPOCH_FILE, owner, topic, epoch)
+    check_redis_epoch(settings, owner, topic, epoch)
