@@ -1,0 +1,163 @@
+"""freshrec.children: a child started through it dies with its parent, even a SIGKILLed one.
+
+Each test starts a small parent process of its own, lets it start a child, kills the
+parent, and checks that the child is gone within a second or two. Without the helper
+the child would be reparented to PID 1 and live on (which is what these tests catch).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from freshrec import children
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def _gone_within(pid: int, started: int | None, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if children.start_time(pid) != started:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _parent(code: str) -> tuple[subprocess.Popen[str], int]:
+    """A parent running ``code``, which prints its child's pid; returns (parent, child pid)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert parent.stdout is not None
+    line = parent.stdout.readline()
+    assert line.strip().isdigit(), f"the parent printed {line!r}"
+    return parent, int(line)
+
+
+def _kill_leftover(pid: int, started: int | None) -> None:
+    if started is not None and children.start_time(pid) == started:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_popen_child_dies_with_its_parent(sig: int) -> None:
+    parent, pid = _parent(
+        f"""
+        import time
+        from freshrec.children import popen
+        child = popen({SLEEPER!r})
+        time.sleep(0.5)  # the wrapper has set the death signal and exec'd by now
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    started = children.start_time(pid)
+    try:
+        assert started is not None
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            assert b"time.sleep(60)" in fh.read(), "the wrapper did not exec the command in place"
+        parent.send_signal(sig)
+        parent.wait(5)
+        assert _gone_within(pid, started, 3.0), "the child outlived its parent"
+    finally:
+        _kill_leftover(pid, started)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
+    # The race between fork and prctl: the expected parent is not the parent any more.
+    t0 = time.monotonic()
+    rc = subprocess.run(
+        [sys.executable, "-m", "freshrec.children", "--parent", "1", "--", *SLEEPER], timeout=20
+    ).returncode
+    assert rc in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    assert time.monotonic() - t0 < 15
+
+
+def test_multiprocessing_worker_dies_with_its_parent() -> None:
+    parent, pid = _parent_script_for_spawn()
+    started = children.start_time(pid)
+    try:
+        assert started is not None
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(5)
+        assert _gone_within(pid, started, 3.0), "the worker outlived its parent"
+    finally:
+        _kill_leftover(pid, started)
+
+
+def _parent_script_for_spawn() -> tuple[subprocess.Popen[str], int]:
+    # spawn re-imports the parent's main module, so the parent must be a file, not ``-c``.
+    import tempfile
+
+    script = textwrap.dedent(
+        """
+        import multiprocessing as mp, os, signal, time
+        from freshrec.children import die_with_parent
+
+        def work(q):
+            die_with_parent(signal.SIGKILL)
+            q.put(os.getpid())
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            ctx.Process(target=work, args=(q,)).start()
+            print(q.get(timeout=30), flush=True)
+            time.sleep(60)
+        """
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(script)
+    parent = subprocess.Popen([sys.executable, fh.name], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert parent.stdout is not None
+    line = parent.stdout.readline()
+    os.unlink(fh.name)
+    assert line.strip().isdigit(), f"the parent printed {line!r}"
+    return parent, int(line)
+
+
+def test_guard_stops_a_watched_process_when_its_parent_is_killed() -> None:
+    # The watched process lives in its own session, as the embedded broker and Redis do.
+    parent, pid = _parent(
+        f"""
+        import subprocess, time
+        from freshrec.children import Guard
+        guard = Guard(grace_s=1.0)
+        service = subprocess.Popen({SLEEPER!r}, start_new_session=True)
+        guard.watch(service.pid)
+        print(service.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    started = children.start_time(pid)
+    try:
+        assert started is not None
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(5)
+        assert _gone_within(pid, started, 5.0), "the guard did not stop the watched process"
+    finally:
+        _kill_leftover(pid, started)
+
+
+def test_guard_leaves_alone_what_already_ended() -> None:
+    guard = children.Guard(grace_s=0.5)
+    done = subprocess.Popen(SLEEPER)
+    guard.watch(done.pid)
+    done.kill()
+    done.wait()
+    guard.watch(done.pid)  # gone: not registered at all
+    guard.close(5)
+    assert guard._proc.returncode == 0
