@@ -30,29 +30,90 @@ COMPONENT_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+UP_HELP = (
+    "start the embedded broker and Redis, create the topics. The broker keeps topics in memory, so every "
+    "`up` starts new, empty topics, and `up` therefore starts from a clean slate: it runs `freshrec reset` "
+    "(flow snapshots, learner and indexer positions, freshrec's Redis keys, in a reused Redis too; the "
+    "adapter registry stays) and prints what it cleared"
+)
+COUNTS_NOTE = (
+    "note: the embedded broker (Tansu) under-reports end offsets (README, \"Known broker quirk\"), "
+    "so these counts are a lower bound there; exact on Apache Kafka"
+)
+
+
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from .infra import InfraError, start_stack
+    from .reset import safe_url
 
     try:
         stack = start_stack(settings)
     except InfraError as exc:
         print(f"freshrec up: {exc}", file=sys.stderr)
         return 1
-    owner = f"pid {stack.redis.pid}" if stack.redis.pid else "already running, reused"
-    print(f"kafka  {stack.bootstrap}  (Tansu, pid {stack.kafka.pid}, {len(stack.topics)} topics x {settings.partitions} partitions)")
-    print(f"redis  {stack.redis_url}  ({owner})")
+    cleared = stack.cleared
+    keys = f"cleared {cleared.redis_keys:,} keys under {settings.redis_prefix!r}" if cleared else "nothing cleared"
+    if stack.redis.pid is None:
+        owner = f"already running, reused: {keys}"
+    elif stack.redis_kept:
+        owner = f"pid {stack.redis.pid}, left running by the previous `up`, reused: {keys}"
+    else:
+        owner = f"pid {stack.redis.pid}, AOF in {settings.state_dir / 'redis'}: {keys}"
+    print(f"kafka  {stack.bootstrap}  (Tansu, pid {stack.kafka.pid}, {len(stack.topics)} new topics x "
+          f"{settings.partitions} partitions, in memory)")
+    print(f"redis  {safe_url(stack.redis_url)}  ({owner})")
+    if cleared is not None:
+        what = [str(p) for p in cleared.paths]
+        print("clean slate for the new topics: "
+              + (f"removed {', '.join(what)}" if what else "no stored positions in " + str(settings.state_dir)))
     return 0
 
 
 def _cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     from .infra import stop_stack
 
-    stopped = stop_stack(settings.state_dir)
-    if not stopped:
+    lines = stop_stack(settings.state_dir)
+    if not lines:
         print(f"nothing to stop: no freshrec services are recorded in {settings.state_dir}")
-    for line in stopped:
-        print(f"stopped {line}")
+    for line in lines:
+        print(line)
     return 0
+
+
+def _cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
+    """Remove every stored position and freshrec's Redis keys, after showing what will go."""
+    from .reset import ResetError, plan_reset, reset
+
+    try:
+        plan = plan_reset(settings, everything=args.all)
+        if plan.empty:
+            print(f"nothing to reset: no stored positions in {settings.state_dir}, no Redis keys under "
+                  f"{settings.redis_prefix!r}")
+            return 0
+        if not args.yes:
+            print("freshrec reset will remove (stop the flows, learner and indexer first):")
+            for line in plan.lines():
+                print(f"  {line}")
+            if not args.all:
+                print("  (the adapter registry stays; --all removes it too)")
+            if not _confirm("proceed? [y/N] "):
+                print("freshrec reset: nothing removed (pass --yes to skip this question)", file=sys.stderr)
+                return 1
+        report = reset(settings, everything=args.all)
+    except ResetError as exc:
+        print(f"freshrec reset: {exc}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(f"removed {line}")
+    return 0
+
+
+def _confirm(prompt: str) -> bool:
+    try:
+        return input(prompt).strip().lower() in {"y", "yes"}
+    except EOFError:  # no terminal: never assume yes
+        print()
+        return False
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -68,6 +129,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
         for topic, n in topic_counts(settings).items():
             print(f"{topic:32} {n:>10,}")
+        print(COUNTS_NOTE)
     return 0
 
 
@@ -89,9 +151,14 @@ def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     """Send a JSON-lines file of events or catalog records through the validating producer."""
     from .producer import RecordProducer
 
+    try:
+        fh = open(args.file, "rb")  # before connecting: a wrong path is the user's typo, not a broker problem
+    except OSError as exc:
+        print(f"freshrec produce: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     with RecordProducer(settings, client_id="freshrec-produce") as producer:
         send = producer.send_event if args.topic == "events" else producer.send_catalog
-        with open(args.file, "rb") as fh:
+        with fh:
             for line in fh:
                 line = line.rstrip(b"\r\n")
                 # An empty line separates nothing in JSON lines (a trailing newline, a
@@ -108,10 +175,31 @@ def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freshrec", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("up", help="start the embedded broker and Redis, create the topics").set_defaults(func=_cmd_up)
+    sub.add_parser(
+        "up", help="start the embedded broker and Redis on new topics, from a clean slate (see `up --help`)",
+        description=UP_HELP,
+    ).set_defaults(func=_cmd_up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=_cmd_down)
-    p = sub.add_parser("status", help="say what runs where")
-    p.add_argument("--counts", action="store_true", help="also count the messages in each topic")
+    p = sub.add_parser(
+        "reset",
+        help="forget every stored Kafka position: the fix for a topic-epoch mismatch",
+        description="Remove the flows' recovery snapshots (state_dir/streams/*), the learner's checkpoints "
+        "(state_dir/learner), the indexer's offsets (state_dir/indexer) and every Redis key under "
+        "FRESHREC_REDIS_PREFIX (SCAN + UNLINK, never FLUSHDB), so every consumer starts over from the "
+        "topics' beginning. Stop the flows, learner and indexer first. The adapter registry stays.",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--all", action="store_true", help="also remove the adapter registry and its ONNX exports")
+    p.set_defaults(func=_cmd_reset)
+    p = sub.add_parser(
+        "status",
+        help="say what runs where; with --counts, messages per topic (a lower bound on the embedded broker, "
+        "which under-reports end offsets)",
+    )
+    p.add_argument(
+        "--counts", action="store_true",
+        help="also count the messages in each topic (from end offsets: a lower bound on the embedded Tansu broker)",
+    )
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("replay", help="replay a dataset folder (catalog, then events) into Kafka")
     p.add_argument("dataset_dir", help="folder with events.csv[.gz] and items.csv")

