@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         6, ge=1, description="ONNX exports (~200 MB each) the indexer keeps in state_dir/exports; older are pruned"
     )
     # serving
+    users_token: str | None = Field(
+        None,
+        description="Bearer token for /users/{user_id} (a shopper's history); the endpoint is off without one. "
+        "Separate from admin_token because the demo page carries it into a browser",
+    )
     admin_enabled: bool | None = Field(
         None,
         description="Serve /admin: None = on exactly when admin_token is set; True without a token refuses to start",

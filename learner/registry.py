@@ -105,6 +105,21 @@ def weights_checksum(directory: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+VERSION_FORMAT = "v<6 digits>-<8 lowercase hex>, e.g. v000003-1a2b3c4d"
+
+
+def is_version_name(name: str) -> bool:
+    """Whether ``name`` is a published version's name, judged on the string alone.
+
+    For edges that take a version from outside (the admin API) and must refuse before
+    the name reaches the file system: a name that passes is 16 ASCII characters with no
+    ``/``, ``..`` or NUL, so ``root / name`` stays inside the registry. ``fullmatch``,
+    not ``match``: ``$`` would let a trailing newline through.
+    """
+    # isascii: \d also matches other scripts' digits.
+    return isinstance(name, str) and name.isascii() and _VERSION_RE.fullmatch(name) is not None
+
+
 def parse_version(version: str) -> int:
     """The sequence number of a version name; ValueError if it is not one."""
     m = _VERSION_RE.match(version)

@@ -5,6 +5,12 @@ header is 401, a wrong token 403. The router exists only when admin is enabled
 (:func:`serving.runtime.admin_enabled`: on when a token is set; enabling it without a
 token refuses to start).
 
+A version name is checked against the registry's format
+(:func:`learner.registry.is_version_name`, or ``base``) before anything touches the file
+system: ``../etc``, a 10,000-character name or one with a NUL is a 422 naming the
+format, never a file-system error. Answers carry no filesystem path
+(:func:`serving.app.public_body`); the full messages go to the log.
+
 Activation is asynchronous: ``POST /admin/adapters/{version}/activate`` verifies the
 version at once (a corrupt or unknown adapter is refused with 422/404 and the active
 pair keeps serving), queues the build and answers 202 with the job; ``?wait=true``
@@ -20,16 +26,22 @@ Examples::
 
 from __future__ import annotations
 
-import hmac
+import logging
 import threading
 import time
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
+from indexer.encoder import BASE_VERSION
+from learner.registry import VERSION_FORMAT, is_version_name
+
+from .app import JSON, ApiError, bearer_guard, error_responses, public_body
 from .runtime import ServingRuntime
 from .swap import ActivationRefused, BuildJob
+
+log = logging.getLogger("freshrec.serving.admin")
 
 LEARNER_LAG_CACHE_S = 5.0
 LEARNER_LAG_WAIT_S = 1.0  # /admin/status waits this long for a fresh figure, then shows the last one
@@ -66,44 +78,49 @@ class _LearnerLag:
             done.set()
 
 
+def check_version_name(version: str) -> None:
+    """Refuse (422) a name that is not ``base`` or a registry version, before any file is touched."""
+    if version == BASE_VERSION or is_version_name(version):
+        return
+    shown = repr(version[:40]) + (f"... ({len(version):,} characters)" if len(version) > 40 else "")
+    raise ApiError(
+        422, f"version: {shown} is not an adapter version; expected {BASE_VERSION!r} or {VERSION_FORMAT} (see GET /admin/adapters)"
+    )
+
+
 def admin_router(runtime: ServingRuntime) -> APIRouter:
-    from .app import JSON, ApiError
-
-    token = (runtime.settings.admin_token or "").encode()
-
-    def require_token(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if not header or scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(401, "admin needs 'Authorization: Bearer <token>' (settings.admin_token)")
-        if not token or not hmac.compare_digest(given.strip().encode(), token):
-            raise ApiError(403, "wrong admin token")
-
-    router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
+    state_dir = runtime.settings.state_dir
+    guard = bearer_guard(runtime.settings.admin_token, "AdminToken", "admin", "admin_token")
+    router = APIRouter(prefix="/admin", dependencies=[Depends(guard)], responses=error_responses(401, 403))
     learner = _LearnerLag(runtime)
 
     async def _finish(job: BuildJob, wait: bool, timeout_s: float) -> JSON:
         if wait:
             await anyio.to_thread.run_sync(job.done.wait, timeout_s)
-        body = job.summary()
+        body = public_body(job.summary(), state_dir)
         if job.state == "failed":
-            return JSON({"error": job.error, "job": body}, status_code=422)
+            return JSON({"error": body["error"], "job": body}, status_code=422)
         return JSON(body, status_code=200 if job.state == "live" else 202)
 
     @router.get("/adapters")
     async def adapters() -> JSON:
-        return JSON(await anyio.to_thread.run_sync(_adapters, runtime))
+        return JSON(public_body(await anyio.to_thread.run_sync(_adapters, runtime), state_dir))
 
-    @router.post("/adapters/{version}/activate")
+    @router.post(
+        "/adapters/{version}/activate",
+        responses={**error_responses(404, 422), 202: {"description": "queued (without wait=true)"}},
+    )
     async def activate(version: str, wait: bool = False, timeout_s: float = Query(120.0, gt=0, le=600)) -> JSON:
+        check_version_name(version)
         try:
             await anyio.to_thread.run_sync(runtime.builder.check, version)
         except ActivationRefused as exc:
+            log.warning("admin activation of %s refused: %s", version, exc)
             status = 404 if "no such version" in str(exc) else 422
             raise ApiError(status, f"{exc}; still serving {runtime.active_version()}") from None
         return await _finish(runtime.builder.activate(version, reason="admin"), wait, timeout_s)
 
-    @router.post("/rollback")
+    @router.post("/rollback", responses={**error_responses(409, 422), 202: {"description": "queued (without wait=true)"}})
     async def rollback(wait: bool = False, timeout_s: float = Query(120.0, gt=0, le=600)) -> JSON:
         try:
             job = runtime.builder.rollback()
@@ -116,7 +133,7 @@ def admin_router(runtime: ServingRuntime) -> APIRouter:
         refreshing = learner.refresh()
         if refreshing is not None:
             await anyio.to_thread.run_sync(refreshing.wait, LEARNER_LAG_WAIT_S)
-        return JSON(_status(runtime, learner.value))
+        return JSON(public_body(_status(runtime, learner.value), state_dir))
 
     return router
 

@@ -11,10 +11,17 @@ Response shape::
 
 plus ``source`` on /recommend (``personal`` or ``popularity``), ``personalised`` on /search
 (whether a user vector was blended in), and ``degraded: true`` with a ``reason`` when
-Redis could not be read. Errors are ``{"error": "..."}`` with a 4xx:
-a missing or bad parameter or k out of range 422, an empty query 422, a query over
-``MAX_QUERY_CHARS`` or a body over ``MAX_BODY_BYTES`` 413, an unknown item in /similar
-404, and 503 while the first index is still loading.
+Redis could not be read, or when it answered from an empty state (no applied events, an
+empty catalog, no popularity for a cold user: see :func:`serving.shopper_data.state_gap`).
+Errors are ``{"error": "..."}`` with a 4xx: a missing or bad parameter or k out of range
+422, an empty query 422, a query over ``MAX_QUERY_CHARS`` or a body over
+``MAX_BODY_BYTES`` 413, an unknown item in /similar 404, and 503 while the first index
+is still loading. No error carries a filesystem path (:func:`public_message`); the
+detail goes to the log.
+
+``/users/{user_id}`` is a shopper's history, so it needs ``Authorization: Bearer
+<settings.users_token>`` (401 without, 403 wrong) and is off (404) when no token is set.
+It has its own token, not the admin one, because the demo page carries it into a browser.
 
 An unknown user is not an error: for /recommend they are a cold user (popularity,
 ``source: popularity``), for /search the query is used alone. A recommender cannot
@@ -23,25 +30,30 @@ tell a new shopper from a mistyped id, and a new shopper must get an answer.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from freshrec.contracts import MAX_ID_CHARS, MAX_QUERY_CHARS
 
 from . import scoring
+from .metrics import ENDPOINTS, TimingMiddleware
 from .pair import ServingPair
 from .runtime import ServingRuntime
-from .shopper_data import RedisUnavailable
+from .shopper_data import RedisUnavailable, state_gap
 
 log = logging.getLogger("freshrec.serving.app")
 
@@ -50,7 +62,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 DAY_S = 86_400.0
 
 
-class JSON(Response):
+class JSON(JSONResponse):
+    """orjson (numpy-aware); a JSONResponse, so OpenAPI documents each route's model."""
+
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
@@ -58,12 +72,154 @@ class JSON(Response):
 
 
 class ApiError(Exception):
-    """A 4xx/5xx with a message for the caller."""
+    """A 4xx/5xx with a message for the caller (paths are stripped on the way out)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
+
+
+# -- the documented shapes (OpenAPI, /docs; the fuzz test checks answers against them) -----
+
+
+class Error(BaseModel):
+    error: str
+
+
+class RankedItem(BaseModel):
+    item_id: str
+    title: str
+    score: float
+
+
+class Ranked(BaseModel):
+    """A ranking; ``source`` is /recommend's, ``personalised`` /search's."""
+
+    items: list[RankedItem]
+    adapter_version: str
+    index_version: str
+    server_ms: float
+    source: Literal["personal", "popularity"] | None = None
+    personalised: bool | None = None
+    degraded: bool | None = None
+    reason: str | None = None
+
+
+class Interaction(BaseModel):
+    item_id: str
+    title: str
+    kind: str
+    ts: float
+
+
+class UserHistory(BaseModel):
+    user_id: str
+    items: list[Interaction]
+    events: int
+    last_ts: float
+    server_ms: float
+
+
+class Health(BaseModel):
+    ok: bool
+    uptime_s: float
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reason: str | None = None
+    degraded: bool | None = None
+    adapter_version: str | None = None
+    index_version: str | None = None
+    items: int | None = None
+    build: dict[str, Any] | None = None
+
+
+_ERROR_MEANING = {
+    401: "no 'Authorization: Bearer <token>' header",
+    403: "wrong token",
+    404: "not found (the message says what)",
+    409: "the request conflicts with the current state",
+    413: "query or body too large",
+    422: "a bad parameter or body (the message names it)",
+    503: "not ready (index loading) or a dependency is unavailable",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all ``{"error": "..."}``."""
+    return {code: {"model": Error, "description": _ERROR_MEANING[code]} for code in codes}
+
+
+# An absolute path: a "/" that does not continue a word, a URL ("redis://h:p/0"), a
+# relative path or "<state_dir>", up to a character no path in our messages contains.
+_ABS_PATH = re.compile(r"(?<![\w.~:/>-])/[^\s'\"`,;:()<>\[\]{}]+")
+
+
+_API_HEADS = ENDPOINTS | {"users", "docs", "openapi.json"}
+
+
+def public_message(text: str, state_dir: Path | str | None = None) -> str:
+    """``text`` without filesystem paths, for a response (the full text belongs in the log).
+
+    Registry, export and load errors name the files they tripped on, which tells a
+    caller how the host is laid out. A path under ``state_dir`` keeps its part below it
+    (``<state_dir>/adapters/v000001-1a2b3c4d``: still useful to the operator); any other
+    absolute path keeps its last component only.
+    """
+    roots: list[str] = []
+    if state_dir is not None and str(state_dir) not in ("", ".", "/"):
+        roots = [str(state_dir).rstrip("/")]
+        try:
+            absolute = str(Path(state_dir).resolve())
+            if absolute not in roots:
+                roots.insert(0, absolute)  # tried first: a relative root can occur inside it
+        except OSError:
+            pass
+    for root in roots:
+        text = re.sub(rf"(?<![\w.~/-]){re.escape(root)}(?![\w.-])", "<state_dir>", text)
+
+    def shorten(m: re.Match[str]) -> str:
+        path = m.group(0).rstrip(".")
+        if path.split("/", 2)[1] in _API_HEADS:
+            return m.group(0)  # a route of this API ("see GET /admin/adapters"), not a file
+        return ".../" + path.rstrip("/").rsplit("/", 1)[-1] + m.group(0)[len(path) :]
+
+    return _ABS_PATH.sub(shorten, text)
+
+
+def public_body(obj: Any, state_dir: Path | str | None = None) -> Any:
+    """:func:`public_message` over every string in a JSON-like value (admin status, jobs)."""
+    if isinstance(obj, str):
+        return public_message(obj, state_dir)
+    if isinstance(obj, dict):
+        return {k: public_body(v, state_dir) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_body(v, state_dir) for v in obj]
+    return obj
+
+
+def bearer_guard(token: str | None, scheme_name: str, what: str, setting: str) -> Any:
+    """A dependency that lets through ``Authorization: Bearer <token>`` only.
+
+    No (or a non-Bearer) header is 401 with ``WWW-Authenticate: Bearer``, a wrong token
+    403; ``token`` None refuses everyone (callers that can be off check that first).
+    Constant-time comparison, so the answer time does not leak the token.
+    """
+    scheme = HTTPBearer(auto_error=False, scheme_name=scheme_name, description=f"settings.{setting}")
+    expected = (token or "").encode()
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
+        if credentials is None or not credentials.credentials.strip():
+            raise ApiError(
+                401, f"{what} needs 'Authorization: Bearer <token>' (settings.{setting})", {"WWW-Authenticate": "Bearer"}
+            )
+        if not expected or not hmac.compare_digest(credentials.credentials.strip().encode(), expected):
+            raise ApiError(403, f"wrong {what} token")
+
+    return check
 
 
 def _items(pair_results: list[tuple[str, float]], titles: dict[str, str]) -> list[dict[str, Any]]:
@@ -104,7 +260,10 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSON:
-        return JSON({"error": exc.message}, status_code=exc.status)
+        message = public_message(exc.message, settings.state_dir)
+        if message != exc.message:
+            log.info("%s %s answered %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return JSON({"error": message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSON:
@@ -127,7 +286,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
 
     # -- ranking -------------------------------------------------------------------------
 
-    @app.get("/recommend")
+    @app.get("/recommend", response_model=Ranked, responses=error_responses(422, 503))
     async def recommend(
         user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
         k: int = Query(10, ge=1, le=max_k),
@@ -141,12 +300,17 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         except RedisUnavailable as exc:
             runtime.metrics.degraded.labels("recommend").inc()
             ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
-            return JSON(
-                _body(pair, _items(ranked, runtime.titles), t0, source="popularity", degraded=True, reason=str(exc))
-            )
-        if state is None or (not state.history and not state.basket_bits):
+            reason = public_message(str(exc), settings.state_dir)
+            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", degraded=True, reason=reason))
+        cold = state is None or (not state.history and not state.basket_bits)
+        gap = state_gap(popularity, len(pair.index), cold)
+        flag: dict[str, Any] = {}
+        if gap is not None:
+            runtime.metrics.degraded.labels("recommend").inc()
+            flag = {"degraded": True, "reason": gap}
+        if cold:
             ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
-            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity"))
+            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", **flag))
         ranked = scoring.recommend(
             state.history,
             state.basket_scores(basket_decay),
@@ -161,9 +325,14 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             new_items=popularity.new_items,
             similarity_scale=pair.similarity,
         )
-        return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal"))
+        return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal", **flag))
 
-    @app.post("/search")
+    @app.post(
+        "/search",
+        response_model=Ranked,
+        responses=error_responses(413, 422, 503),
+        openapi_extra={"requestBody": _search_body_schema(max_k)},
+    )
     async def search(request: Request) -> JSON:
         t0 = time.perf_counter()
         query, user_id, k = await _search_request(request, max_k)
@@ -176,15 +345,18 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
                 state = runtime.gate.call(_read_state, runtime, user_id)
             except RedisUnavailable as exc:
                 runtime.metrics.degraded.labels("search").inc()
-                state, extra = None, {"degraded": True, "reason": str(exc)}
+                state, extra = None, {"degraded": True, "reason": public_message(str(exc), settings.state_dir)}
             if state is not None and state.history:
                 hw = scoring.history_weights(state.history, state.last_ts, half_life_user_s)
                 uvec = scoring.user_vector(hw, pair.index.reconstruct_many(list(hw)))
+        if not extra and len(pair.index) == 0:
+            runtime.metrics.degraded.labels("search").inc()
+            extra = {"degraded": True, "reason": state_gap(runtime.popularity.view, 0, cold=False)}
         vec = scoring.search_vector(qvec, uvec, settings.search_user_weight)
         hits = pair.index.search(vec, k)[0]
         return JSON(_body(pair, _items(hits, runtime.titles), t0, personalised=uvec is not None, **extra))
 
-    @app.get("/similar/{item_id}")
+    @app.get("/similar/{item_id}", response_model=Ranked, responses=error_responses(404, 422, 503))
     async def similar(item_id: str, k: int = Query(10, ge=1, le=max_k)) -> JSON:
         t0 = time.perf_counter()
         if len(item_id) > MAX_ID_CHARS:
@@ -196,9 +368,24 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         hits = pair.index.search(vec, k, exclude=frozenset((item_id,)))[0]
         return JSON(_body(pair, _items(hits, runtime.titles), t0))
 
-    @app.get("/users/{user_id}")
+    users_guard = bearer_guard(settings.users_token, "UsersToken", "/users", "users_token")
+
+    async def users_allowed() -> None:
+        if not settings.users_token:
+            raise ApiError(
+                404,
+                "/users is off on this server: it serves shoppers' histories only to holders of a token; "
+                "set FRESHREC_USERS_TOKEN to turn it on",
+            )
+
+    @app.get(
+        "/users/{user_id}",
+        response_model=UserHistory,
+        responses=error_responses(401, 403, 404, 422, 503),
+        dependencies=[Depends(users_allowed), Depends(users_guard)],
+    )
     async def user_history(user_id: str, n: int = Query(10, ge=1, le=max_k)) -> JSON:
-        """What serving knows of a shopper: their latest interactions, newest first."""
+        """A shopper's latest interactions, newest first (personal data: token only; see the module doc)."""
         t0 = time.perf_counter()
         if len(user_id) > MAX_ID_CHARS:
             raise ApiError(422, f"user_id is {len(user_id)} characters; the limit is {MAX_ID_CHARS}")
@@ -224,28 +411,42 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
 
     # -- health and metrics ----------------------------------------------------------------
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz() -> JSON:
         return JSON({"ok": True, "uptime_s": round(time.time() - runtime.started_at, 1)})
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
     async def readyz() -> JSON:
+        """Ready once the first pair is live with a non-empty catalog; an empty user state
+        is flagged (``degraded``) but does not hold readiness back: a new system has none."""
         pair = runtime.active.pair
         if pair is None:
             job = runtime.builder.current
-            return JSON(
-                {"ready": False, "reason": "the first index is still building", "build": job.summary() if job else None},
-                status_code=503,
-            )
-        return JSON(
-            {"ready": True, "adapter_version": pair.adapter_version, "index_version": pair.index_version, "items": len(pair.index)}
-        )
+            build = public_body(job.summary(), settings.state_dir) if job else None
+            return JSON({"ready": False, "reason": "the first index is still building", "build": build}, status_code=503)
+        n = len(pair.index)
+        body: dict[str, Any] = {"adapter_version": pair.adapter_version, "index_version": pair.index_version, "items": n}
+        gap = state_gap(runtime.popularity.view, n, cold=False)
+        if n == 0:
+            return JSON({"ready": False, "reason": gap, **body}, status_code=503)
+        if gap is not None:
+            body.update(degraded=True, reason=gap)
+        return JSON({"ready": True, **body})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if runtime.popularity.read_applied is None:
+        # Belongs in ServingRuntime's constructor (read with popularity, off the request path);
+        # wired here until runtime.py takes it.
+        from streams.user_store import read_applied_offsets
+
+        runtime.popularity.read_applied = lambda: read_applied_offsets(runtime.background_redis, settings)
+    if not settings.users_token:
+        log.info("GET /users is off: set FRESHREC_USERS_TOKEN to serve shoppers' histories to holders of it")
 
     if runtime.admin:
         from .admin import admin_router
@@ -258,10 +459,20 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
 
         app.mount("/", StaticFiles(directory=str(STATIC_DIR), html=True), name="static")
 
-    from .metrics import TimingMiddleware
-
     app.add_middleware(TimingMiddleware, metrics=runtime.metrics)
     return app
+
+
+def _search_body_schema(max_k: int) -> dict[str, Any]:
+    """/search's body as OpenAPI (the route reads it by hand: the size limit comes first)."""
+    props = {
+        "query": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS, "pattern": r"\S"},
+        "user_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+        "k": {"type": "integer", "minimum": 1, "maximum": max_k, "default": 10},
+    }
+    schema = {"type": "object", "properties": props, "required": ["query"], "additionalProperties": False}
+    example = {"query": "red lunch bag", "user_id": "17841", "k": 10}
+    return {"required": True, "content": {"application/json": {"schema": schema, "example": example}}}
 
 
 def _read_state(runtime: ServingRuntime, user_id: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-ENDPOINTS = frozenset({"recommend", "search", "similar", "admin", "healthz", "readyz", "metrics"})
+ENDPOINTS = frozenset({"recommend", "search", "similar", "users", "admin", "healthz", "readyz", "metrics"})
 # Fine below 10 ms, where the targets are.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -32,7 +32,7 @@ class ServingMetrics:
             "freshrec_request_seconds", "Server-side request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.responses = Counter("freshrec_responses", "Responses by endpoint and status", ["endpoint", "status"], registry=r)
-        self.degraded = Counter("freshrec_degraded_responses", "Responses served without Redis", ["endpoint"], registry=r)
+        self.degraded = Counter("freshrec_degraded_responses", "Responses flagged degraded: Redis unreachable, or its state empty", ["endpoint"], registry=r)
         self.swaps = Counter("freshrec_swaps", "Serving pairs swapped in", registry=r)
         self.build_seconds = Gauge("freshrec_last_build_seconds", "Seconds the last swapped-in pair took to build", registry=r)
         self.index_items = Gauge("freshrec_index_items", "Items in the active index", registry=r)

@@ -12,7 +12,10 @@ Invariant 4: serving never blocks on a dependency. Two measures:
   ``settings.popularity_refresh_s`` and kept in memory, ranked, together with the
   items that are new arrivals (first seen within ``blend_new_days`` of the newest event
   time, for the log blend). Requests never read them from Redis, and when Redis goes
-  away the last ranking keeps answering.
+  away the last ranking keeps answering. The same refresh counts the partitions whose
+  events Redis holds (the users flow's applied offsets), which is how serving knows a
+  reachable Redis is empty (new, restarted without persistence, being rebuilt) without
+  a read per request; :func:`state_gap` turns that into the reason a response gives.
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class PopularityView:
     ranked: tuple[str, ...] = ()
     read_at: float = 0.0
     new_items: frozenset[str] = frozenset()
+    # Partitions with applied events in Redis (streams.user_store.read_applied_offsets);
+    # None: not read (no reader given, or nothing read yet).
+    applied_partitions: int | None = None
 
     @classmethod
     def of(
@@ -105,15 +111,36 @@ class PopularityView:
         first_seen: Mapping[str, float] | None = None,
         now_ts: float = 0.0,
         new_s: float = 0.0,
+        applied_partitions: int | None = None,
     ) -> PopularityView:
         at = time.time() if read_at is None else read_at
         new = new_arrivals(first_seen, now_ts, new_s) if first_seen else frozenset()
         top = max((v for v in raw.values() if v > 0), default=0.0)
         if top <= 0:
-            return cls(read_at=at, new_items=new)
+            return cls(read_at=at, new_items=new, applied_partitions=applied_partitions)
         scores = {k: v / top for k, v in raw.items() if v > 0}
         ranked = tuple(sorted(scores, key=lambda i: (-scores[i], i)))
-        return cls(scores, ranked, at, new)
+        return cls(scores, ranked, at, new, applied_partitions)
+
+
+EMPTY_STATE = "state is empty or being rebuilt"
+
+
+def state_gap(view: PopularityView, index_items: int, cold: bool) -> str | None:
+    """Why an answer from this state is hollow (the ``reason`` of a degraded response), or None.
+
+    Redis answering is not enough: a new Redis, one restarted without persistence, or one
+    the users flow is still rewriting from its snapshots answers every read with "nothing",
+    and a recommendation from that looks like a real one. ``cold``: the answer is
+    popularity alone, so an empty popularity ranking makes it empty too.
+    """
+    if index_items == 0:
+        return f"{EMPTY_STATE}: the catalog is empty (no items indexed yet; is `freshrec stream catalog` running?)"
+    if view.applied_partitions == 0:
+        return f"{EMPTY_STATE}: Redis holds no applied events (a new or emptied Redis, or no events yet)"
+    if cold and not view.ranked and view.applied_partitions is not None:
+        return f"{EMPTY_STATE}: no popularity in Redis yet (no purchases applied)"
+    return None
 
 
 class PopularityCache:
@@ -123,8 +150,17 @@ class PopularityCache:
     against the reading's newest event time, the same "now" popularity is decayed to.
     """
 
-    def __init__(self, read: Callable[[], PopularityReading], every_s: float, new_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        read: Callable[[], PopularityReading],
+        every_s: float,
+        new_s: float = 0.0,
+        read_applied: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self._read = read
+        # The users flow's applied offsets (``<topic>:<partition>`` -> offset), read with
+        # popularity so that "Redis is empty" costs no request a Redis read.
+        self.read_applied = read_applied
         self.every_s = every_s
         self.new_s = new_s
         self.view = PopularityView()
@@ -137,7 +173,10 @@ class PopularityCache:
     def refresh(self) -> bool:
         try:
             got = self._read()
-            self.view = PopularityView.of(got.scores, first_seen=got.first_seen, now_ts=got.newest_ts, new_s=self.new_s)
+            applied = None if self.read_applied is None else len(self.read_applied())
+            self.view = PopularityView.of(
+                got.scores, first_seen=got.first_seen, now_ts=got.newest_ts, new_s=self.new_s, applied_partitions=applied
+            )
             self.last_error = None
             self.loaded.set()
             return True

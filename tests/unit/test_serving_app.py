@@ -18,18 +18,22 @@ from serving.shopper_data import PopularityView
 from serving.testing import CatalogTwin, hash_tools
 
 TOKEN = "t0ken-for-tests"
+USERS_TOKEN = "users-t0ken"
+V1, VBAD = "v000001-0000aaaa", "v000002-0000bbbb"  # names in the registry's format
 TITLES = ["red ceramic mug", "blue ceramic mug", "white tea cup", "glass lantern", "tea light candle", "cake stand"]
 
 
 def _settings(tmp_path: Path, **kw) -> Settings:  # type: ignore[no-untyped-def]
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens here
+    kw.setdefault("users_token", USERS_TOKEN)
     return Settings(redis_url=dead, state_dir=tmp_path / "state", admin_token=TOKEN, popularity_refresh_s=60, **kw)
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     catalog = CatalogTwin({f"i{n}": CatalogItem(item_id=f"i{n}", title=t) for n, t in enumerate(TITLES)})
-    runtime = ServingRuntime(_settings(tmp_path), tools=hash_tools(catalog, known={"v1"}, corrupt={"vbad"}), follow_topics=False)
+    tools = hash_tools(catalog, known={V1}, corrupt={VBAD})
+    runtime = ServingRuntime(_settings(tmp_path), tools=tools, follow_topics=False)
     with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
         assert runtime.wait_ready(10)
         runtime.popularity.view = PopularityView.of({"i3": 5.0, "i0": 2.0, "gone": 9.0})
@@ -108,16 +112,16 @@ def test_admin_auth(client: TestClient) -> None:
 
 
 def test_admin_activate_rollback_and_refusals(client: TestClient) -> None:
-    r = client.post("/admin/adapters/vbad/activate", headers=_auth())
+    r = client.post(f"/admin/adapters/{VBAD}/activate", headers=_auth())
     assert r.status_code == 422 and "checksum" in r.json()["error"] and "still serving base" in r.json()["error"]
-    r = client.post("/admin/adapters/vnope/activate", headers=_auth())
+    r = client.post("/admin/adapters/v999999-deadbeef/activate", headers=_auth())
     assert r.status_code == 404
     assert client.post("/admin/rollback", headers=_auth()).status_code == 409
     before = client.post("/search", json={"query": "tea", "k": 3}).json()
-    r = client.post("/admin/adapters/v1/activate", params={"wait": "true"}, headers=_auth())
+    r = client.post(f"/admin/adapters/{V1}/activate", params={"wait": "true"}, headers=_auth())
     assert r.status_code == 200 and r.json()["state"] == "live"
     after = client.post("/search", json={"query": "tea", "k": 3}).json()
-    assert after["adapter_version"] == "v1"
+    assert after["adapter_version"] == V1
     r = client.post("/admin/rollback", params={"wait": "true"}, headers=_auth())
     assert r.status_code == 200
     again = client.post("/search", json={"query": "tea", "k": 3}).json()
