@@ -11,13 +11,15 @@ On the wire every record is one orjson object.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EventKind = Literal["view", "click", "cart", "purchase", "cancel", "search"]
 EVENT_KINDS: tuple[str, ...] = ("view", "click", "cart", "purchase", "cancel", "search")
@@ -30,6 +32,25 @@ MAX_DESCRIPTION_CHARS = 10_000
 MAX_QUERY_CHARS = 1_000
 # Producers' clocks drift; an event up to this far ahead of the receiver's clock is accepted.
 MAX_FUTURE_SKEW_S = 300.0
+
+# A dead letter must always fit where a rejected record did not: Kafka's default message
+# limit is 1 MB, and a rejected record may be any size (a 5 MB line, an 800 kB record
+# written straight to the topic). So a dead letter keeps only this prefix of the raw
+# bytes, plus the whole record's size and SHA-256 to find the original at its source.
+# 16 kB holds every valid record whole (the largest valid catalog record is ~12k chars)
+# and is enough to see what a broken one looked like; base64 makes it ~21.9 kB.
+DEAD_LETTER_RAW_BYTES = 16 * 1024
+# Reasons quote inputs (an unknown kind, an unknown field's name), which may be huge.
+DEAD_LETTER_REASON_CHARS = 1_000
+DEAD_LETTER_FIELD_CHARS = 200
+DEAD_LETTER_NAME_CHARS = 300  # stage and source topic (Kafka topic names are <= 249 chars)
+# The hard bound on a serialized dead letter: the base64 prefix, every string at its
+# char limit with JSON's worst escaping (6 bytes a char, "\u0000"), the numbers and keys.
+MAX_DEAD_LETTER_BYTES = (
+    4 * ((DEAD_LETTER_RAW_BYTES + 2) // 3)
+    + 6 * (DEAD_LETTER_REASON_CHARS + DEAD_LETTER_FIELD_CHARS + 2 * DEAD_LETTER_NAME_CHARS)
+    + 512
+)
 
 # How much each kind says about what the shopper wants (train-pair weights, history weights).
 KIND_WEIGHT: dict[str, float] = {
@@ -49,6 +70,18 @@ class InvalidRecord(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+def _refuse_bool(value: Any) -> Any:
+    # pydantic's lax mode turns true/false into 1.0/0.0: "ts": true would be stored as
+    # 1970. Only booleans are refused; numeric strings and numpy scalars stay accepted.
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got the boolean {str(value).lower()}; send a JSON number")
+    return value
+
+
+# A float that refuses booleans: every numeric field of a record crossing a boundary.
+Number = Annotated[float, BeforeValidator(_refuse_bool)]
 
 
 class _Record(BaseModel):
@@ -72,10 +105,10 @@ class Event(_Record):
     event_id: str
     user_id: str
     kind: EventKind
-    ts: float = Field(description="event time, Unix seconds")
+    ts: Number = Field(description="event time, Unix seconds")
     item_id: str | None = None
     query: str | None = Field(None, max_length=MAX_QUERY_CHARS)
-    sent_at: float | None = Field(None, description="producer wall clock at send, for freshness probes")
+    sent_at: Number | None = Field(None, description="producer wall clock at send, for freshness probes")
 
     @field_validator("event_id", "user_id")
     @classmethod
@@ -109,8 +142,8 @@ class CatalogItem(_Record):
     title: str = Field(max_length=MAX_TITLE_CHARS)
     category: str = Field("", max_length=MAX_TITLE_CHARS)
     description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
-    price: float | None = Field(None, ge=0)
-    ts: float = 0.0
+    price: Number | None = Field(None, ge=0)
+    ts: Number = 0.0
 
     @field_validator("item_id")
     @classmethod
@@ -137,7 +170,7 @@ class CatalogItem(_Record):
 class CatalogDelete(_Record):
     op: Literal["delete"] = "delete"
     item_id: str
-    ts: float = 0.0
+    ts: Number = 0.0
 
     @field_validator("item_id")
     @classmethod
@@ -162,8 +195,8 @@ class TrainPair(_Record):
     )
     target_item: str
     target_text: str = ""
-    weight: float = 1.0
-    ts: float = 0.0
+    weight: Number = 1.0
+    ts: Number = 0.0
 
 
 class AdapterAnnouncement(_Record):
@@ -172,21 +205,29 @@ class AdapterAnnouncement(_Record):
     version: str
     parent: str | None = None
     path: str
-    created: float
-    metrics: dict[str, float] = Field(default_factory=dict)
+    created: Number
+    metrics: dict[str, Number] = Field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
 # Parsing at the edge
 
 
+def oversize(size: int, limit: int = MAX_RECORD_BYTES) -> InvalidRecord:
+    """The rejection of a record of ``size`` bytes over ``limit``; one wording everywhere."""
+    return InvalidRecord(
+        "record", f"record is {size} bytes, over the {limit}-byte limit; shorten its fields or split it"
+    )
+
+
 def _loads(raw: bytes | str | dict[str, Any], what: str) -> dict[str, Any]:
     if isinstance(raw, dict):
         return raw
     if isinstance(raw, str):
-        raw = raw.encode()
+        # A lone surrogate cannot be UTF-8; keep it visible instead of raising.
+        raw = raw.encode("utf-8", "surrogatepass")
     if len(raw) > MAX_RECORD_BYTES:
-        raise InvalidRecord("record", f"{len(raw)} bytes, the limit is {MAX_RECORD_BYTES}")
+        raise oversize(len(raw))
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -270,16 +311,56 @@ class ItemVector:
         return cls(obj["item_id"], obj["adapter_version"], arr, float(obj.get("ts", 0.0)))
 
 
+def _bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` chars (saying how much was cut), encodable as UTF-8."""
+    # A lone surrogate (from a str record) would make orjson refuse the whole letter;
+    # escaped first, so the cut below also bounds the escapes.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        keep = limit - 40
+        text = f"{text[:keep]}... ({len(text) - keep} chars cut)"
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A rejected record with the reason; ``raw`` keeps the original bytes (base64)."""
+    """A rejected record with the reason, small enough to always be delivered.
+
+    ``raw`` keeps at most :data:`DEAD_LETTER_RAW_BYTES` of the original bytes (base64 on
+    the wire); ``raw_size`` and ``raw_sha256`` describe the whole original, so a record
+    cut short can still be found and matched at its source. Every string is bounded too,
+    so :meth:`to_bytes` is never longer than :data:`MAX_DEAD_LETTER_BYTES` (~32 kB),
+    whatever was rejected: the dead letter of a record refused for its size must not be
+    refused for its own. The cut happens on construction, so every way of building one
+    (``of``, the constructor, ``from_bytes``) keeps the bound.
+    """
 
     stage: str
     field: str
     reason: str
     raw: bytes
     source_topic: str = ""
-    at: float = field(default_factory=time.time)
+    at: float = dataclass_field(default_factory=time.time)
+    # Of the whole original; left at their defaults they are computed from ``raw``.
+    raw_size: int = -1
+    raw_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        raw = bytes(self.raw)
+        if self.raw_size < 0:
+            object.__setattr__(self, "raw_size", len(raw))
+            object.__setattr__(self, "raw_sha256", hashlib.sha256(raw).hexdigest())
+        object.__setattr__(self, "raw", raw[:DEAD_LETTER_RAW_BYTES])
+        object.__setattr__(self, "stage", _bounded(str(self.stage), DEAD_LETTER_NAME_CHARS))
+        object.__setattr__(self, "field", _bounded(str(self.field), DEAD_LETTER_FIELD_CHARS))
+        object.__setattr__(self, "reason", _bounded(str(self.reason), DEAD_LETTER_REASON_CHARS))
+        object.__setattr__(self, "source_topic", _bounded(str(self.source_topic), DEAD_LETTER_NAME_CHARS))
+        object.__setattr__(self, "raw_sha256", _bounded(str(self.raw_sha256), 64))
+
+    @property
+    def truncated(self) -> bool:
+        """True when ``raw`` is only a prefix of the rejected record."""
+        return len(self.raw) < self.raw_size
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -290,17 +371,26 @@ class DeadLetter:
                 "source_topic": self.source_topic,
                 "at": self.at,
                 "raw_b64": base64.b64encode(self.raw).decode(),
+                "raw_size": self.raw_size,
+                "raw_sha256": self.raw_sha256,
+                "truncated": self.truncated,
             }
         )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> DeadLetter:
+        """Read a dead letter; one written before ``raw_size`` existed held the whole raw."""
         obj = orjson.loads(raw)
+        data = base64.b64decode(obj["raw_b64"])
+        size = obj.get("raw_size")
+        if size is None:  # the old shape: the whole original, so size and hash come from it
+            return cls(obj["stage"], obj["field"], obj["reason"], data, obj["source_topic"], obj["at"])
         return cls(
-            obj["stage"], obj["field"], obj["reason"], base64.b64decode(obj["raw_b64"]), obj["source_topic"], obj["at"]
+            obj["stage"], obj["field"], obj["reason"], data, obj["source_topic"], obj["at"],
+            min(max(int(size), 0), 2**63 - 1), str(obj.get("raw_sha256", "")),
         )
 
     @classmethod
     def of(cls, stage: str, error: InvalidRecord, raw: bytes | str, source_topic: str = "") -> DeadLetter:
-        data = raw.encode() if isinstance(raw, str) else raw
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
         return cls(stage, error.field, error.reason, data, source_topic)

@@ -161,3 +161,126 @@ def test_dead_letter_keeps_original_bytes() -> None:
 def test_train_pair_defaults() -> None:
     pair = TrainPair(pair_id="e1", user_id="u1", context_text="a", target_item="i1")
     assert orjson.loads(pair.to_bytes())["weight"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# Dead letters always fit (issue 13, item 2): an 800 kB record's letter was > 1 MB and
+# wedged the users flow on MSG_SIZE_TOO_LARGE.
+
+ODD_PAYLOADS: dict[str, bytes] = {
+    "empty": b"",
+    "600 kB": b"x" * 600_000,
+    "1.5 MB": b"y" * 1_500_000,
+    "5 MB": b"z" * 5_000_000,
+    "invalid UTF-8": b"\xff\xfe\xfa" * 200_000,
+    "NULs": b"\x00" * 700_000,
+    "deeply nested JSON": b"[" * 300_000 + b"]" * 300_000,
+    "JSON array": orjson.dumps([ev()] * 5000),
+    "wrong types": orjson.dumps({**ev(), "ts": True, "user_id": 17, "kind": ["click"] * 100_000}),
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_PAYLOADS))
+def test_dead_letter_of_any_payload_is_bounded_and_describes_the_original(name: str) -> None:
+    import hashlib
+
+    from freshrec.contracts import DEAD_LETTER_RAW_BYTES, MAX_DEAD_LETTER_BYTES
+
+    raw = ODD_PAYLOADS[name]
+    try:
+        parse_event(raw, now=NOW)
+        raise AssertionError("every odd payload must be rejected")
+    except InvalidRecord as err:
+        letter = DeadLetter.of("streams.users", err, raw, "freshrec.events")
+    wire = letter.to_bytes()
+    assert len(wire) <= MAX_DEAD_LETTER_BYTES < 64 * 1024  # far below Kafka's 1 MB default
+    back = DeadLetter.from_bytes(wire)
+    assert back.raw == raw[:DEAD_LETTER_RAW_BYTES]
+    assert back.raw_size == len(raw) and back.raw_sha256 == hashlib.sha256(raw).hexdigest()
+    assert back.truncated == (len(raw) > DEAD_LETTER_RAW_BYTES)
+    assert orjson.loads(wire)["truncated"] == back.truncated
+    assert back.reason and back.field
+
+
+def test_oversize_record_reason_names_size_and_limit() -> None:
+    err = rejects(b"x" * 1_500_000, "record")
+    assert err.reason.startswith(f"record is 1500000 bytes, over the {MAX_RECORD_BYTES}-byte limit")
+
+
+def test_dead_letter_strings_are_bounded_even_at_worst_escaping() -> None:
+    from freshrec.contracts import MAX_DEAD_LETTER_BYTES
+
+    # Control characters are 6 bytes each in JSON; a lone surrogate cannot be UTF-8 at all.
+    huge = "\x01" * 2_000_000 + "\ud800"
+    letter = DeadLetter("s" * 10_000, huge, huge, b"\x00" * 5_000_000, "t" * 10_000)
+    wire = letter.to_bytes()
+    assert len(wire) <= MAX_DEAD_LETTER_BYTES
+    assert "chars cut" in DeadLetter.from_bytes(wire).reason
+
+
+def test_dead_letter_reads_the_old_shape_whole_raw_no_size() -> None:
+    import base64
+    import hashlib
+
+    raw = b"\xff" * 40_000
+    old = orjson.dumps(
+        {"stage": "producer", "field": "record", "reason": "r", "source_topic": "events", "at": 1.0,
+         "raw_b64": base64.b64encode(raw).decode()}
+    )
+    back = DeadLetter.from_bytes(old)
+    assert back.raw_size == 40_000 and back.truncated and back.raw_sha256 == hashlib.sha256(raw).hexdigest()
+    small = DeadLetter.from_bytes(old.replace(base64.b64encode(raw), base64.b64encode(b"{}")))
+    assert small.raw == b"{}" and not small.truncated and small.raw_size == 2
+
+
+def test_an_unknown_field_named_by_a_huge_key_is_still_a_small_letter() -> None:
+    from freshrec.contracts import MAX_DEAD_LETTER_BYTES
+
+    raw = orjson.dumps({**ev(), "k" * 400_000: 1})
+    err = rejects(raw, "k" * 400_000)
+    assert len(DeadLetter.of("producer", err, raw).to_bytes()) <= MAX_DEAD_LETTER_BYTES
+
+
+# ---------------------------------------------------------------------------------------
+# Booleans are not numbers (issue 13, item 8): "ts": true was stored as 1970.
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("name", ["ts", "sent_at"])
+def test_event_numbers_refuse_booleans(name: str, value: bool) -> None:
+    err = rejects(orjson.dumps(ev(**{name: value})), name, "boolean")
+    assert "send a JSON number" in err.reason
+
+
+@pytest.mark.parametrize("name", ["price", "ts"])
+def test_catalog_numbers_refuse_booleans(name: str) -> None:
+    with pytest.raises(InvalidRecord) as info:
+        parse_catalog(orjson.dumps({"item_id": "1", "title": "x", name: True}))
+    assert info.value.field == name and "boolean" in info.value.reason
+    with pytest.raises(InvalidRecord) as info:
+        parse_catalog({"op": "delete", "item_id": "1", "ts": False})
+    assert info.value.field == "ts"
+
+
+def test_other_records_refuse_boolean_numbers() -> None:
+    from pydantic import ValidationError
+
+    from freshrec.contracts import AdapterAnnouncement
+
+    with pytest.raises(ValidationError):
+        TrainPair(pair_id="e1", user_id="u1", context_text="a", target_item="i1", weight=True)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        AdapterAnnouncement.model_validate_json(b'{"version": "v1", "path": "p", "created": 1, "metrics": {"ndcg": true}}')
+
+
+def test_numbers_still_accept_ints_and_numeric_strings() -> None:
+    assert parse_event(ev(ts=int(NOW)), now=NOW).ts == NOW
+    assert parse_event(ev(ts=str(NOW - 1)), now=NOW).ts == NOW - 1
+    item = parse_catalog({"item_id": "1", "title": "x", "price": 0})
+    assert isinstance(item, CatalogItem) and item.price == 0.0
+
+
+def test_wrong_types_of_ids_and_kind_are_rejected() -> None:
+    rejects(orjson.dumps(ev(user_id=17)), "user_id", "string")
+    rejects(orjson.dumps(ev(item_id=True)), "item_id", "string")
+    rejects(orjson.dumps(ev(kind=1)), "kind", "unknown kind")

@@ -7,6 +7,8 @@ demo has a budget) and must not hide the cause.
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 from kafka.errors import KafkaTimeoutError
 
@@ -31,6 +33,7 @@ class StuckClient:
 def producer_with(client: StuckClient) -> RecordProducer:
     producer = RecordProducer.__new__(RecordProducer)  # no broker: only the exit policy is tested
     producer.report = DeliveryReport(sent=3, confirmed=2)
+    producer._refused = deque()
     producer._producer = client  # type: ignore[assignment]
     return producer
 
