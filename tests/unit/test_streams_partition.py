@@ -111,3 +111,56 @@ def test_catalog_partition_emits_only_changes() -> None:
     assert [d.field for d in batch.dead_letters] == ["item_id"]
     again = CatalogPartition(p.snapshot()).apply([Msg(b"i1", orjson.dumps(item), 6)])
     assert again.changed == [] and again.last_offset == 6
+
+
+def test_unkeyed_events_go_to_dead_letter_with_the_keying_rule() -> None:
+    p = new_partition()
+    unkeyed = [Msg(None, m.value, m.offset) for m in events(4)]
+    batch = p.apply(unkeyed)
+    assert batch.applied == 0 and not batch.users and batch.last_offset == 3
+    assert [d.field for d in batch.dead_letters] == ["key"] * 4
+    assert all("no key" in d.reason and "keyed by user_id" in d.reason for d in batch.dead_letters)
+    assert p.users() == {}
+
+
+def test_unkeyed_catalog_records_go_to_dead_letter() -> None:
+    p = CatalogPartition()
+    batch = p.apply([Msg(None, orjson.dumps({"item_id": "i1", "title": "Mug"}), 0)])
+    assert not batch.upserts and not batch.changed and len(p) == 0
+    assert [d.field for d in batch.dead_letters] == ["key"] and "keyed by item_id" in batch.dead_letters[0].reason
+
+
+def test_full_batch_is_the_whole_partition_state() -> None:
+    p = new_partition()
+    assert p.full_batch() is None  # nothing seen yet: nothing to rebuild
+    p.apply(events(5, "u1"))
+    p.apply(events(3, "u2", start=5))
+    full = p.full_batch()
+    assert full is not None and (full.topic, full.partition, full.last_offset) == ("ev", 0, 12)
+    assert {u: UserState.from_bytes(b) for u, b in full.users.items()} == p.users()
+    assert full.popularity == p.popularity.entries and full.first_seen == p.popularity.first_seen
+    assert full.newest_ts == p.popularity.newest_ts
+    # The snapshot carries topic and partition, so a resumed partition can rebuild before any message.
+    again = new_partition(p.snapshot()).full_batch()
+    assert again is not None and again.users == full.users and again.last_offset == 12
+
+
+def test_catalog_full_batch_has_current_records_and_deletions() -> None:
+    p = CatalogPartition()
+    mug = {"item_id": "i1", "title": "Mug", "ts": 1.0}
+    p.apply([
+        Msg(b"i1", orjson.dumps(mug), 0),
+        Msg(b"i2", orjson.dumps({"item_id": "i2", "title": "Lamp"}), 1),
+        Msg(b"i1", orjson.dumps(mug | {"ts": 2.0}), 2),  # same content: Redis keeps the ts-1 record
+        Msg(b"i2", orjson.dumps({"op": "delete", "item_id": "i2"}), 3),
+    ])
+    full = CatalogPartition(p.snapshot()).full_batch()
+    assert full is not None and full.last_offset == 3 and (full.topic, full.partition) == ("ev", 0)
+    assert full.upserts == {"i1": orjson.dumps({"op": "upsert", "item_id": "i1", "title": "Mug", "category": "",
+                                                "description": "", "ts": 1.0})}
+    assert full.deletes == ["i2"]
+    p.apply([Msg(b"i2", orjson.dumps({"item_id": "i2", "title": "Lamp 2"}), 4)])
+    again = p.full_batch()
+    assert again is not None and set(again.upserts) == {"i1", "i2"} and again.deletes == []
+    with pytest.raises(ValueError, match="v1 is not readable"):
+        CatalogPartition((1, {}, -1))
