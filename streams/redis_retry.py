@@ -53,9 +53,10 @@ def with_retry(
     what: str,
     cap: float = 5.0,
     log: Callable[[str], None] = _log,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> T:
     """``call()``, retried while Redis is unreachable; ``what`` names it in the log lines."""
+    sleep = sleep or time.sleep
     backoff = Backoff(cap)
     started: float | None = None
     attempts = 0
