@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="say what runs where; with --counts, messages per topic (a lower bound on the embedded broker, "
         "which under-reports end offsets)",
+        description="Say what runs where, and whether it answers. --counts adds the messages per topic, read from "
+        "end offsets: a lower bound on the embedded Tansu broker, which under-reports them (README, "
+        '"Known broker quirk"); exact on Apache Kafka.',
     )
     p.add_argument(
         "--counts", action="store_true",

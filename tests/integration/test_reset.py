@@ -1,0 +1,137 @@
+"""``freshrec reset`` against a real Redis: exactly the prefix's keys and the stored positions go."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from freshrec.cli import main
+from freshrec.infra import free_port
+from freshrec.reset import ResetError, reset
+from freshrec.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+POSITIONS = ["streams/users", "streams/catalog", "learner", "indexer"]
+KEPT = ["adapters", "exports", "logs", "redis", "infra.json"]
+
+
+def _populate(state: Path) -> None:
+    """A state dir as the flows, learner, indexer, registry and `up` leave it."""
+    files = {
+        "streams/users/part-0.sqlite3": "snapshot",
+        "streams/users/epoch.json": "{}",
+        "streams/catalog/part-0.sqlite3": "snapshot",
+        "learner/checkpoints/ckpt-000000001/state.json": "{}",
+        "learner/trained.log": "{}\n",
+        "learner/epoch.json": "{}",
+        "indexer/offsets.json": "{}",
+        "indexer/epoch.json": "{}",
+        "adapters/v000001-abc/manifest.json": "{}",
+        "exports/base/encoder.int8.onnx": "x",
+        "logs/tansu.log": "log",
+        "redis/appendonly.aof": "",
+        "infra.json": "{}",
+    }
+    for rel, text in files.items():
+        (state / rel).parent.mkdir(parents=True, exist_ok=True)
+        (state / rel).write_text(text)
+
+
+def _with(settings: Settings, **changes: object) -> Settings:
+    return Settings(**{**settings.model_dump(), **changes})
+
+
+def test_reset_removes_exactly_the_prefix_keys_and_the_stored_positions(fresh_settings: Settings) -> None:
+    s = fresh_settings
+    _populate(s.state_dir)
+    client = redis.Redis.from_url(s.redis_url)
+    mine = [f"{s.redis_prefix}user:{i}" for i in range(2_500)]  # more than one SCAN/UNLINK batch
+    # Another deployment in the same Redis, one whose prefix merely starts like ours, and no prefix at all.
+    others = [f"other{s.redis_prefix}user:1", s.redis_prefix.rstrip(":") + "x:user:1", "user:1"]
+    with client.pipeline(transaction=False) as pipe:
+        for key in mine + others:
+            pipe.set(key, b"1")
+        pipe.hset(f"{s.redis_prefix}streams:epoch", "topic", "id")
+        pipe.execute()
+
+    report = reset(s)
+
+    assert report.redis_keys == len(mine) + 1
+    assert sorted(report.paths) == sorted(s.state_dir / p for p in POSITIONS)
+    assert not any(client.scan_iter(match=f"{s.redis_prefix}*"))
+    assert all(client.exists(k) for k in others)
+    for rel in POSITIONS:
+        assert not (s.state_dir / rel).exists(), rel
+    for rel in KEPT:  # the registry, its exports, logs and the infrastructure's own files stay
+        assert (s.state_dir / rel).exists(), rel
+    assert (s.state_dir / "streams").is_dir()
+
+    everything = reset(s, everything=True)
+    assert sorted(everything.paths) == [s.state_dir / "adapters", s.state_dir / "exports"]
+    assert everything.redis_keys == 0
+    assert all(client.exists(k) for k in others)
+    client.delete(*others)
+
+
+def test_a_prefix_with_glob_characters_matches_only_itself(fresh_settings: Settings) -> None:
+    s = _with(fresh_settings, redis_prefix=f"{fresh_settings.redis_prefix}[a]*?:")
+    client = redis.Redis.from_url(s.redis_url)
+    client.set(f"{s.redis_prefix}k", b"1")
+    lookalike = f"{fresh_settings.redis_prefix}a-not-mine"  # what an unescaped pattern would match
+    client.set(lookalike, b"1")
+    assert reset(s).redis_keys == 1
+    assert client.exists(lookalike)
+    client.delete(lookalike)
+
+
+def test_unreachable_redis_removes_nothing(fresh_settings: Settings) -> None:
+    s = _with(fresh_settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    _populate(s.state_dir)
+    with pytest.raises(ResetError, match="cannot reach Redis .*Nothing was removed"):
+        reset(s)
+    assert all((s.state_dir / rel).exists() for rel in POSITIONS)
+
+
+def _cli_env(monkeypatch: pytest.MonkeyPatch, s: Settings) -> None:
+    for name in ("kafka_bootstrap", "redis_url", "redis_prefix", "topic_prefix", "state_dir"):
+        monkeypatch.setenv(f"FRESHREC_{name.upper()}", str(getattr(s, name)))
+
+
+def test_reset_command_asks_then_prints_exactly_what_it_removed(
+    fresh_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = fresh_settings
+    _populate(s.state_dir)
+    client = redis.Redis.from_url(s.redis_url)
+    client.set(f"{s.redis_prefix}user:1", b"1")
+    _cli_env(monkeypatch, s)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    assert main(["reset"]) == 1
+    out, err = capsys.readouterr()
+    assert "freshrec reset will remove" in out and str(s.state_dir / "learner") in out
+    assert f"1 Redis keys under {s.redis_prefix!r}" in out
+    assert "nothing removed" in err and "--yes" in err
+    assert (s.state_dir / "learner").exists() and client.exists(f"{s.redis_prefix}user:1")
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal, no answer: never assume yes
+    assert main(["reset"]) == 1
+    assert (s.state_dir / "learner").exists()
+    capsys.readouterr()
+
+    assert main(["reset", "--yes"]) == 0
+    out, _ = capsys.readouterr()
+    removed = out.strip().splitlines()
+    in_order = ["streams/catalog", "streams/users", "learner", "indexer"]
+    assert removed == [f"removed {s.state_dir / p}" for p in in_order] + [
+        f"removed 1 Redis keys under {s.redis_prefix!r} at {s.redis_url}"
+    ]
+    assert not client.exists(f"{s.redis_prefix}user:1") and (s.state_dir / "adapters").exists()
+
+    assert main(["reset", "--yes"]) == 0
+    assert "nothing to reset" in capsys.readouterr().out
