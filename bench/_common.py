@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from freshrec.children import Guard
 from freshrec.dataset import DatasetError, locate, read_events
-from freshrec.infra import free_port, start_stack, stop_stack
+from freshrec.infra import Stack, free_port, start_stack, stop_stack
 from freshrec.settings import Settings
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "online_retail_ii"
@@ -29,11 +30,31 @@ def private_stack(partitions: int = 4) -> Iterator[Settings]:
             redis_prefix="bench:",
             partitions=partitions,
         )
-        start_stack(settings, reuse_redis=False)
+        guard = start_guarded_stack(settings)
         try:
             yield settings
         finally:
             stop_stack(settings.state_dir)
+            guard.close()
+
+
+def start_guarded_stack(settings: Settings) -> Guard:
+    """:func:`freshrec.infra.start_stack` (never reusing a Redis), plus a :class:`Guard`
+    that stops that broker and Redis if the benchmark is killed before its ``finally``.
+
+    The launcher starts them in their own session so that ``freshrec up`` can exit and
+    leave them running; a benchmark's must not outlive it. Call ``guard.close()`` after
+    ``stop_stack``.
+    """
+    guard = Guard()
+    try:
+        stack: Stack = start_stack(settings, reuse_redis=False)
+    except BaseException:
+        guard.close()
+        raise
+    guard.watch(stack.kafka.pid)
+    guard.watch(stack.redis.pid)
+    return guard
 
 
 def load_events(data_dir: Path, limit: int) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from freshrec.children import die_with_parent, popen
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "online_retail_ii"
 
@@ -114,8 +117,10 @@ def load_dataset(settings: Any, data_dir: Path, client: Any, keep_events: bool =
 
 
 def start_server(settings: Any, log_path: Path, extra: Iterable[str] = ()) -> subprocess.Popen[bytes]:
+    """``freshrec serve`` for a benchmark; it gets SIGTERM (and stops its export worker)
+    if the benchmark dies, even by SIGKILL, so an interrupted run leaves no server."""
     log = open(log_path, "wb")
-    return subprocess.Popen(
+    return popen(
         [sys.executable, "-m", "freshrec", "serve", "--log-level", "warning", *extra],
         env=settings.child_env(os.environ),
         stdout=log,
@@ -252,6 +257,8 @@ async def _drive(port: int, reqs: list[bytes], concurrency: int, duration_s: flo
 
 
 def _child(port: int, reqs: list[bytes], concurrency: int, duration_s: float, keep_every: int, stop: Any, q: Any) -> None:
+    # ``daemon=True`` ends it when the benchmark exits normally; this, when it is killed.
+    die_with_parent(signal.SIGKILL)
     try:
         q.put(orjson.dumps(asyncio.run(_drive(port, reqs, concurrency, duration_s, keep_every, stop))))
     except BaseException as exc:  # report, never hang the parent

@@ -18,6 +18,7 @@ import argparse
 import bisect
 import functools
 import multiprocessing as mp
+import signal
 import threading
 import time
 import uuid
@@ -68,6 +69,9 @@ class _Probe(threading.Thread):
 def _floor_consumer(bootstrap: str, topic: str, fetch_wait_ms: int, ready: Any, stop: Any, out: Any) -> None:
     """A bare consumer in its own process (not sharing the producer's GIL): when each
     (partition, offset) reached a client; sent back through ``out`` at the end."""
+    from freshrec.children import die_with_parent
+
+    die_with_parent(signal.SIGKILL)  # ``daemon=True`` covers a normal exit, not a killed benchmark
     from confluent_kafka.admin import AdminClient
 
     meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10).topics[topic]

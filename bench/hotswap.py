@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from freshrec.contracts import AdapterAnnouncement
-    from freshrec.infra import start_stack, stop_stack
+    from bench._common import start_guarded_stack
+    from freshrec.children import stop
+    from freshrec.infra import stop_stack
     from freshrec.producer import RecordProducer
     from streams.user_store import connect
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = bench_settings("hotswap", admin_token=TOKEN, auto_activate=True, serve_version="base")
     state, port = settings.state_dir, settings.api_port
     device = settings.resolved_device()
-    start_stack(settings, reuse_redis=False)
+    guard = start_guarded_stack(settings)
     server = None
     try:
         t0 = time.perf_counter()
@@ -215,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             del enc, index
     finally:
         if server is not None:
-            server.kill()
+            stop(server, 20)  # SIGTERM first: the server stops its export worker itself
         stop_stack(state)
+        guard.close()
 
     figures = {
         "device": device,

@@ -95,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from freshrec.infra import start_stack, stop_stack
+    from bench._common import start_guarded_stack
+    from freshrec.children import stop
+    from freshrec.infra import stop_stack
     from streams.user_store import connect
 
     settings = bench_settings("serving")
     state, port = settings.state_dir, settings.api_port
-    start_stack(settings, reuse_redis=False)
+    guard = start_guarded_stack(settings)
     server = None
     try:
         t0 = time.perf_counter()
@@ -126,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         floor = floors(settings, data.items, data.queries)
     finally:
         if server is not None:
-            server.kill()
+            stop(server, 20)  # SIGTERM first: the server stops its export worker itself
         stop_stack(state)
+        guard.close()
 
     figures = {
         "recommend_rps": rec["rps"],
