@@ -103,3 +103,33 @@ def test_list_activate_rollback_exact_and_status(admin_server: tuple[httpx.Clien
     # unknown version: 404, nothing changes
     r = c.post("/admin/adapters/v999999-deadbeef/activate", headers=AUTH)
     assert r.status_code == 404 and "no such version" in r.json()["error"]
+
+
+def test_version_names_are_checked_and_no_answer_carries_a_path(
+    admin_server: tuple[httpx.Client, ServingRuntime, dict, list[str]],
+) -> None:
+    """Issue 13 items 8-9: malformed names are refused before the file system sees them
+    (a 10,000-character one was a 500, OSError: File name too long), and registry errors
+    reach the caller without the host's paths (the log keeps them)."""
+    c, runtime, _, _ = admin_server
+    state_dir = runtime.settings.state_dir
+    for name in ["x" * 10_000, "%2E%2E", "..%00", "v000001-0000aaaa%0A", "v000001-0000AAAA"]:
+        r = c.post(f"/admin/adapters/{name}/activate", headers=AUTH)
+        assert r.status_code == 422 and "v<6 digits>-<8 lowercase hex>" in r.json()["error"], (name[:20], r.text[:200])
+    for name in ["..%2F..%2Fetc", "a%2Fb"]:
+        assert 400 <= c.post(f"/admin/adapters/{name}/activate", headers=AUTH).status_code < 500
+
+    broken = state_dir / "adapters" / "v000042-0badf00d"  # a version folder without its files
+    broken.mkdir()
+    (broken / "stray.txt").write_text("not an adapter")
+    unknown = c.post("/admin/adapters/v000041-0badf00d/activate", headers=AUTH)
+    corrupt = c.post("/admin/adapters/v000042-0badf00d/activate", headers=AUTH)
+    assert unknown.status_code == 404 and "<state_dir>/adapters" in unknown.json()["error"]
+    assert corrupt.status_code == 422 and "missing" in corrupt.json()["error"]
+    listing = c.get("/admin/adapters", headers=AUTH)
+    entry = next(v for v in listing.json()["versions"] if v["version"] == broken.name)
+    assert "missing manifest.json" in entry["error"]
+    status = c.get("/admin/status", headers=AUTH)  # the learner figure reads the broken newest version
+    assert "error" in status.json()["learner"]
+    for r in (unknown, corrupt, listing, status):
+        assert str(state_dir) not in r.text and str(state_dir.resolve()) not in r.text and "/tmp/" not in r.text, r.text[:500]

@@ -29,6 +29,8 @@ from tests.integration.helpers import sample_items, seed_catalog
 pytestmark = pytest.mark.integration
 
 N_ITEMS = 300
+USERS_TOKEN = "users-tok"
+USERS_AUTH = {"Authorization": f"Bearer {USERS_TOKEN}"}
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,7 @@ def _runtime(settings: Settings, **kw: Any) -> ServingRuntime:
 
 @pytest.fixture
 def served(fresh_settings: Settings, shared_exports: Path, sample_dir: Path) -> Iterator[tuple[str, ServingRuntime, dict]]:
-    settings = fresh_settings.model_copy(update={"admin_token": "tok", "popularity_refresh_s": 0.2})
+    settings = fresh_settings.model_copy(update={"admin_token": "tok", "users_token": USERS_TOKEN, "popularity_refresh_s": 0.2})
     items = _prepare(settings, shared_exports, sample_dir)
     runtime = _runtime(settings)
     with ServerThread(create_app(runtime), free_port()) as url:
@@ -80,9 +82,11 @@ def test_recommend_search_similar(served: tuple[str, ServingRuntime, dict]) -> N
     settings = runtime.settings
     ids = list(items)
     with httpx.Client(base_url=url, timeout=10) as c:
-        # cold user: popularity (none yet: an empty but valid answer)
+        # cold user on a Redis with no applied events: popularity (none), flagged as such
         r = c.get("/recommend", params={"user_id": "nobody", "k": 5})
-        assert r.status_code == 200 and r.json()["source"] == "popularity" and "degraded" not in r.json()
+        body = r.json()
+        assert r.status_code == 200 and body["source"] == "popularity" and body["items"] == []
+        assert body["degraded"] is True and body["reason"].startswith("state is empty or being rebuilt"), body
 
         # a shopper with history and repeats
         t = 1_300_000_000.0
@@ -102,11 +106,14 @@ def test_recommend_search_similar(served: tuple[str, ServingRuntime, dict]) -> N
         after = [i["item_id"] for i in c.get("/recommend", params={"user_id": "u1", "k": 10}).json()["items"]]
         assert after != got and new in after[:3]
 
-        # the shopper's latest interactions, newest first, with titles (the demo page shows them)
-        hist = c.get("/users/u1", params={"n": 2}).json()
+        # the shopper's latest interactions, newest first, with titles (the demo page shows
+        # them): personal data, so only with the users token
+        assert c.get("/users/u1").status_code == 401
+        assert c.get("/users/u1", headers={"Authorization": "Bearer tok"}).status_code == 403  # admin's is not it
+        hist = c.get("/users/u1", params={"n": 2}, headers=USERS_AUTH).json()
         assert [h["item_id"] for h in hist["items"]] == [new, new]
         assert hist["items"][0]["title"] == items[new].title and hist["items"][0]["kind"] == "purchase"
-        assert c.get("/users/nobody").status_code == 404
+        assert c.get("/users/nobody", headers=USERS_AUTH).status_code == 404
 
         # search: the title of an item finds it; with a user the answer is personalised
         title = items[ids[5]].title
@@ -166,6 +173,44 @@ def test_popularity_and_degraded_mode(fresh_settings: Settings, shared_exports: 
             for _ in range(20):
                 assert c.get("/recommend", params={"user_id": "anyone"}).status_code == 200
             assert (time.perf_counter() - t0) / 20 < 0.05  # the gate fails fast, no timeout per request
+
+
+def test_empty_state_is_flagged_until_events_are_applied_and_again_when_redis_empties(
+    served: tuple[str, ServingRuntime, dict],
+) -> None:
+    """Issue 13 item 4: a reachable but empty Redis (new, restarted without persistence,
+    being rebuilt) must not pass for a real state: responses say so, until the users
+    flow's applied offsets and popularity are back."""
+    from streams.user_store import connect, write_partition_batch
+
+    url, runtime, items = served
+    settings = runtime.settings
+    ids = list(items)
+    client = connect(settings)
+
+    def answer() -> dict[str, Any]:
+        return httpx.get(f"{url}/recommend", params={"user_id": "cold", "k": 3}, timeout=10).json()
+
+    def wait_for(check: Any, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while not check(body := answer()):
+            assert time.monotonic() < deadline, f"{what}: {body}"
+            time.sleep(0.1)
+        return body
+
+    body = answer()
+    assert body["degraded"] is True and "no applied events" in body["reason"]
+    assert httpx.get(f"{url}/readyz").json()["degraded"] is True  # ready (catalog loaded), state flagged
+    write_partition_batch(client, settings, settings.topics.events, 0, 10, {}, {ids[4]: (3.0, 100.0)}, 100.0, {ids[4]: 100.0})
+    body = wait_for(lambda b: "degraded" not in b, "still flagged after events were applied")
+    assert [i["item_id"] for i in body["items"]] == [ids[4]]
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["ready"] is True and "degraded" not in ready
+
+    # Redis comes back empty (this test's keys only: the server is shared by the session)
+    client.delete(*client.scan_iter(match=f"{settings.redis_prefix}*"))
+    body = wait_for(lambda b: b.get("degraded") is True, "an emptied Redis was not flagged")
+    assert "no applied events" in body["reason"]
 
 
 def _dead_redis() -> Any:
