@@ -46,6 +46,8 @@ def main(argv: list[str], settings: Settings) -> int:
 
 
 def _follow(args: argparse.Namespace, settings: Settings) -> int:
+    from freshrec.epochs import EpochMismatch
+
     from .process import IndexerProcess
 
     stop = threading.Event()
@@ -53,6 +55,10 @@ def _follow(args: argparse.Namespace, settings: Settings) -> int:
     try:
         proc = IndexerProcess(settings, version=args.version, follow_adapters=not args.no_follow_adapters)
         stats = proc.run(stop=stop, max_seconds=args.max_seconds)  # a signal ends it after the batch
+    except EpochMismatch as exc:
+        # One paragraph that says what happened and the fix; a traceback adds nothing.
+        print(f"freshrec index: stopped, nothing was skipped. {exc}", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

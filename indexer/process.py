@@ -9,7 +9,10 @@ adapter version, vector ``None`` for a delete.
 Delivery is at least once: offsets are checkpointed (``state_dir/indexer/offsets.json``)
 only after the broker acknowledged every vector of the batch, so a crash repeats at most
 the last batch and a restart does not re-encode the catalog. Consumers of item-vectors
-treat a record as "the current vector of this item", so a repeat is harmless.
+treat a record as "the current vector of this item", so a repeat is harmless. Those
+offsets belong to one incarnation of the topic (``state_dir/indexer/epoch.json``,
+:mod:`freshrec.epochs`): an indexer restarted on a recreated topic stops with
+:class:`~freshrec.epochs.EpochMismatch` instead of skipping the new changes.
 
 The active adapter: the registry's latest version at start (or ``version``), then each
 version announced on the ``adapters`` topic (the newest of a poll that loads), loaded
@@ -32,6 +35,7 @@ import orjson
 
 from freshrec.consumer import Message, TopicFollower
 from freshrec.contracts import AdapterAnnouncement
+from freshrec.epochs import check_epoch_file, topic_ids
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
 
@@ -73,6 +77,19 @@ def read_checkpoint(settings: Settings) -> dict[int, int] | None:
     if data.get("topic") != settings.topics.changed_items:
         return None  # a checkpoint of another deployment's topics
     return {int(p): int(o) for p, o in data["positions"].items()}
+
+
+def check_checkpoint_epoch(settings: Settings, has_positions: bool) -> None:
+    """Raise :class:`~freshrec.epochs.EpochMismatch` if the checkpointed offsets were taken
+    in another incarnation of changed-items; record the current one when none is.
+
+    Without positions there is nothing to vouch for, so a recorded epoch is replaced.
+    """
+    path = checkpoint_path(settings).with_name("epoch.json")
+    if not has_positions:
+        path.unlink(missing_ok=True)
+    topic = settings.topics.changed_items
+    check_epoch_file(path, "freshrec index", topic, topic_ids(settings, [topic])[topic])
 
 
 def write_checkpoint(settings: Settings, positions: dict[int, int]) -> None:
@@ -135,7 +152,9 @@ class IndexerProcess:
         s = self.settings
         stop = stop or threading.Event()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        start = read_checkpoint(s) or "beginning"
+        positions = read_checkpoint(s)
+        check_checkpoint_epoch(s, positions is not None)
+        start = positions or "beginning"
         changes = TopicFollower(s, s.topics.changed_items, start=start, client_id="freshrec-indexer")
         adapters = None
         if self.follow_adapters:

@@ -6,6 +6,7 @@ Layout under ``settings.state_dir / "learner"``::
         trainer.pt                LoRA weights, optimiser, step, trained-pairs count and digest
         state.json                offsets, held-out window, pending batch, counters, active version
     trained.log                   one JSON line per micro-batch: {"step": s, "pair_ids": [...]}
+    epoch.json                    the train-pairs topic's id the offsets belong to (freshrec.epochs)
 
 A checkpoint directory is written under a hidden staging name and renamed into place,
 so the weights and the offsets that produced them appear together or not at all; a
@@ -33,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from freshrec.contracts import TrainPair
+from freshrec.epochs import check_epoch_file
 from freshrec.files import fsync_dir_files, fsync_path
 
 TRAINER_FILE = "trainer.pt"
 STATE_FILE = "state.json"
+EPOCH_FILE = "epoch.json"
 _PREFIX = "ckpt-"
 
 
@@ -82,7 +85,21 @@ class CheckpointStore:
         self.root = Path(root)
         self.dir = self.root / "checkpoints"
         self.log_path = self.root / "trained.log"
+        self.epoch_path = self.root / EPOCH_FILE
         self.keep = max(keep, 1)
+
+    def check_epoch(self, topic: str, current: str | None) -> None:
+        """Refuse checkpoints taken in another incarnation of ``topic``
+        (:class:`~freshrec.epochs.EpochMismatch`, naming ``freshrec reset``); record
+        ``current`` when nothing is recorded.
+
+        Without a checkpoint there are no offsets to vouch for, so a recorded epoch is
+        simply replaced: a learner stopped before its first checkpoint may start on a
+        recreated topic.
+        """
+        if self.latest() is None:
+            self.epoch_path.unlink(missing_ok=True)
+        check_epoch_file(self.epoch_path, "freshrec learn", topic, current)
 
     def checkpoints(self) -> list[Path]:
         if not self.dir.is_dir():

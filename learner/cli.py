@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from freshrec.contracts import CatalogItem
+from freshrec.epochs import EpochMismatch
 from freshrec.settings import Settings
 
 from .loop import CatalogSource, Learner
@@ -78,7 +79,12 @@ def main(argv: list[str], settings: Settings) -> int:
     except FileNotFoundError as exc:
         print(f"freshrec learn: {exc}", file=sys.stderr)
         return 2
-    learner = Learner(settings, catalog, device=args.device)
+    try:
+        learner = Learner(settings, catalog, device=args.device)
+    except EpochMismatch as exc:
+        # One paragraph that says what happened and the fix; a traceback adds nothing.
+        print(f"freshrec learn: stopped, nothing was skipped. {exc}", file=sys.stderr)
+        return 1
     learner.install_signal_handlers()
     try:
         summary = learner.run(max_pairs=args.max_pairs, idle_exit_s=args.idle_exit)

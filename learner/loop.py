@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from freshrec.consumer import Message, TopicFollower
 from freshrec.contracts import AdapterAnnouncement, CatalogItem, InvalidRecord, TrainPair
+from freshrec.epochs import topic_ids
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
 from indexer.encoder import BASE_VERSION
@@ -103,6 +104,8 @@ class Learner:
         self.device = device or settings.resolved_device()
         self.topic = settings.topics.train_pairs
         self.store = CheckpointStore(settings.state_dir / "learner")
+        # Before anything slow: offsets of a recreated topic would skip every new pair.
+        self.store.check_epoch(self.topic, topic_ids(settings, [self.topic])[self.topic])
         self.registry = AdapterRegistry(settings.state_dir / "adapters")
         self.catalog = CatalogTexts(catalog, clock=clock)
         self._clock = clock
