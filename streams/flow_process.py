@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from freshrec.children import popen
 from freshrec.settings import Settings
 
 from . import catalog_store, user_store
@@ -51,7 +52,9 @@ class FlowProcess:
     def start(self) -> FlowProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        # Through freshrec.children: a test or benchmark killed mid-run must not leave its flow
+        # (call from a thread that lives as long as the flow should: see freshrec.children).
+        self.proc = popen(
             self.argv,
             env=self.settings.child_env(os.environ),
             stdout=log,
