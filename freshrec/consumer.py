@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kafka import KafkaConsumer, TopicPartition
@@ -77,11 +77,14 @@ class TopicFollower:
         """Next offset to read, per partition."""
         return {tp.partition: self._consumer.position(tp) for tp in self._tps}
 
-    def end_offsets(self) -> dict[int, int]:
-        return {tp.partition: off for tp, off in self._consumer.end_offsets(self._tps).items()}
+    def end_offsets(self, timeout_s: float | None = None) -> dict[int, int]:
+        """Log end per partition; raises ``KafkaTimeoutError`` after ``timeout_s`` (the
+        client's request timeout, 30 s, when None) if the broker does not answer."""
+        timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
+        return {tp.partition: off for tp, off in self._consumer.end_offsets(self._tps, timeout_ms).items()}
 
-    def lag(self) -> int:
-        ends = self.end_offsets()
+    def lag(self, timeout_s: float | None = None) -> int:
+        ends = self.end_offsets(timeout_s)
         pos = self.positions()
         return sum(max(ends[p] - pos[p], 0) for p in ends)
 
@@ -117,6 +120,9 @@ def follow_until(
 ) -> None:
     """Poll a follower until ``stop`` is set; after any error, close it and open a new one.
 
+    The new one starts wherever ``open_follower`` says, so a follower that must not skip
+    anything uses :func:`follow_resuming` instead (it reopens at the applied positions).
+
     Long-running background consumers (serving's item-vectors and adapters followers)
     must outlive a broker restart or a bad poll: ``on_error`` hears of it, the follower
     is reopened ``retry_s`` later (``open_follower`` decides where it starts), and
@@ -136,6 +142,120 @@ def follow_until(
                         follower.close()
                     follower = None
                 stop.wait(retry_s)
+    finally:
+        if follower is not None:
+            with contextlib.suppress(Exception):
+                follower.close()
+
+
+@dataclass
+class AppliedPositions:
+    """Per partition, the offset after the last record that was *applied*, not just read.
+
+    A consumer's own position moves as soon as a poll returns, so after an error it says
+    where reading stopped, not where applying did; reopening there (or at the end of the
+    topic) silently skips whatever was read but not applied, or arrived meanwhile. This
+    is where a follower must resume instead. Pure bookkeeping: no Kafka inside.
+    """
+
+    next: dict[int, int] = field(default_factory=dict)
+
+    def seed(self, positions: dict[int, int]) -> None:
+        """Where a freshly opened follower stands, for the partitions not known yet (the
+        first open decides the start, e.g. the end of the topic; later opens change nothing)."""
+        for partition, offset in positions.items():
+            self.next.setdefault(partition, offset)
+
+    def applied(self, messages: list[Message]) -> None:
+        """Mark ``messages`` as applied: their partitions resume after them."""
+        for m in messages:
+            if m.offset + 1 > self.next.get(m.partition, -1):
+                self.next[m.partition] = m.offset + 1
+
+    def resume(self, default: Start) -> Start:
+        """The start for the next open: the applied positions, or ``default`` before any open."""
+        return dict(self.next) if self.next else default
+
+
+@dataclass
+class Backoff:
+    """Capped exponential pause between retries, and the outage it spans.
+
+    ``failed`` gives the next pause (``first_s``, doubled per consecutive failure, at most
+    ``cap_s``: a broker away for minutes is probed every ``cap_s``, not hammered);
+    ``succeeded`` ends the outage and says how long it lasted (None when there was none).
+    """
+
+    first_s: float = 0.5
+    cap_s: float = 15.0
+    failures: int = 0
+    since: float | None = None
+
+    def failed(self, now: float) -> float:
+        if self.since is None:
+            self.since = now
+        pause = min(self.cap_s, self.first_s * 2 ** min(self.failures, 30))
+        self.failures += 1
+        return pause
+
+    def succeeded(self, now: float) -> float | None:
+        if self.since is None:
+            return None
+        lasted = now - self.since
+        self.since, self.failures = None, 0
+        return lasted
+
+    def outage_s(self, now: float) -> float:
+        """Seconds since the first failure of the current outage (0 when there is none)."""
+        return 0.0 if self.since is None else now - self.since
+
+
+def follow_resuming(
+    stop: threading.Event,
+    open_at: Callable[[Start], TopicFollower],
+    start: Start,
+    on_batch: Callable[[TopicFollower, list[Message]], None],
+    on_error: Callable[[Exception, Backoff, float], None],
+    on_recovered: Callable[[float, int], None] | None = None,
+    poll_s: float = 0.2,
+    backoff: Backoff | None = None,
+    positions: AppliedPositions | None = None,
+) -> None:
+    """Follow a topic until ``stop`` is set, never skipping a record, whatever fails.
+
+    ``on_batch`` applies each poll's messages (also an empty poll); a batch counts as
+    applied only when it returns. Any exception (the broker gone, a request timing out, the
+    apply itself failing) closes the follower, waits the next :class:`Backoff` pause and
+    reopens it at the :class:`AppliedPositions`, so the failed batch is read and applied
+    again (``on_batch`` must be idempotent) and what arrived meanwhile is read too.
+    ``start`` is used only until a follower has opened once. ``on_error(exc, backoff,
+    pause_s)`` hears of each failure, ``on_recovered(outage_s, failures)`` of the first
+    batch applied after some.
+    """
+    backoff = backoff or Backoff()
+    positions = positions if positions is not None else AppliedPositions()
+    follower: TopicFollower | None = None
+    try:
+        while not stop.is_set():
+            try:
+                if follower is None:
+                    follower = open_at(positions.resume(start))
+                    positions.seed(follower.positions())
+                batch = follower.poll(poll_s)
+                on_batch(follower, batch)
+                positions.applied(batch)
+                failures = backoff.failures
+                lasted = backoff.succeeded(time.monotonic())
+                if lasted is not None and on_recovered is not None:
+                    on_recovered(lasted, failures)
+            except Exception as exc:
+                pause = backoff.failed(time.monotonic())
+                on_error(exc, backoff, pause)
+                if follower is not None:
+                    with contextlib.suppress(Exception):
+                        follower.close()
+                    follower = None
+                stop.wait(pause)
     finally:
         if follower is not None:
             with contextlib.suppress(Exception):

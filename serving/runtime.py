@@ -101,6 +101,12 @@ class ServingRuntime:
             lambda: float(len(p.index)) if (p := self.active.pair) is not None else 0.0,
             lambda: float(self.vectors.lag) if self.vectors is not None and self.vectors.lag is not None else 0.0,
         )
+        from freshrec.consumer import AppliedPositions, Backoff
+
+        self.adapter_backoff = Backoff()
+        self.adapter_positions = AppliedPositions()
+        self.adapter_errors = 0
+        self._bind_follower_metrics()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -195,28 +201,65 @@ class ServingRuntime:
         return self.builder.activate(version, reason="announcement")
 
     def _follow_announcements(self) -> None:
-        from freshrec.consumer import Message, TopicFollower, follow_until
+        """Follow ``adapters`` from its end; after any error (the broker away, an activation
+        that raised) resume at the first announcement not yet handled, after a capped
+        backoff, so an announcement is never skipped. Each one is marked handled on its own:
+        a failure re-runs only the failed one and those after it (activating a version
+        already live or on its way is a no-op anyway)."""
+        from freshrec.consumer import Backoff, Message, TopicFollower, follow_resuming
         from freshrec.contracts import AdapterAnnouncement
 
-        def on_poll(_follower: TopicFollower, messages: list[Message]) -> None:
+        positions = self.adapter_positions
+
+        def on_batch(_follower: TopicFollower, messages: list[Message]) -> None:
             for m in messages:
                 try:
                     ann = AdapterAnnouncement.model_validate_json(m.value)
-                except Exception as exc:
+                except Exception as exc:  # retrying cannot make it readable: skip it, loudly
                     log.warning("undecodable adapter announcement at %s:%s: %s", m.partition, m.offset, exc)
-                    continue
-                self.on_announcement(ann.version)
+                else:
+                    self.on_announcement(ann.version)
+                positions.applied([m])
 
-        def on_error(exc: Exception) -> None:
-            log.warning("adapters follower: %s: %s; retrying in 1 s", type(exc).__name__, exc)
+        def on_error(exc: Exception, backoff: Backoff, pause_s: float) -> None:
+            self.adapter_errors += 1
+            log.warning(
+                "adapters follower: %s: %s (failure %d); resuming from the last handled offsets %s in %.1f s",
+                type(exc).__name__, exc, backoff.failures, positions.next, pause_s,
+            )
 
-        follow_until(
+        def on_recovered(outage_s: float, failures: int) -> None:
+            log.warning("adapters follower: recovered after %.1f s and %d failures; nothing skipped", outage_s, failures)
+
+        follow_resuming(
             self._stop,
-            lambda: TopicFollower(self.settings, self.settings.topics.adapters, start="end", client_id="freshrec-serving-adapters"),
-            on_poll,
+            lambda start: TopicFollower(self.settings, self.settings.topics.adapters, start=start, client_id="freshrec-serving-adapters"),
+            "end",
+            on_batch,
             on_error,
+            on_recovered,
             poll_s=0.5,
+            backoff=self.adapter_backoff,
+            positions=positions,
         )
+
+    def _bind_follower_metrics(self) -> None:
+        """Gauges of the topic followers' health, on the serving registry: how long each has
+        been failing (0 when healthy: alert on it staying above a minute) and its errors."""
+        from prometheus_client import Gauge
+
+        outage = Gauge(
+            "freshrec_follower_outage_seconds", "Seconds a topic follower has been failing to apply (0: healthy)",
+            ["topic"], registry=self.metrics.registry,
+        )
+        errors = Gauge("freshrec_follower_errors", "Errors of a topic follower since start", ["topic"], registry=self.metrics.registry)
+        now = time.monotonic
+        outage.labels("adapters").set_function(lambda: self.adapter_backoff.outage_s(now()))
+        errors.labels("adapters").set_function(lambda: float(self.adapter_errors))
+        if self.vectors is not None:
+            vectors = self.vectors
+            outage.labels("item-vectors").set_function(lambda: vectors.outage_s)
+            errors.labels("item-vectors").set_function(lambda: float(vectors.errors))
 
     def active_version(self) -> str | None:
         pair = self.active.pair

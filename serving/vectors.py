@@ -18,7 +18,13 @@ While a build runs, every item changed through the first and third routes is als
 in the shadow, and the build re-encodes it with the new encoder before swapping.
 
 The topic is followed from its end: the index was built from the catalog in Redis, which
-already reflects everything published before (the catalog flow writes Redis first).
+already reflects everything published before (the catalog flow writes Redis first). After
+that, nothing is skipped: a broker outage, a request timing out or a failed apply (Redis
+down for the re-read) makes the follower reopen at the last *applied* offset of each
+partition and apply the failed batch again, after a capped backoff
+(:func:`freshrec.consumer.follow_resuming`). Applying a batch twice is harmless: an upsert
+of the vector an item already has, a delete of an item already gone, a stash or mark
+repeated, all leave the same state.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from .swap import PairBuilder
 log = logging.getLogger("freshrec.serving.vectors")
 
 LAG_EVERY_S = 5.0
+# The lag probe is the one call that waits on the broker; bounded, so an outage stalls the
+# thread seconds, not the client's 30 s request timeout, before it starts resuming.
+LAG_TIMEOUT_S = 3.0
 
 
 class VectorApplier:
@@ -59,13 +68,30 @@ class VectorApplier:
         self.reencoded = 0
         self.stashed = 0
         self.unchanged = 0
+        self.invalid = 0
 
     def apply(self, records: Sequence[ItemVector]) -> None:
+        """Route and apply ``records``; idempotent, so a failed batch can simply be applied again.
+
+        A vector the active index cannot take (wrong dimension, NaN) is dropped and counted
+        here: it would fail every retry and wedge the follower behind it.
+        """
         foreign: list[str] = []
         with self.active.write_lock:
             pair = self.active.pair
             shadow = self.builder.shadow if self.builder is not None else None
             mine = [r for r in records if pair is not None and r.adapter_version == pair.adapter_version]
+            if mine and pair is not None:
+                bad = [r for r in mine if not _fits(r, pair.index.dim)]
+                if bad:
+                    self.invalid += len(bad)
+                    log.warning(
+                        "dropped %d item vectors the %s index cannot take (e.g. %r: expected %d finite floats)",
+                        len(bad), pair.adapter_version, bad[0].item_id, pair.index.dim,
+                    )
+                    dropped = {id(r) for r in bad}
+                    records = [r for r in records if id(r) not in dropped]
+                    mine = [r for r in mine if id(r) not in dropped]
             if mine and pair is not None:
                 pair.index.apply(mine)
                 self.applied += len(mine)
@@ -114,12 +140,16 @@ class VectorApplier:
 class VectorFollower:
     """The background thread: follow ``item-vectors`` and feed a :class:`VectorApplier`.
 
-    Kafka being down never reaches a request: the thread retries with a pause, and
-    :attr:`ready` is set once it is positioned at the end of the topic (the startup
-    build waits for it briefly, so no change between the two is missed).
+    Kafka being down never reaches a request: the thread resumes from the last applied
+    offsets after a capped backoff (the outage is logged once it starts and when it ends,
+    and :attr:`outage_s` and :attr:`errors` are exported as metrics). :attr:`ready` is set
+    once it is positioned at the end of the topic (the startup build waits for it briefly,
+    so no change between the two is missed).
     """
 
     def __init__(self, settings: Any, applier: VectorApplier, topic: str | None = None) -> None:
+        from freshrec.consumer import AppliedPositions, Backoff
+
         self.settings = settings
         self.applier = applier
         self.topic = topic or settings.topics.item_vectors
@@ -127,9 +157,17 @@ class VectorFollower:
         self.lag: int | None = None
         self.received = 0
         self.errors = 0
+        self.undecodable = 0
         self.last_error: str | None = None
+        self.backoff = Backoff()
+        self.positions = AppliedPositions()  # what a reopen resumes from (tests read it)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def outage_s(self) -> float:
+        """Seconds since the follower last applied a poll, while it is failing; 0 when healthy."""
+        return self.backoff.outage_s(time.monotonic())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="item-vectors", daemon=True)
@@ -141,47 +179,63 @@ class VectorFollower:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        from freshrec.consumer import Message, TopicFollower, follow_until
+        from freshrec.consumer import Backoff, Message, Start, TopicFollower, follow_resuming
 
         last_lag = 0.0
 
-        def open_follower() -> TopicFollower:
-            follower = TopicFollower(self.settings, self.topic, start="end", client_id="freshrec-serving")
+        def open_at(start: Start) -> TopicFollower:
+            follower = TopicFollower(self.settings, self.topic, start=start, client_id="freshrec-serving")
             follower.positions()  # resolve the seek now, so "ready" means positioned
             self.ready.set()
             return follower
 
-        def on_poll(follower: TopicFollower, batch: list[Message]) -> None:
+        def on_batch(follower: TopicFollower, batch: list[Message]) -> None:
             nonlocal last_lag
-            if batch:
-                self.received += len(batch)
-                records = []
-                for m in batch:
-                    try:
-                        records.append(ItemVector.from_bytes(m.value))
-                    except Exception as exc:  # a bad record is skipped, never fatal
-                        self.errors += 1
-                        self.last_error = f"undecodable item vector at {m.partition}:{m.offset}: {exc}"
-                if records:
-                    self._apply(records)
             now = time.monotonic()
             if now - last_lag > LAG_EVERY_S:
-                # Tansu under-reports end offsets, so this lag is a lower bound.
-                self.lag = follower.lag()
+                # Before applying: when the broker is away this raises, and the batch is
+                # re-read after the reopen rather than applied twice. Tansu under-reports
+                # end offsets, so this lag is a lower bound.
                 last_lag = now
+                self.lag = follower.lag(LAG_TIMEOUT_S)
+            if batch:
+                records = self._decode(batch)
+                if records:
+                    self.applier.apply(records)  # an exception here retries the whole batch
+                self.received += len(batch)
 
-        def on_error(exc: Exception) -> None:
+        def on_error(exc: Exception, backoff: Backoff, pause_s: float) -> None:
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("item-vectors follower: %s; retrying in 1 s", self.last_error)
+            log.warning(
+                "item-vectors follower: %s (failure %d, %.0f s without applying); resuming from the "
+                "last applied offsets %s in %.1f s",
+                self.last_error, backoff.failures, backoff.outage_s(time.monotonic()), self.positions.next, pause_s,
+            )
 
-        follow_until(self._stop, open_follower, on_poll, on_error, poll_s=0.2)
+        def on_recovered(outage_s: float, failures: int) -> None:
+            log.warning("item-vectors follower: recovered after %.1f s and %d failures; nothing skipped", outage_s, failures)
 
-    def _apply(self, records: list[ItemVector]) -> None:
-        """Apply one batch; a Redis hiccup loses titles or a foreign re-encode, never the position."""
-        try:
-            self.applier.apply(records)
-        except Exception as exc:
-            self.errors += 1
-            self.last_error = f"applying item vectors: {type(exc).__name__}: {exc}"
-            log.warning("%s", self.last_error)
+        follow_resuming(
+            self._stop, open_at, "end", on_batch, on_error, on_recovered,
+            poll_s=0.2, backoff=self.backoff, positions=self.positions,
+        )
+
+    def _decode(self, batch: Sequence[Any]) -> list[ItemVector]:
+        """The batch's item vectors; an undecodable record is counted and skipped (retrying
+        could never make it readable), never fatal."""
+        records = []
+        for m in batch:
+            try:
+                records.append(ItemVector.from_bytes(m.value))
+            except Exception as exc:
+                self.undecodable += 1
+                self.errors += 1
+                self.last_error = f"undecodable item vector at {m.partition}:{m.offset}: {exc}"
+        return records
+
+
+def _fits(record: ItemVector, dim: int) -> bool:
+    """Whether an index of ``dim`` can take ``record`` (a delete always can)."""
+    v = record.vector
+    return v is None or (v.shape == (dim,) and bool(np.isfinite(v).all()))
