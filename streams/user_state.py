@@ -43,8 +43,10 @@ by the wall clock, so replaying the same events gives the same state byte for by
 * **search** events do not enter the history (they have no item); the latest query and
   its time are kept so a following click can be paired with the query that led to it.
 * **Duplicates**: the ids of the last ``dedupe_ids`` applied events are kept; an event
-  whose id is among them is ignored (a producer retry or a re-sent batch). Crash replays
-  are not handled here but by offsets, see :mod:`streams.user_partition`.
+  whose id is among them is ignored (a producer retry or a re-sent batch). Repeats
+  further apart (the same file replayed twice) are caught before this, by the partition's
+  window of the last ``stream_dedupe_window`` event ids (:mod:`streams.dedupe`). Crash
+  replays are not handled here but by offsets, see :mod:`streams.user_partition`.
 
 Wire format (the one place it is defined; :mod:`streams.user_store` reads and writes
 it under the key ``<redis_prefix>user:<user_id>``), one orjson object::

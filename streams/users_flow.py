@@ -7,6 +7,11 @@ runner, which reads Settings from ``FRESHREC_*`` variables::
     python -m bytewax.run streams.users_flow -w 2 -r .freshrec/streams/users -s 5 -b 0
 
 How state, Redis writes and exactly-once fit together: :mod:`streams.user_partition`.
+The stateful step writes Redis itself (:mod:`streams.partition_writer`); the sink only
+sends train pairs and dead letters to Kafka. ``freshrec stream`` checks the topic's
+epoch against the recovery directory and Redis before Bytewax resumes
+(:mod:`streams.flow_epoch`); Bytewax's own runner skips the recovery-directory check,
+and the Redis epoch guard on every write still applies.
 """
 
 from __future__ import annotations
