@@ -53,12 +53,18 @@ class _KafkaOut:
         )
         self._last_flush = time.monotonic()
         self.errors: list[str] = []
+        self._dead_letter = settings.topics.dead_letter
 
     def _on_delivery(self, err: Any, _msg: Any) -> None:
         if err is not None and len(self.errors) < 20:
             self.errors.append(str(err))
 
     def send(self, topic: str, key: str | None, value: bytes) -> None:
+        # librdkafka raises on a message over message.max.bytes (default 1,000,000), which
+        # would crash the flow on every restart; only a train pair with a huge context can be.
+        if len(value) > 1_000_000:
+            reason = f"output is {len(value)} bytes, over the 1000000-byte message limit; lower stream_pair_context"
+            topic, key, value = self._dead_letter, None, DeadLetter("streams.output", "record", reason, value, topic).to_bytes()
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)

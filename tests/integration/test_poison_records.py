@@ -211,3 +211,21 @@ def test_flow_dead_letters_poison_records_applies_what_follows_and_survives_a_re
         wait_applied(s, flow, total, timeout=30, procs=[flow_proc])
     finally:
         flow_proc.stop()
+
+
+def test_a_flow_output_over_the_message_limit_becomes_a_dead_letter_not_a_crash(fresh_settings: Settings) -> None:
+    """Only a train pair with a very large ``stream_pair_context`` (~80 items of 1,000
+    escaped-character titles) can exceed librdkafka's 1,000,000-byte default; it used to
+    raise inside the sink and crash the flow on every restart."""
+    from streams.sinks import _KafkaOut
+
+    s = fresh_settings
+    out = _KafkaOut(s)
+    big = b'{"pair_id": "' + b"x" * 1_200_000 + b'"}'
+    out.send(s.topics.train_pairs, "u1", big)
+    out.send(s.topics.train_pairs, "u1", b'{"pair_id": "small"}')
+    out.flush()  # raises if anything was not acknowledged
+    assert read_topic(s, s.topics.train_pairs, 1) == [b'{"pair_id": "small"}']
+    (wire,) = read_topic(s, s.topics.dead_letter, 1)
+    letter = _check_letter(wire, big, "streams.output", s.topics.train_pairs)
+    assert letter.reason.startswith("output is 1200015 bytes, over the 1000000-byte message limit")
