@@ -206,3 +206,27 @@ def test_produce_cli_exits_1_when_a_record_may_be_lost(
     path = tmp_path / "events.jsonl"
     path.write_bytes(event_line(0) + b"\n")
     assert cli._cmd_produce(cli.build_parser().parse_args(["produce", str(path)]), SETTINGS) == 1
+
+
+def test_replay_goes_through_the_same_checks(fake_kafka: type[FakeKafka], tmp_path: Path) -> None:
+    """``freshrec replay`` sends dicts through ``send_event``/``send_catalog``: a huge row is
+    dead-lettered (bounded) and the rows after it are sent."""
+    from freshrec.replay import replay
+
+    (tmp_path / "items.csv").write_text(
+        "item_id,title,category,description\n"
+        f"a,Mug,kitchen,\nb,Bowl,kitchen,{'d' * 100_000}\nc,Cup,kitchen,\n"
+    )
+    now = time.time() - 100
+    (tmp_path / "events.csv").write_text(
+        "user_id,item_id,ts,event_type\n"
+        f"u1,a,{now},view\n{'u' * 100_000},a,{now},view\nu1,c,{now + 1},purchase\n"
+    )
+    report = replay(SETTINGS, tmp_path, progress=False)
+    client = fake_kafka.instances[0]
+    assert [orjson.loads(v)["item_id"] for _k, v in client.topics[SETTINGS.topics.catalog]] == ["a", "c"]
+    assert [orjson.loads(v)["item_id"] for _k, v in client.topics[SETTINGS.topics.events]] == ["a", "c"]
+    dead = letters(client)
+    assert sorted(d.field for d in dead) == ["description", "user_id"]
+    assert all(d.truncated and d.raw_size > 100_000 for d in dead)
+    assert (report.delivery.sent, report.delivery.rejected, report.delivery.failed) == (4, 2, 0)
