@@ -4,8 +4,11 @@ It starts its own broker and Redis on free loopback ports (so it never touches a
 you run), then the five processes exactly as production runs them (``freshrec stream
 users``, ``stream catalog``, ``index``, ``learn``, ``serve``), sends the catalog, waits
 until serving is ready, and replays the events at a speed-up while printing a live
-summary. The page at ``/`` follows one shopper. Ctrl-C or ``--minutes`` stops
-everything it started, and only that.
+summary. The page at ``/`` follows one shopper. Ctrl-C, SIGTERM or ``--minutes`` stops
+everything it started, and only that; a SIGKILLed demo leaves nothing either (its
+children get SIGTERM from the kernel, and a :class:`freshrec.children.Guard` stops the
+broker and Redis). A child that crashes is restarted, with a backoff and at most
+``RESTART_LIMIT`` times a minute, and the console and the live line say so.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from tqdm import tqdm
 
+from .children import Guard, popen
 from .dataset import SAMPLE_DIR, locate, read_events
 from .infra import InfraError, free_port, port_open, start_stack, stop_stack
 from .replay import Pace, replay
@@ -40,33 +46,131 @@ COMPONENTS = [
 ]
 
 
+# A crash loop (a bad setting, a port taken) must end the demo rather than spin: at most
+# this many restarts of one child within the window, waiting longer before each.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
 @dataclass
+class Child:
+    """One supervised process: how to start it again, and when it was restarted."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+    restarts: collections.deque[float] = field(default_factory=collections.deque)  # monotonic times, last window
+    restarted: int = 0  # in all
+    due: float | None = None  # a restart is scheduled for this monotonic time
+
+
 class Children:
-    """The processes the demo started; stopped in reverse order, each given time to finish."""
+    """The processes the demo started: restarted when they crash, stopped in reverse order.
 
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    Every child is started through :func:`freshrec.children.popen`, so it gets SIGTERM
+    from the kernel when the thread that started it ends: the main thread for the first
+    start, the supervisor thread for a restart. That is why the supervisor thread itself
+    stops all children before it returns, and why :meth:`stop` only asks it to.
+    """
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(log_dir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "freshrec", *argv],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches the demo only; it stops the children in order
-        )
+    def __init__(self, env: dict[str, str], log_dir: Path, say: Callable[[str], None] = print) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.say = say
+        self.children: dict[str, Child] = {}
+        self.failed: str | None = None  # why the supervisor gave up; the demo then stops
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
-    def dead(self) -> list[str]:
-        return [name for name, p in self.procs.items() if p.poll() is not None]
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            return popen(
+                [sys.executable, "-m", "freshrec", *argv],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the demo only; it stops the children in order
+            )
+
+    def start(self, name: str, argv: list[str]) -> None:
+        with self._lock:
+            self.children[name] = Child(name, argv, self._spawn(name, argv))
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        return {name: c.proc for name, c in self.children.items()}
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts so far, per child that had any."""
+        return {name: c.restarted for name, c in self.children.items() if c.restarted}
+
+    def supervise(self, on_give_up: Callable[[], None], poll_s: float = 0.5) -> None:
+        """Start the supervisor thread: it restarts crashed children until :meth:`stop`."""
+        self._supervisor = threading.Thread(target=self._supervise, args=(on_give_up, poll_s), name="supervisor")
+        self._supervisor.start()
+
+    def _supervise(self, on_give_up: Callable[[], None], poll_s: float) -> None:
+        try:
+            while not self._closing.wait(poll_s):
+                try:
+                    self._check(on_give_up)
+                except Exception as exc:  # the supervisor must outlive any one bad restart
+                    self.say(f"supervisor: {type(exc).__name__}: {exc}")
+        finally:
+            self._stop_all()
+
+    def _check(self, on_give_up: Callable[[], None]) -> None:
+        if self.failed:
+            return  # gave up: the demo is stopping
+        now = time.monotonic()
+        with self._lock:
+            for child in self.children.values():
+                if child.due is None and child.proc.poll() is not None:
+                    while child.restarts and child.restarts[0] < now - RESTART_WINDOW_S:
+                        child.restarts.popleft()
+                    code = child.proc.returncode
+                    if len(child.restarts) >= RESTART_LIMIT:
+                        self.failed = (
+                            f"{child.name} exited with code {code} after {RESTART_LIMIT} restarts within "
+                            f"{RESTART_WINDOW_S:.0f} s; giving up (log: {self.log_dir / (child.name + '.log')})"
+                        )
+                        self.say(self.failed)
+                        on_give_up()
+                        return
+                    delay = RESTART_BACKOFF_S[min(len(child.restarts), len(RESTART_BACKOFF_S) - 1)]
+                    child.due = now + delay
+                    self.say(
+                        f"{child.name} exited with code {code}; restarting in {delay:.0f} s "
+                        f"(restart {len(child.restarts) + 1} of at most {RESTART_LIMIT} a minute; "
+                        f"log: {self.log_dir / (child.name + '.log')})"
+                    )
+                elif child.due is not None and now >= child.due and not self._closing.is_set():
+                    child.proc = self._spawn(child.name, child.argv)
+                    child.restarts.append(now)
+                    child.restarted += 1
+                    child.due = None
+                    self.say(f"{child.name} restarted (pid {child.proc.pid})")
 
     def stop(self, timeout: float = 10.0) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        """Stop every child (SIGTERM in reverse start order, SIGKILL after ``timeout``)."""
+        self._closing.set()
+        if self._supervisor is not None and self._supervisor.is_alive():
+            self._supervisor.join(timeout + 10)
+        else:
+            self._stop_all(timeout)
+
+    def _stop_all(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            procs = list(self.procs.values())
+        for proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
@@ -117,9 +221,8 @@ def pick_shopper(dataset: Path) -> str:
 def _wait_ready(url: str, children: Children, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        dead = children.dead()
-        if dead:
-            raise RuntimeError(f"{', '.join(dead)} exited during start-up; see its log")
+        if children.failed:
+            raise RuntimeError(children.failed)
         try:
             if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
                 return
@@ -180,6 +283,11 @@ def _probe_freshness(settings: Settings, live: Live, stop: threading.Event) -> N
         stop.wait(0.3)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM during start-up: unwind like Ctrl-C, so ``finally`` stops what was started."""
+    raise KeyboardInterrupt
+
+
 def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset: Path, port: int | None) -> int:
     state_dir = settings.state_dir / "demo"
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -196,22 +304,30 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
     )
     env = demo.child_env(os.environ)
     url = f"http://127.0.0.1:{api_port}"
-    try:
-        stack = start_stack(demo, reuse_redis=False)
-    except InfraError as exc:
-        print(f"freshrec demo: {exc}", file=sys.stderr)
-        return 1
-    print(f"broker {stack.bootstrap} · redis {stack.redis_url} · logs in {state_dir / 'logs'}")
-    children = Children()
+    # Until the replay runs, SIGINT and SIGTERM unwind as KeyboardInterrupt through the
+    # ``finally`` below. SIGINT explicitly: a demo started in the background by a script
+    # inherits it as ignored. SIGTERM: its default would end the demo without ``finally``.
+    previous = {sig: signal.signal(sig, h) for sig, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _interrupt))}
+    # Started first, so that a demo killed at any later point has the broker and Redis stopped.
+    guard = Guard()
+    children = Children(env, state_dir / "logs", say=tqdm.write)
     live = Live()
     stop = threading.Event()
-    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
+        try:
+            stack = start_stack(demo, reuse_redis=False)
+        except InfraError as exc:
+            print(f"freshrec demo: {exc}", file=sys.stderr)
+            return 1
+        guard.watch(stack.kafka.pid)
+        guard.watch(stack.redis.pid)
+        print(f"broker {stack.bootstrap} · redis {stack.redis_url} · logs in {state_dir / 'logs'}")
         for name, argv in COMPONENTS[:-1]:
-            children.start(name, argv, env, state_dir / "logs")
+            children.start(name, argv)
+        children.supervise(on_give_up=stop.set)
         catalog = replay(demo, dataset, limit=0, progress=False)
         print(f"catalog: {catalog.items} items sent")
-        children.start("serving", COMPONENTS[-1][1], env, state_dir / "logs")
+        children.start("serving", COMPONENTS[-1][1])
         _wait_ready(url, children, timeout=180)
         shopper = pick_shopper(dataset)
         print(f"\nopen {url}/?user={shopper}   (the page follows shopper {shopper})")
@@ -235,24 +351,23 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
         timer = threading.Timer(total_s, stop.set)
         timer.daemon = True
         timer.start()
-        # From here Ctrl-C (SIGINT) asks for a stop that on_event honours between two sends.
-        # A KeyboardInterrupt raised inside the Kafka client could leave a record half handed
-        # over; and a demo started in the background by a script inherits SIGINT as ignored,
-        # so without a handler of its own it could not be stopped that way at all (the
-        # browser test, run so, once had to kill it).
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        # From here Ctrl-C (SIGINT) or SIGTERM asks for a stop that on_event honours between
+        # two sends: a KeyboardInterrupt raised inside the Kafka client could leave a record
+        # half handed over (the browser test, which starts the demo in the background, once
+        # had to kill it).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         try:
             replay(demo, dataset, Pace(speedup=speedup), progress=True, include_catalog=False, on_event=on_event)
             print("\nreplay finished; serving keeps running until the time is up (Ctrl-C to stop)")
-            while not stop.is_set() and not children.dead():
+            while not stop.is_set():
                 stop.wait(0.5)
         except KeyboardInterrupt:
             pass
-        dead = children.dead()
-        if dead:
-            print(f"\n{', '.join(dead)} stopped unexpectedly; see {state_dir / 'logs'}", file=sys.stderr)
+        if children.failed:
+            print(f"\nfreshrec demo: {children.failed}", file=sys.stderr)
             return 1
-        _final_summary(live)
+        _final_summary(live, children)
         return 0
     except KeyboardInterrupt:
         return 0
@@ -260,10 +375,12 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
         print(f"freshrec demo: {exc} (logs in {state_dir / 'logs'})", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, previous_sigint)  # a second Ctrl-C while stopping interrupts again
+        for sig, handler in previous.items():  # a second Ctrl-C while stopping interrupts again
+            signal.signal(sig, handler)
         stop.set()
         children.stop()
         stop_stack(state_dir)
+        guard.close()
 
 
 def _time_span(dataset: Path) -> tuple[float, float]:
@@ -276,12 +393,17 @@ def _time_span(dataset: Path) -> tuple[float, float]:
     return (first or 0.0), (last or 0.0)
 
 
-def _summary_line(live: Live, rate: float) -> str:
+def _restarts(restarts: dict[str, int]) -> str:
+    return ", ".join(f"{name}×{n}" for name, n in restarts.items())
+
+
+def _summary_line(live: Live, rate: float, restarts: dict[str, int] | None = None) -> str:
     return (
         f"events/s {rate:7.0f} · freshness p99 {_p(live.freshness_ms, 99):6.1f} ms · "
         f"adapter {live.adapter} ({len(live.adapters_seen - {'base', '-'})} learned, {live.swaps} swaps) · "
         f"/recommend p50 {_p(live.request_ms, 50):5.1f} ms p99 {_p(live.request_ms, 99):5.1f} ms · "
         f"errors {live.request_errors}"
+        + (f" · restarts {_restarts(restarts)}" if restarts else "")
     )
 
 
@@ -291,10 +413,10 @@ def _print_summary(live: Live, stop: threading.Event, children: Children) -> Non
         now = time.monotonic()
         rate = (live.sent - last_sent) / (now - last_t)
         last_sent, last_t = live.sent, now
-        tqdm.write(_summary_line(live, rate))
+        tqdm.write(_summary_line(live, rate, children.restarts()))
 
 
-def _final_summary(live: Live) -> None:
+def _final_summary(live: Live, children: Children) -> None:
     print("\ndemo summary")
     print(f"  events sent           {live.sent:,}")
     print(
@@ -304,6 +426,7 @@ def _final_summary(live: Live) -> None:
     print(f"  /recommend p50/p99    {_p(live.request_ms, 50):.1f} / {_p(live.request_ms, 99):.1f} ms")
     print(f"  adapter versions      {sorted(live.adapters_seen)} ({live.swaps} swaps)")
     print(f"  request errors        {live.request_errors}")
+    print(f"  restarts              {_restarts(children.restarts()) or 'none'}")
 
 
 def main(argv: list[str], settings: Settings) -> int:
