@@ -33,7 +33,7 @@ APPLIED_CATALOG = "streams:applied:catalog"
 # delete. Returns {code, stored epoch} with the codes of streams.user_store's write: 1
 # written, 0 offset already held, 2 Redis behind `previous offset`, -1 another epoch.
 _GUARDED_APPLY = EPOCH_LUA + """
-local ok, stored = epoch_ok(KEYS[3], ARGV[5], ARGV[6])
+local ok, stored = epoch_ok(KEYS[3], ARGV[5], ARGV[6], KEYS[1], ARGV[1])
 if not ok then return {-1, stored} end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and tonumber(cur) >= tonumber(ARGV[2]) then return {0, ''} end

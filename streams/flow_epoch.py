@@ -6,7 +6,9 @@ Both places a flow keeps positions hold offsets of one incarnation of its input 
 If the topic was recreated (the embedded broker restarted, which empties it), resuming
 from either would skip every new event without a word; :func:`check_flow_epoch` stops
 the flow first with :class:`~freshrec.epochs.EpochMismatch`, which names the fix. A
-Redis or a recovery directory without an epoch takes the current one.
+Redis or a recovery directory without an epoch takes the current one, unless that Redis
+already holds offsets of the topic (written before epochs were recorded: nothing says
+which incarnation they belong to, so they are refused like another epoch).
 
 The guarded Redis writes check the epoch again on every batch
 (:mod:`streams.redis_client`), which also covers flows started by ``python -m
@@ -21,8 +23,10 @@ from pathlib import Path
 from freshrec.epochs import EpochMismatch, check_epoch_file, topic_ids
 from freshrec.settings import Settings
 
-from .redis_client import EPOCHS, connect
+from .catalog_store import APPLIED_CATALOG
+from .redis_client import EPOCHS, UNKNOWN_EPOCH, connect
 from .redis_retry import with_retry
+from .user_store import APPLIED_USERS
 
 EPOCH_FILE = "epoch.json"
 
@@ -52,21 +56,31 @@ def topic_epoch(settings: Settings, topic: str) -> str | None:
     return epoch
 
 
-def check_redis_epoch(settings: Settings, owner: str, topic: str, epoch: str | None) -> None:
+def check_redis_epoch(settings: Settings, owner: str, topic: str, epoch: str | None, applied: str) -> None:
     """Record ``epoch`` for ``topic`` in a Redis that has none; raise
-    :class:`EpochMismatch` if Redis holds another one."""
+    :class:`EpochMismatch` if Redis holds another one, or holds offsets of ``topic`` in
+    the hash ``applied`` without any epoch (written before epochs existed: unverifiable)."""
     if epoch is None:
         return
     client = connect(settings)
     key = settings.redis_prefix + EPOCHS
 
-    def record() -> bytes | None:
-        client.hsetnx(key, topic, epoch)
-        return client.hget(key, topic)  # type: ignore[return-value]
+    def read() -> tuple[bytes | None, list[bytes]]:
+        return client.hget(key, topic), client.hkeys(settings.redis_prefix + applied)  # type: ignore[return-value]
 
-    stored = with_retry(record, f"{owner}: checking the topic epoch", settings.stream_redis_backoff_max_s)
+    def record() -> None:
+        client.hsetnx(key, topic, epoch)
+
+    what = f"{owner}: checking the topic epoch"
+    stored, fields = with_retry(read, what, settings.stream_redis_backoff_max_s)
+    where = f"Redis {settings.redis_url}, hash {key}"
+    if stored is None:
+        if any(f.decode().rsplit(":", 1)[0] == topic for f in fields):
+            raise EpochMismatch(owner, topic, UNKNOWN_EPOCH, epoch, where)
+        with_retry(record, what, settings.stream_redis_backoff_max_s)
+        stored = with_retry(read, what, settings.stream_redis_backoff_max_s)[0]
     if stored is not None and stored.decode() != epoch:
-        raise EpochMismatch(owner, topic, stored.decode(), epoch, f"Redis {settings.redis_url}, hash {key}")
+        raise EpochMismatch(owner, topic, stored.decode(), epoch, where)
 
 
 def check_flow_epoch(settings: Settings, flow: str, recovery: Path | None, epoch: str | None) -> None:
@@ -75,4 +89,5 @@ def check_flow_epoch(settings: Settings, flow: str, recovery: Path | None, epoch
     topic = flow_topic(settings, flow)
     if recovery is not None:
         check_epoch_file(recovery / EPOCH_FILE, owner, topic, epoch)
-    check_redis_epoch(settings, owner, topic, epoch)
+    applied = APPLIED_USERS if flow == "users" else APPLIED_CATALOG
+    check_redis_epoch(settings, owner, topic, epoch, applied)

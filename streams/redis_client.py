@@ -26,20 +26,25 @@ from freshrec.settings import Settings
 EPOCHS = "streams:epoch"
 EPOCH_MISMATCH = -1
 
-# Lua prelude of every guarded write: `epoch_ok(key, field, epoch)` is false (plus the
-# stored id) when Redis holds another epoch; an empty epoch (a broker without topic
-# ids) checks nothing.
+# What Redis "holds" as the epoch of offsets written before epochs were recorded: they
+# cannot be vouched for, so they count as another epoch (reset once, then never again).
+UNKNOWN_EPOCH = "unknown (offsets stored before topic ids were recorded)"
+
+# Lua prelude of every guarded write: `epoch_ok(key, field, epoch, applied, partition)`
+# is false (plus the stored id) when Redis holds another epoch, or holds the partition's
+# offset without any epoch; an empty epoch (a broker without topic ids) checks nothing.
 EPOCH_LUA = """
-local function epoch_ok(key, field, epoch)
+local function epoch_ok(key, field, epoch, applied, partition)
   if epoch == '' then return true, '' end
   local stored = redis.call('HGET', key, field)
   if not stored then
+    if redis.call('HEXISTS', applied, partition) == 1 then return false, '%s' end
     redis.call('HSET', key, field, epoch)
     return true, ''
   end
   return stored == epoch, stored
 end
-"""
+""" % UNKNOWN_EPOCH
 
 
 class Outcome(enum.Enum):

@@ -53,7 +53,7 @@ POPULARITY_NEWEST = "popularity:newest"
 # than `previous offset`: restarted empty, or lost its last writes), nothing written;
 # -1 Redis holds another epoch of the topic, nothing written.
 _GUARDED_WRITE = EPOCH_LUA + """
-local ok, stored = epoch_ok(KEYS[5], ARGV[8], ARGV[9])
+local ok, stored = epoch_ok(KEYS[5], ARGV[8], ARGV[9], KEYS[1], ARGV[1])
 if not ok then return {-1, stored} end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and tonumber(cur) >= tonumber(ARGV[2]) then return {0, ''} end

@@ -94,3 +94,11 @@ def test_redis_switching_epoch_while_running_stops_the_flow_at_its_next_write(se
     assert rc not in (0, 130) and "someone-elses-topic-id" in log and "freshrec reset" in log, log
     assert user_store.read_user_state(client, settings, "u1").events == 1  # type: ignore[union-attr]
     assert sum(user_store.read_applied_offsets(client, settings).values()) == 0  # the first event's offset, no more
+
+
+def test_redis_offsets_stored_without_an_epoch_stop_the_flow(settings: Settings) -> None:
+    # What a Redis written before epochs existed holds: offsets nobody can vouch for.
+    connect(settings).hset(settings.redis_prefix + user_store.APPLIED_USERS, f"{settings.topics.events}:0", 17_000)
+    rc, log = _exit_of(FlowProcess(settings, "users").start())
+    _assert_stopped_with_the_fix(rc, log, EPOCHS)
+    assert "unknown" in log

@@ -85,3 +85,62 @@ def test_catalog_round_trip_and_guard(fresh_settings: Settings) -> None:
     assert not catalog_store.apply_partition_batch(client, fresh_settings, "cat:0", 4, {}, ["i3"])
     assert catalog_store.all_items(client, fresh_settings) == {"i3": new}
     assert catalog_store.read_applied_offsets(client, fresh_settings) == {"cat:0": 4}
+
+
+def test_a_write_past_a_redis_that_lost_data_is_refused_until_the_full_state_comes(fresh_settings: Settings) -> None:
+    from streams.redis_client import Outcome
+
+    client = user_store.connect(fresh_settings)
+    s = fresh_settings
+    a, b = _state("u1", "a"), _state("u2", "b")
+    assert user_store.write_partition_batch(client, s, "ev", 0, 4, {"u1": a.to_bytes()}, {"a": (1.0, T0)}, T0,
+                                            {"a": T0}, prev_offset=-1, epoch="E1") is Outcome.WRITTEN
+    client.delete(f"{s.redis_prefix}{user_store.APPLIED_USERS}")  # Redis lost the offset (and more)
+    got = user_store.write_partition_batch(client, s, "ev", 0, 9, {"u2": b.to_bytes()}, {}, T0, prev_offset=4, epoch="E1")
+    assert got is Outcome.BEHIND and not got and user_store.read_user_state(client, s, "u2") is None
+    # The full state replaces the partition's popularity and first-seen hashes (stale "zz" goes).
+    client.hset(f"{s.redis_prefix}popularity:ev:0", "zz", b"[9.0, 0.0]")
+    full = user_store.write_partition_batch(
+        client, s, "ev", 0, 9, {"u1": a.to_bytes(), "u2": b.to_bytes()}, {"a": (1.0, T0), "b": (1.0, T0)}, T0,
+        {"a": T0, "b": T0}, epoch="E1", full=True,
+    )
+    assert full is Outcome.WRITTEN
+    assert user_store.read_user_states(client, s, ["u1", "u2"]) == {"u1": a, "u2": b}
+    assert set(client.hkeys(f"{s.redis_prefix}popularity:ev:0")) == {b"a", b"b"}
+    assert user_store.read_applied_offset(client, s, "ev", 0) == 9
+    # A full write of an offset Redis already holds is refused like any replay.
+    assert user_store.write_partition_batch(client, s, "ev", 0, 9, {}, {}, T0, epoch="E1", full=True) is Outcome.HELD
+
+
+def test_writes_of_another_epoch_or_over_unvouched_offsets_are_refused(fresh_settings: Settings) -> None:
+    from freshrec.epochs import EpochMismatch
+
+    client = user_store.connect(fresh_settings)
+    s = fresh_settings
+    assert user_store.write_partition_batch(client, s, "ev", 0, 1, {}, {}, T0, epoch="E1")
+    with pytest.raises(EpochMismatch, match="recreated") as err:
+        user_store.write_partition_batch(client, s, "ev", 0, 2, {}, {}, T0, epoch="E2")
+    assert err.value.stored == "E1" and err.value.current == "E2"
+    assert user_store.read_applied_offsets(client, s) == {"ev:0": 1}
+    # Offsets written without an epoch (before epochs existed) cannot be vouched for.
+    assert user_store.write_partition_batch(client, s, "old", 0, 7, {}, {}, T0)
+    with pytest.raises(EpochMismatch, match="unknown"):
+        user_store.write_partition_batch(client, s, "old", 0, 8, {}, {}, T0, epoch="E3")
+    assert catalog_store.apply_partition_batch(client, s, "cat:0", 1, {}, [], epoch="C1")
+    with pytest.raises(EpochMismatch):
+        catalog_store.apply_partition_batch(client, s, "cat:0", 2, {}, [], epoch="C2")
+
+
+def test_catalog_full_write_restores_items_and_removes_deleted_ones(fresh_settings: Settings) -> None:
+    from streams.redis_client import Outcome
+
+    client = user_store.connect(fresh_settings)
+    s = fresh_settings
+    mug, lamp = CatalogItem(item_id="i1", title="Mug"), CatalogItem(item_id="i2", title="Lamp")
+    catalog_store.write_items(client, s, [mug, lamp])  # i2 survived in Redis, though the flow deleted it
+    assert catalog_store.apply_partition_batch(client, s, "cat:0", 5, {}, [], prev_offset=3) is Outcome.BEHIND
+    assert catalog_store.apply_partition_batch(
+        client, s, "cat:0", 5, {"i1": mug.to_bytes()}, ["i2"], prev_offset=-1, full=True
+    ) is Outcome.WRITTEN
+    assert catalog_store.all_items(client, s) == {"i1": mug}
+    assert catalog_store.read_applied_offset(client, s, "cat:0") == 5
