@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from indexer.encoder import BASE_VERSION
 from learner.registry import VERSION_FORMAT, is_version_name
@@ -42,6 +42,10 @@ from .runtime import ServingRuntime
 from .swap import ActivationRefused, BuildJob
 
 log = logging.getLogger("freshrec.serving.admin")
+
+# The names check_version_name accepts, for the schema (documented, not enforced by
+# FastAPI: the check's own message names the format and the fix).
+VERSION_PATTERN = rf"^({BASE_VERSION}|v[0-9]{{6}}-[0-9a-f]{{8}})$"
 
 LEARNER_LAG_CACHE_S = 5.0
 LEARNER_LAG_WAIT_S = 1.0  # /admin/status waits this long for a fresh figure, then shows the last one
@@ -110,7 +114,11 @@ def admin_router(runtime: ServingRuntime) -> APIRouter:
         "/adapters/{version}/activate",
         responses={**error_responses(404, 422), 202: {"description": "queued (without wait=true)"}},
     )
-    async def activate(version: str, wait: bool = False, timeout_s: float = Query(120.0, gt=0, le=600)) -> JSON:
+    async def activate(
+        version: str = Path(..., json_schema_extra={"pattern": VERSION_PATTERN}, examples=["v000003-1a2b3c4d"]),
+        wait: bool = False,
+        timeout_s: float = Query(120.0, gt=0, le=600),
+    ) -> JSON:
         check_version_name(version)
         try:
             await anyio.to_thread.run_sync(runtime.builder.check, version)

@@ -35,12 +35,12 @@ import logging
 import re
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Any, Literal
 
 import anyio
 import orjson
-from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
@@ -58,7 +58,7 @@ from .shopper_data import RedisUnavailable, state_gap
 log = logging.getLogger("freshrec.serving.app")
 
 MAX_BODY_BYTES = 16 * 1024  # a /search body is a query of <= 1,000 characters and two short fields
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = FilePath(__file__).resolve().parent / "static"
 DAY_S = 86_400.0
 
 
@@ -161,7 +161,7 @@ _ABS_PATH = re.compile(r"(?<![\w.~:/>-])/[^\s'\"`,;:()<>\[\]{}]+")
 _API_HEADS = ENDPOINTS | {"users", "docs", "openapi.json"}
 
 
-def public_message(text: str, state_dir: Path | str | None = None) -> str:
+def public_message(text: str, state_dir: FilePath | str | None = None) -> str:
     """``text`` without filesystem paths, for a response (the full text belongs in the log).
 
     Registry, export and load errors name the files they tripped on, which tells a
@@ -173,7 +173,7 @@ def public_message(text: str, state_dir: Path | str | None = None) -> str:
     if state_dir is not None and str(state_dir) not in ("", ".", "/"):
         roots = [str(state_dir).rstrip("/")]
         try:
-            absolute = str(Path(state_dir).resolve())
+            absolute = str(FilePath(state_dir).resolve())
             if absolute not in roots:
                 roots.insert(0, absolute)  # tried first: a relative root can occur inside it
         except OSError:
@@ -190,7 +190,7 @@ def public_message(text: str, state_dir: Path | str | None = None) -> str:
     return _ABS_PATH.sub(shorten, text)
 
 
-def public_body(obj: Any, state_dir: Path | str | None = None) -> Any:
+def public_body(obj: Any, state_dir: FilePath | str | None = None) -> Any:
     """:func:`public_message` over every string in a JSON-like value (admin status, jobs)."""
     if isinstance(obj, str):
         return public_message(obj, state_dir)
@@ -288,7 +288,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
 
     @app.get("/recommend", response_model=Ranked, responses=error_responses(422, 503))
     async def recommend(
-        user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
+        user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS, examples=["17841"]),
         k: int = Query(10, ge=1, le=max_k),
     ) -> JSON:
         t0 = time.perf_counter()
@@ -357,7 +357,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         return JSON(_body(pair, _items(hits, runtime.titles), t0, personalised=uvec is not None, **extra))
 
     @app.get("/similar/{item_id}", response_model=Ranked, responses=error_responses(404, 422, 503))
-    async def similar(item_id: str, k: int = Query(10, ge=1, le=max_k)) -> JSON:
+    async def similar(item_id: str = Path(..., examples=["85123A"]), k: int = Query(10, ge=1, le=max_k)) -> JSON:
         t0 = time.perf_counter()
         if len(item_id) > MAX_ID_CHARS:
             raise ApiError(422, f"item_id is {len(item_id)} characters; the limit is {MAX_ID_CHARS}")
@@ -384,7 +384,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         responses=error_responses(401, 403, 404, 422, 503),
         dependencies=[Depends(users_allowed), Depends(users_guard)],
     )
-    async def user_history(user_id: str, n: int = Query(10, ge=1, le=max_k)) -> JSON:
+    async def user_history(user_id: str = Path(..., examples=["17841"]), n: int = Query(10, ge=1, le=max_k)) -> JSON:
         """A shopper's latest interactions, newest first (personal data: token only; see the module doc)."""
         t0 = time.perf_counter()
         if len(user_id) > MAX_ID_CHARS:
