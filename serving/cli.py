@@ -9,6 +9,7 @@ Examples::
     freshrec serve                              # settings.api_host:api_port
     freshrec serve --port 8080 --version base   # start on the base model
     FRESHREC_ADMIN_TOKEN=s3cret freshrec serve  # with /admin
+    FRESHREC_USERS_TOKEN=t0ken freshrec serve   # with /users/{user_id} (off without a token)
 """
 
 from __future__ import annotations
