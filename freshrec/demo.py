@@ -74,10 +74,21 @@ class Children:
     stops all children before it returns, and why :meth:`stop` only asks it to.
     """
 
-    def __init__(self, env: dict[str, str], log_dir: Path, say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        say: Callable[[str], None] = print,
+        limit: int = RESTART_LIMIT,
+        window_s: float = RESTART_WINDOW_S,
+        backoff_s: tuple[float, ...] = RESTART_BACKOFF_S,
+        command: tuple[str, ...] = (sys.executable, "-m", "freshrec"),
+    ) -> None:
         self.env = env
+        self.command = command  # what each child's argv follows
         self.log_dir = log_dir
         self.say = say
+        self.limit, self.window_s, self.backoff_s = limit, window_s, backoff_s
         self.children: dict[str, Child] = {}
         self.failed: str | None = None  # why the supervisor gave up; the demo then stops
         self._lock = threading.Lock()
@@ -88,7 +99,7 @@ class Children:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
             return popen(
-                [sys.executable, "-m", "freshrec", *argv],
+                [*self.command, *argv],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -130,22 +141,22 @@ class Children:
         with self._lock:
             for child in self.children.values():
                 if child.due is None and child.proc.poll() is not None:
-                    while child.restarts and child.restarts[0] < now - RESTART_WINDOW_S:
+                    while child.restarts and child.restarts[0] < now - self.window_s:
                         child.restarts.popleft()
                     code = child.proc.returncode
-                    if len(child.restarts) >= RESTART_LIMIT:
+                    if len(child.restarts) >= self.limit:
                         self.failed = (
-                            f"{child.name} exited with code {code} after {RESTART_LIMIT} restarts within "
-                            f"{RESTART_WINDOW_S:.0f} s; giving up (log: {self.log_dir / (child.name + '.log')})"
+                            f"{child.name} exited with code {code} after {self.limit} restarts within "
+                            f"{self.window_s:.0f} s; giving up (log: {self.log_dir / (child.name + '.log')})"
                         )
                         self.say(self.failed)
                         on_give_up()
                         return
-                    delay = RESTART_BACKOFF_S[min(len(child.restarts), len(RESTART_BACKOFF_S) - 1)]
+                    delay = self.backoff_s[min(len(child.restarts), len(self.backoff_s) - 1)]
                     child.due = now + delay
                     self.say(
-                        f"{child.name} exited with code {code}; restarting in {delay:.0f} s "
-                        f"(restart {len(child.restarts) + 1} of at most {RESTART_LIMIT} a minute; "
+                        f"{child.name} exited with code {code}; restarting in {delay:g} s "
+                        f"(restart {len(child.restarts) + 1} of at most {self.limit} in {self.window_s:.0f} s; "
                         f"log: {self.log_dir / (child.name + '.log')})"
                     )
                 elif child.due is not None and now >= child.due and not self._closing.is_set():

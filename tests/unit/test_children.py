@@ -161,3 +161,50 @@ def test_guard_leaves_alone_what_already_ended() -> None:
     guard.watch(done.pid)  # gone: not registered at all
     guard.close(5)
     assert guard._proc.returncode == 0
+
+
+# -- the demo's supervisor (freshrec.demo.Children) on tiny stand-in children ------------------
+
+
+def _children(tmp_path, lines: list[str], **kw):  # type: ignore[no-untyped-def]
+    from freshrec.demo import Children
+
+    return Children(dict(os.environ), tmp_path, say=lines.append, command=(sys.executable, "-c"), **kw)
+
+
+def _until(check, seconds: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(check())
+
+
+def test_supervisor_restarts_a_killed_child_and_stops_all(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lines: list[str] = []
+    kids = _children(tmp_path, lines, backoff_s=(0.1,))
+    kids.start("sleeper", ["import time; time.sleep(60)"])
+    kids.supervise(on_give_up=lambda: None, poll_s=0.05)
+    try:
+        first = kids.procs["sleeper"]
+        first.kill()
+        assert _until(lambda: kids.procs["sleeper"] is not first and kids.procs["sleeper"].poll() is None, 10), lines
+        assert kids.restarts() == {"sleeper": 1}
+        assert any("sleeper exited with code -9; restarting" in line for line in lines), lines
+    finally:
+        kids.stop(timeout=5)
+    assert all(p.poll() is not None for p in kids.procs.values())
+
+
+def test_supervisor_gives_up_on_a_crash_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lines: list[str] = []
+    gave_up: list[bool] = []
+    kids = _children(tmp_path, lines, limit=2, window_s=60.0, backoff_s=(0.05,))
+    kids.start("crasher", ["import sys; sys.exit(3)"])
+    kids.supervise(on_give_up=lambda: gave_up.append(True), poll_s=0.05)
+    try:
+        assert _until(lambda: gave_up, 20), lines
+    finally:
+        kids.stop(timeout=5)
+    assert kids.restarts() == {"crasher": 2}
+    assert kids.failed is not None and "after 2 restarts" in kids.failed
+    assert gave_up == [True], "gave up more than once"
