@@ -3,6 +3,7 @@ with the message that names the fix; nothing is skipped silently (issue 13, item
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,8 +39,13 @@ def _recreate(settings: Settings, topic: str) -> None:
 
 
 def _exit_of(flow: FlowProcess, timeout: float = 60.0) -> tuple[int, str]:
+    """The flow's exit status and log; a flow still running after ``timeout`` is killed (and fails the test)."""
     assert flow.proc is not None
-    rc = flow.proc.wait(timeout)
+    try:
+        rc = flow.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        flow.kill()
+        raise AssertionError(f"the flow kept running instead of stopping:\n{flow.log_tail()}") from None
     return rc, flow.log_tail(20_000)
 
 
