@@ -207,3 +207,32 @@ def test_state_gap() -> None:
     assert state_gap(no_purchases, 10, cold=False) is None  # a personal answer does not need popularity
     assert "no popularity" in (state_gap(no_purchases, 10, cold=True) or "")
     assert state_gap(PopularityView.of({}), 10, cold=True) is None  # not read: unknown, not empty
+
+
+def test_a_failed_build_reports_its_error_without_paths(tmp_path: Path) -> None:
+    """Export and load failures reach /admin as the build job's error: the reason stays, the path goes."""
+    import dataclasses
+
+    settings = _settings(tmp_path)
+    version = "v000003-0000cccc"
+    exports = settings.state_dir.resolve() / "exports" / version
+
+    def make_encoder(v: str, path: Any) -> Any:
+        from serving.testing import HashEncoder
+
+        if v == version:
+            raise OSError(28, "No space left on device", f"{exports}/model.int8.onnx")
+        return HashEncoder(v, 32)
+
+    tools = dataclasses.replace(hash_tools(_catalog(), known={version}), make_encoder=make_encoder)
+    runtime = ServingRuntime(settings, tools=tools, follow_topics=False)
+    with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
+        assert runtime.wait_ready(10)
+        r = c.post(f"/admin/adapters/{version}/activate", params={"wait": "true"}, headers=_bearer(ADMIN))
+        assert r.status_code == 422, r.text
+        assert "No space left on device" in r.json()["error"] and "<state_dir>/exports" in r.json()["error"]
+        status = c.get("/admin/status", headers=_bearer(ADMIN))
+        assert status.json()["last_job"]["state"] == "failed"
+        for text in (r.text, status.text):
+            assert str(tmp_path) not in text and str(settings.state_dir.resolve()) not in text, text[:400]
+        assert runtime.active_version() == "base"
