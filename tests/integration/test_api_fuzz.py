@@ -29,7 +29,8 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="the API fuzz needs the test extra: pip install -e '.[test]'")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
@@ -45,7 +46,7 @@ from freshrec.contracts import CatalogItem, Event  # noqa: E402
 from freshrec.infra import Stack, create_topics  # noqa: E402
 from freshrec.settings import Settings  # noqa: E402
 from serving.app import create_app  # noqa: E402
-from serving.runtime import ServingRuntime  # noqa: E402
+from serving.runtime import ServingRuntime, redis_client  # noqa: E402
 from serving.swap import default_tools  # noqa: E402
 from serving.testing import HashEncoder  # noqa: E402
 from tests.integration.helpers import seed_catalog  # noqa: E402
@@ -121,8 +122,7 @@ def fuzz_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory, sample_dir:
 
     catalog_store.write_items(connect(settings), settings, [CatalogItem(item_id="85123A", title="WHITE HANGING HEART T-LIGHT HOLDER")])
     _seed_shopper(settings, list(items))
-    runtime = ServingRuntime(settings)
-    runtime = ServingRuntime(settings, tools=_tools(settings, runtime.background_redis))
+    runtime = ServingRuntime(settings, tools=_tools(settings, redis_client(settings, 5.0)))
     app = create_app(runtime, manage_runtime=False)
     runtime.start()
     try:
@@ -141,7 +141,7 @@ def _fuzz(operation: Any, strategy: Any, examples: int, failures: list[str], neg
     """Run ``examples`` cases of ``strategy`` against the app; note (not raise) a failure."""
 
     @given(case=strategy)
-    @settings(
+    @hypothesis_settings(
         max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
     )
     def run(case: Any) -> None:
