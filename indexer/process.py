@@ -12,7 +12,9 @@ the last batch and a restart does not re-encode the catalog. Consumers of item-v
 treat a record as "the current vector of this item", so a repeat is harmless. Those
 offsets belong to one incarnation of the topic (``state_dir/indexer/epoch.json``,
 :mod:`freshrec.epochs`): an indexer restarted on a recreated topic stops with
-:class:`~freshrec.epochs.EpochMismatch` instead of skipping the new changes.
+:class:`~freshrec.epochs.EpochMismatch` instead of skipping the new changes. A broker
+error or a refused batch does not end the process: it re-reads changed-items from the
+checkpoint after a capped backoff, the same at-least-once path as a restart.
 
 The active adapter: the registry's latest version at start (or ``version``), then each
 version announced on the ``adapters`` topic (the newest of a poll that loads), loaded
@@ -23,6 +25,7 @@ record (each vector carries its own version).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import orjson
 
-from freshrec.consumer import Message, TopicFollower
+from freshrec.consumer import Backoff, Message, TopicFollower
 from freshrec.contracts import AdapterAnnouncement
 from freshrec.epochs import check_epoch_file, topic_ids
 from freshrec.producer import RecordProducer
@@ -162,19 +165,42 @@ class IndexerProcess:
         producer = RecordProducer(s, client_id="freshrec-indexer")
         log.info("indexer: following %s from %s with version %s", s.topics.changed_items, start, self.encoder.version)
         last_log = time.monotonic()
+        backoff = Backoff()
+        follower: TopicFollower | None = changes
         try:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                if adapters is not None:
-                    self._maybe_switch(adapters.poll(0.0))
-                messages = changes.poll(s.indexer_flush_seconds)
-                if messages:
-                    self._process(messages, producer)
-                    write_checkpoint(s, changes.positions())
+                try:
+                    if follower is None:
+                        # After an error: from the last checkpoint (the last batch the broker
+                        # acknowledged), so the failed batch is encoded again and nothing is skipped.
+                        follower = TopicFollower(
+                            s, s.topics.changed_items, start=read_checkpoint(s) or start, client_id="freshrec-indexer"
+                        )
+                    if adapters is not None:
+                        self._maybe_switch(adapters.poll(0.0))
+                    messages = follower.poll(s.indexer_flush_seconds)
+                    if messages:
+                        self._process(messages, producer)
+                        write_checkpoint(s, follower.positions())
+                    if (lasted := backoff.succeeded(time.monotonic())) is not None:
+                        log.warning("indexer: recovered after %.1f s; resumed from the last checkpoint", lasted)
+                except Exception as exc:  # noqa: BLE001 - the broker away, a refused batch: retry, never skip
+                    pause = backoff.failed(time.monotonic())
+                    log.warning(
+                        "indexer: %s: %s (failure %d); re-reading %s from the last checkpoint in %.1f s",
+                        type(exc).__name__, exc, backoff.failures, s.topics.changed_items, pause,
+                    )
+                    if follower is not None:
+                        with contextlib.suppress(Exception):
+                            follower.close()
+                        follower = None
+                    stop.wait(pause)
                 if time.monotonic() - last_log > self.log_every_s:
                     log.info("indexer: %s", self.stats.line())
                     last_log = time.monotonic()
         finally:
-            changes.close()
+            if follower is not None:
+                follower.close()
             if adapters is not None:
                 adapters.close()
             producer.close()

@@ -20,7 +20,9 @@ the end of the topic), and a 2 s timeout lets a 9 s outage show that instead of 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -226,3 +228,101 @@ def test_an_adapter_announced_while_serving_is_cut_off_goes_live_after_it(proxie
     finally:
         runtime.stop()
         catalog.close()
+
+
+class HeldEncoder(HashEncoder):
+    """A :class:`HashEncoder` that can hold one ``encode`` call until released, so a test
+    can cut the broker exactly while the indexer has a batch in hand."""
+
+    def __init__(self, version: str, dim: int) -> None:
+        super().__init__(version, dim)
+        self.hold = threading.Event()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def encode(self, texts: Any, batch_size: int = 64) -> np.ndarray:
+        if self.hold.is_set():
+            self.hold.clear()
+            self.holding.set()
+            self.release.wait(30)
+        return super().encode(texts, batch_size)
+
+
+def test_the_indexer_re_reads_the_batch_it_could_not_publish_during_a_cut(
+    proxied: ProxiedBroker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The indexer loses the broker while publishing a batch: the publish fails (3 s delivery
+    timeout here; 2 min by default) and, before, the process died on it. Now it re-reads
+    changed-items from its checkpoint and every item ends with its latest vector."""
+    from kafka import KafkaProducer
+
+    from indexer.process import IndexerProcess
+
+    caplog.set_level(logging.WARNING, logger="freshrec.indexer")
+    monkeypatch.setitem(KafkaProducer.DEFAULT_CONFIG, "request_timeout_ms", 2000)
+    monkeypatch.setitem(KafkaProducer.DEFAULT_CONFIG, "delivery_timeout_ms", 3000)
+    settings = proxied.settings.model_copy(update={"indexer_flush_seconds": 0.2})
+    encoder = HeldEncoder("base", DIM)
+    proc = IndexerProcess(settings, version="base", make_encoder=lambda v: encoder, follow_adapters=False)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            proc.run(stop=stop)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    expected: dict[str, CatalogItem] = {}
+    with RecordProducer(settings, client_id="test-changes") as producer:
+
+        def change(numbers: range, rev: int) -> None:
+            for n in numbers:
+                item = _item(n, rev)
+                expected[item.item_id] = item
+                producer.send(settings.topics.changed_items, item.item_id, item.to_bytes())
+            assert producer.flush(30).failed == 0
+
+        thread.start()
+        try:
+            change(range(0, 10), rev=1)
+            assert _wait(lambda: _vector_mismatches(settings, expected, 5), 30) == []
+            encoder.hold.set()
+            change(range(10, 20), rev=1)
+            assert encoder.holding.wait(30), "the indexer did not pick up the batch"
+            with proxied.proxy.outage(OUTAGE_S, clients=("freshrec-indexer",)):
+                encoder.release.set()  # it publishes now, into the cut
+                change(range(5, 25), rev=2)  # and changes keep coming meanwhile
+            change(range(25, 30), rev=1)
+            left = _wait(lambda: _vector_mismatches(settings, expected, 5), 60)
+            assert not errors, f"the indexer stopped: {errors[0]!r}"
+            assert left == [], f"{len(left)} items without their latest vector, e.g. {left[:5]}"
+            retried = [r.getMessage() for r in caplog.records if "from the last checkpoint in" in r.getMessage()]
+            assert retried, "the cut never made a publish fail: the test did not exercise the retry"
+        finally:
+            stop.set()
+            thread.join(30)
+
+
+def _vector_mismatches(settings: Settings, expected: dict[str, CatalogItem], read_s: float) -> list[str]:
+    """Items whose last vector on item-vectors is not their latest text's ([] when all are)."""
+    from freshrec.consumer import TopicFollower
+
+    last: dict[str, np.ndarray | None] = {}
+    with TopicFollower(settings, settings.topics.item_vectors, start="beginning", client_id="test-vectors") as follower:
+        deadline = time.monotonic() + read_s
+        while time.monotonic() < deadline:
+            batch = follower.poll(0.2)
+            for m in batch:
+                vec = ItemVector.from_bytes(m.value)
+                last[vec.item_id] = vec.vector
+            if not batch and len(last) >= len(expected):
+                break
+    enc = HashEncoder("base", DIM)
+    out = []
+    for item_id, item in sorted(expected.items()):
+        have = last.get(item_id)
+        if have is None or not np.allclose(have, enc.encode([item.text()])[0], atol=1e-6):
+            out.append(f"{item_id}: {'no vector' if have is None else 'stale vector'} ({item.title!r})")
+    return out
