@@ -96,11 +96,17 @@ def split_errors(outcomes: list[Outcome], windows: list[tuple[float, float]]) ->
 
     errs_in = sum(1 for o in outcomes if o.status != 200 and inside(o.t))
     errs_out = sum(1 for o in outcomes if o.status != 200 and not inside(o.t))
+    kinds: dict[str, int] = {}
+    for o in outcomes:
+        if o.status != 200 and not inside(o.t):
+            kind = f"http {o.status}" if o.status else o.error.split(":", 1)[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
     answered = [o.latency_s for o in outcomes if o.status == 200 and not inside(o.t)]
     return {
         "requests": len(outcomes),
         "errors_in_window": errs_in,
         "errors_outside_window": errs_out,
+        "errors_outside_by_kind": kinds,
         "degraded": sum(1 for o in outcomes if o.degraded),
         # Outside the windows, so the floor of this machine's load shows beside the errors.
         "p50_ms_outside": round(percentile(answered, 50) * 1000, 1),

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from freshrec.consumer import TopicFollower
 from freshrec.contracts import CatalogItem
 from freshrec.infra import create_topics, free_port
 from freshrec.producer import RecordProducer
@@ -54,7 +55,7 @@ class Config:
     serving: bool = True
     indexer: bool = True
     catalog_head: int = 500  # catalog records sent before serving starts (it needs a catalog to be ready)
-    learner_events: int = 4000
+    learner_events: int = 3000
     exports: Path | None = None  # a shared base-model ONNX export, linked into each state dir
     broker_storage: str = "memory://tansu/"
 
@@ -133,6 +134,9 @@ class Scenario:
             # No evaluation, so no publication: the learner scenario checks delivery, and a
             # swap would make serving rebuild mid-run for reasons unrelated to the fault.
             learner_eval_every=1_000_000 if learner else 10,
+            # A short held-out window: pairs in it are not trained until pushed out, and a
+            # few thousand events give only a few hundred pairs.
+            learner_eval_window=32 if learner else 256,
             learner_flush_seconds=1.0,
         )
         self.events = self.cfg.events[: self.cfg.learner_events] if learner else self.cfg.events
@@ -253,18 +257,42 @@ class Scenario:
         if self.fault == "catalog":
             return lambda: applied_count(s, "catalog", client) >= items_at
         if self.fault == "indexer":
+            # Up again (it logs where it resumes from) and its checkpoint covers the catalog of the kill.
             target = client.hlen(f"{s.redis_prefix}catalog")
-            return lambda: sum(_indexer_positions(s).values()) >= target
+            starts = self._log_count("indexer", "indexer: following")
+            return lambda: (self._log_count("indexer", "indexer: following") > starts
+                            and sum(_indexer_positions(s).values()) >= target)
         if self.fault == "learner":
-            before = sum(_learner_positions(s).values())
-            return lambda: sum(_learner_positions(s).values()) > before
+            # A checkpoint written by the restarted learner that covers the broker's end offsets at
+            # the kill (a lower bound on the embedded broker). The learner trains slower than pairs
+            # arrive, so it always has a backlog then and does write one.
+            with TopicFollower(s, s.topics.train_pairs, client_id="faults-ends") as follower:
+                ends = follower.end_offsets()
+            t_kill = time.time()
+            return lambda: (_learner_state(s) is not None and _learner_state(s).created > t_kill
+                            and all(_learner_state(s).offsets.get(p, 0) >= o for p, o in ends.items()))
         if self.fault == "serving":
             return self._serving_answers
         if self.fault in ("redis", "redis_empty") and self.cfg.serving:
             return lambda: flows_caught_up() and self._serving_answers(healthy=True)
         return flows_caught_up
 
+    def _log_count(self, name: str, text: str) -> int:
+        return self.children[name].log_tail(10**8).count(text)
+
+    def _working(self, target: str) -> bool:
+        """The target has done some work since it (re)started, so a kill lands mid-work, not mid-start."""
+        s = self.settings
+        if target == "indexer":
+            return _indexer_positions(s) != {}
+        if target == "learner":
+            return _learner_positions(s) != {}
+        if target == "serving":
+            return self._serving_ready()
+        return True
+
     def _kill_once(self, target: str, t_replay: float) -> tuple[Kill, tuple[float, float]]:
+        self.wait_for(lambda: self._working(target), RECOVERY_TIMEOUT_S)
         recovered = self._progress_at_kill()
         child = self.children[target]
         t_kill = time.time()
@@ -381,8 +409,10 @@ class Scenario:
         if "learner" in self.children:
             pairs = check.read_messages(s, s.topics.train_pairs, 1, timeout_s=30)
             pair_last = {int(k.rsplit(":", 1)[1]): v + 1 for k, v in check.last_offsets(pairs).items()}
+            # Drained: every pair consumed and nothing pending (trained, or in the held-out window).
             caught["learner"] = self.wait_for(
-                lambda: all(_learner_positions(s).get(p, 0) >= o for p, o in pair_last.items()), DRAIN_TIMEOUT_S)
+                lambda: (all(_learner_positions(s).get(p, 0) >= o for p, o in pair_last.items())
+                         and not _learner_state(s).pending), DRAIN_TIMEOUT_S)
             self.down.add("learner")
             self.children["learner"].cleanup()  # SIGTERM: it checkpoints, then the state is final
             out["learner"] = check.compare_learner(s.state_dir, pairs, ref_items)
@@ -408,15 +438,21 @@ def _indexer_positions(settings: Settings) -> dict[int, int]:
     return read_checkpoint(settings) or {}
 
 
-def _learner_positions(settings: Settings) -> dict[int, int]:
+def _learner_state(settings: Settings) -> Any:
+    """The learner's latest committed state (``LearnerState``), or None before its first checkpoint."""
     from learner.checkpoint import CheckpointStore
 
     store = CheckpointStore(settings.state_dir / "learner")
     try:
         latest = store.latest()
-        return dict(store.read_state(latest).offsets) if latest else {}
+        return store.read_state(latest) if latest else None
     except (OSError, ValueError):
-        return {}
+        return None  # a checkpoint being replaced right now
+
+
+def _learner_positions(settings: Settings) -> dict[int, int]:
+    state = _learner_state(settings)
+    return dict(state.offsets) if state is not None else {}
 
 
 def _served_items(settings: Settings) -> int:
