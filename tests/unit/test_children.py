@@ -208,3 +208,23 @@ def test_supervisor_gives_up_on_a_crash_loop(tmp_path) -> None:  # type: ignore[
     assert kids.restarts() == {"crasher": 2}
     assert kids.failed is not None and "after 2 restarts" in kids.failed
     assert gave_up == [True], "gave up more than once"
+
+
+# -- serving's export worker ---------------------------------------------------------------------
+
+
+def test_export_worker_close_ends_a_busy_worker_at_once() -> None:
+    """close() must not wait for a running export: serving is SIGTERMed by uvicorn's re-raise
+    right after its lifespan, and a worker left running then belonged to PID 1."""
+    from serving.exporter import ExportWorker
+
+    worker = ExportWorker(nice=0)
+    pool = worker._get()
+    busy = pool.submit(time.sleep, 60)  # stands in for a long export
+    procs = list(pool._processes.values())  # type: ignore[attr-defined]
+    assert len(procs) == 1
+    assert _until(lambda: busy.running(), 60)
+    t0 = time.monotonic()
+    worker.close(timeout=5)
+    assert time.monotonic() - t0 < 8
+    assert not procs[0].is_alive() and procs[0].exitcode is not None
