@@ -236,3 +236,12 @@ def test_a_failed_build_reports_its_error_without_paths(tmp_path: Path) -> None:
         for text in (r.text, status.text):
             assert str(tmp_path) not in text and str(settings.state_dir.resolve()) not in text, text[:400]
         assert runtime.active_version() == "base"
+
+
+def test_is_version_name_accepts_exactly_the_registry_format() -> None:
+    from learner.registry import is_version_name
+
+    assert is_version_name("v000001-0a1b2c3d")
+    for bad in ["v000001-0a1b2c3d\n", "v00001-0a1b2c3d", "v000001-0A1B2C3D", "v٠٠٠٠٠١-0a1b2c3d", "../v000001-0a1b2c3d",
+                "v000001-0a1b2c3d/..", "", "base", "v000001-0a1b2c3d\x00"]:
+        assert not is_version_name(bad), repr(bad)
