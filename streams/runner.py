@@ -1,7 +1,9 @@
 """Run a dataflow with recovery in ``state_dir/streams/<name>`` and Bytewax scaling flags.
 
 ``freshrec stream`` goes through :func:`run_flow`; it is the same ``cli_main`` that
-``python -m bytewax.run`` calls, with the recovery directory created on first use.
+``python -m bytewax.run`` calls, with the recovery directory created on first use. The
+directory also holds ``epoch.json``, the id of the topic its offsets were read from,
+checked by ``freshrec stream`` before Bytewax resumes (:mod:`streams.flow_epoch`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from confluent_kafka import Producer
 
 from freshrec.contracts import DeadLetter
 from freshrec.settings import Settings
-from streams import user_store
+from streams import catalog_store, user_store
 from streams.flow_process import FlowProcess, wait_applied
 from streams.redis_client import connect
 from tests.integration.helpers import read_topic
@@ -76,3 +76,16 @@ def test_replaying_the_same_file_twice_leaves_redis_as_replaying_it_once(setting
     assert pops.keys() == expect.keys()
     assert all(pops[i] == pytest.approx(expect[i], rel=1e-9, abs=1e-12) for i in expect)
     assert user_store.read_item_first_seen(client, settings) == want_pop.first_seen
+
+
+def test_unkeyed_catalog_records_go_to_dead_letter(settings: Settings) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    records = [{"item_id": f"i{i}", "title": f"Item {i}"} for i in range(8)]
+    for i, record in enumerate(records):
+        producer.produce(settings.topics.catalog, value=orjson.dumps(record), partition=i % settings.partitions)
+    assert producer.flush(15) == 0
+    with FlowProcess(settings, "catalog", ["--no-recovery"]) as flow:
+        wait_applied(settings, "catalog", len(records), timeout=60, procs=[flow])
+        letters = [DeadLetter.from_bytes(v) for v in read_topic(settings, settings.topics.dead_letter, len(records))]
+    assert len(letters) == 8 and all(d.field == "key" and "keyed by item_id" in d.reason for d in letters)
+    assert catalog_store.all_items(connect(settings), settings) == {}
