@@ -166,3 +166,24 @@ def test_an_idle_flow_rebuilds_an_emptied_redis_without_new_events(
     assert took < 15
     _assert_states_equal(_redis_states(settings), want)
     assert catalog_store.all_items(connect(settings), settings) == items
+
+
+def test_a_flow_restarted_on_an_emptied_redis_rebuilds_it_from_its_snapshot(
+    settings: Settings, own_redis: OwnRedis, sample_dir: Path
+) -> None:
+    events = _sample_events(sample_dir, 3000)
+    sent = _produce(settings, events)
+    want, _, _ = _reference(settings, events)
+    with FlowProcess(settings, "users", log=settings.state_dir / "run1.log") as flow:
+        wait_applied(settings, "users", sent, timeout=90, procs=[flow])
+        time.sleep(2.5)  # a snapshot covering every offset
+    before = _redis_snapshot(settings)
+    own_redis.kill()
+    own_redis.start()  # the flow is down, Redis comes back empty, no event will arrive
+    with FlowProcess(settings, "users", log=settings.state_dir / "run2.log") as flow:
+        wait_applied(settings, "users", sent, timeout=30, procs=[flow])
+        deadline = time.monotonic() + 10
+        while _redis_snapshot(settings) != before and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert _redis_snapshot(settings) == before
+    _assert_states_equal(_redis_states(settings), want)
