@@ -22,6 +22,12 @@ Between batches, :meth:`PartitionWriter.check` (called every ``stream_redis_chec
 :class:`streams.flow_parts.PartitionLogic`) compares Redis's applied offset with the
 partition's, so an emptied Redis is rebuilt on an idle stream too. Every Redis call
 retries through outages (:mod:`streams.redis_retry`).
+
+A rebuild is one atomic call, so readers never see a half-rebuilt partition; its cost
+grows with the partition: 100,000 users of ~1.9 kB took ~6 s on this 2-core machine
+(mostly moving the 190 MB), during which Redis answers nothing else. A partition of
+millions of users would want a chunked rebuild (states first, the offset last): not
+built, since the flows' partitions are far smaller here.
 """
 
 from __future__ import annotations
