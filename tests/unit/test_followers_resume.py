@@ -206,3 +206,20 @@ def test_a_failing_re_read_raises_so_the_follower_retries_the_batch() -> None:
 
     with pytest.raises(ConnectionError):
         VectorApplier(active, None, redis_down).apply([ItemVector("i0", "v1", _vec(0))])
+
+
+def test_serving_exports_each_followers_outage_and_errors(tmp_path: Any) -> None:
+    """An outage is visible on /metrics while it lasts, not only in the log."""
+    from freshrec.infra import free_port
+    from freshrec.settings import Settings
+    from serving.runtime import ServingRuntime
+    from serving.testing import CatalogTwin, hash_tools
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", state_dir=tmp_path / "state")
+    runtime = ServingRuntime(settings, tools=hash_tools(CatalogTwin({})), follow_topics=False)
+    assert 'freshrec_follower_outage_seconds{topic="adapters"} 0.0' in runtime.metrics.render().decode()
+    runtime.adapter_backoff.failed(0.0)  # a failure at monotonic time 0: an outage of "uptime" seconds
+    runtime.adapter_errors += 1
+    text = runtime.metrics.render().decode()
+    assert 'freshrec_follower_errors{topic="adapters"} 1.0' in text
+    assert 'freshrec_follower_outage_seconds{topic="adapters"} 0.0' not in text
