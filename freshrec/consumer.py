@@ -120,13 +120,10 @@ def follow_until(
 ) -> None:
     """Poll a follower until ``stop`` is set; after any error, close it and open a new one.
 
-    The new one starts wherever ``open_follower`` says, so a follower that must not skip
-    anything uses :func:`follow_resuming` instead (it reopens at the applied positions).
-
-    Long-running background consumers (serving's item-vectors and adapters followers)
-    must outlive a broker restart or a bad poll: ``on_error`` hears of it, the follower
-    is reopened ``retry_s`` later (``open_follower`` decides where it starts), and
-    ``on_poll`` is called after every poll, also with no messages.
+    ``on_error`` hears of each error, the follower is reopened ``retry_s`` later wherever
+    ``open_follower`` says, and ``on_poll`` is called after every poll, also with no
+    messages. A follower that must not skip anything (serving's item-vectors and adapters
+    followers) uses :func:`follow_resuming` instead: it reopens at the applied positions.
     """
     follower: TopicFollower | None = None
     try:
