@@ -304,6 +304,9 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
     shutil.rmtree(state_dir, ignore_errors=True)
     api_port = port or (settings.api_port if not port_open("127.0.0.1", settings.api_port) else free_port())
     token = settings.admin_token or secrets.token_urlsafe(16)
+    # /users (a shopper's history) needs its own token; the page gets it in the #fragment,
+    # which browsers never send to the server, so it stays out of access logs.
+    users_token = settings.users_token or secrets.token_urlsafe(16)
     demo = settings.model_copy(
         update={
             "kafka_bootstrap": f"127.0.0.1:{free_port()}",
@@ -311,6 +314,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
             "state_dir": state_dir,
             "api_port": api_port,
             "admin_token": token,
+            "users_token": users_token,
         }
     )
     env = demo.child_env(os.environ)
@@ -341,7 +345,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
         children.start("serving", COMPONENTS[-1][1])
         _wait_ready(url, children, timeout=180)
         shopper = pick_shopper(dataset)
-        print(f"\nopen {url}/?user={shopper}   (the page follows shopper {shopper})")
+        print(f"\nopen {url}/?user={shopper}#token={users_token}   (the page follows shopper {shopper})")
         print(f"admin token for {url}/admin: {token}\n")
 
         threading.Thread(target=_probe_requests, args=(url, shopper, live, stop), daemon=True).start()
