@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 
 from freshrec.consumer import TopicFollower
@@ -101,7 +102,8 @@ def broker_loss(sent_ids: Iterable[str], records: Iterable[SourceRecord], id_fie
         except (orjson.JSONDecodeError, TypeError, KeyError):
             continue
     sent = set(sent_ids)
-    return {"missing": len(sent - set(seen)), "stored_twice": sum(n - 1 for i, n in seen.items() if n > 1 and i in sent)}
+    twice = sum(n - 1 for i, n in seen.items() if n > 1 and i in sent)
+    return {"missing": len(sent - set(seen)), "stored_twice": twice}
 
 
 # -- users -------------------------------------------------------------------------------
@@ -207,3 +209,48 @@ def compare_learner(state_dir: Path, pairs: list[SourceRecord], catalog: dict[st
         "trained": len(set(trained)),
         "unconsumed": sum(1 for r in pairs if (r.offset or 0) >= state.offsets.get(r.partition or 0, 0)),
     }
+
+
+# -- progress of the running system -------------------------------------------------------
+
+
+def flow_offsets(client: Any, settings: Settings, flow: str) -> dict[str, int]:
+    """``<topic>:<partition>`` -> the last offset whose effects the flow has in Redis."""
+    return (user_store if flow == "users" else catalog_store).read_applied_offsets(client, settings)
+
+
+def reached(applied: dict[str, int], last: dict[str, int]) -> bool:
+    return all(applied.get(f, -1) >= o for f, o in last.items())
+
+
+def indexer_positions(settings: Settings) -> dict[int, int]:
+    """The indexer's checkpointed next offsets per changed-items partition ({} before its first)."""
+    from indexer.process import read_checkpoint
+
+    return read_checkpoint(settings) or {}
+
+
+def learner_state(settings: Settings) -> Any:
+    """The learner's latest committed state (``LearnerState``), or None before its first checkpoint."""
+    from learner.checkpoint import CheckpointStore
+
+    store = CheckpointStore(settings.state_dir / "learner")
+    try:
+        latest = store.latest()
+        return store.read_state(latest) if latest else None
+    except (OSError, ValueError):
+        return None  # a checkpoint being replaced right now
+
+
+def learner_positions(settings: Settings) -> dict[int, int]:
+    state = learner_state(settings)
+    return dict(state.offsets) if state is not None else {}
+
+
+def served_items(settings: Settings) -> int:
+    """Items in serving's active index (0 while it does not answer /readyz)."""
+    try:
+        r = httpx.get(f"http://127.0.0.1:{settings.api_port}/readyz", timeout=5)
+        return int(r.json().get("items", 0)) if r.status_code == 200 else 0
+    except (httpx.HTTPError, ValueError):
+        return 0

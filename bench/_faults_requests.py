@@ -13,6 +13,7 @@ import asyncio
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
@@ -26,7 +27,7 @@ class Outcome:
     status: int  # HTTP status; 0 = no answer (refused, reset, timed out)
     latency_s: float
     degraded: bool = False
-    error: str = ""
+    error: str = ""  # the error, or a degraded answer's reason
 
 
 @dataclass
@@ -58,11 +59,11 @@ class RequestLoop:
         t, t0 = time.time(), time.perf_counter()
         try:
             r = await client.get("/recommend", params={"user_id": user, "k": 10})
-            degraded = False
+            degraded, note = False, r.text[:200]
             if r.status_code == 200:
-                degraded = bool(r.json().get("degraded"))
-            self.outcomes.append(Outcome(t, r.status_code, time.perf_counter() - t0, degraded,
-                                         "" if r.status_code == 200 else r.text[:200]))
+                body = r.json()
+                degraded, note = bool(body.get("degraded")), str(body.get("reason") or "")[:200]
+            self.outcomes.append(Outcome(t, r.status_code, time.perf_counter() - t0, degraded, note))
         except (httpx.HTTPError, OSError, ValueError) as exc:
             self.outcomes.append(Outcome(t, 0, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}"[:200]))
 
@@ -108,6 +109,8 @@ def split_errors(outcomes: list[Outcome], windows: list[tuple[float, float]]) ->
         "errors_outside_window": errs_out,
         "errors_outside_by_kind": kinds,
         "degraded": sum(1 for o in outcomes if o.degraded),
+        "degraded_in_window": sum(1 for o in outcomes if o.degraded and inside(o.t)),
+        "degraded_reasons": dict(Counter(o.error[:80] for o in outcomes if o.degraded).most_common(5)),
         # Outside the windows, so the floor of this machine's load shows beside the errors.
         "p50_ms_outside": round(percentile(answered, 50) * 1000, 1),
         "p99_ms_outside": round(percentile(answered, 99) * 1000, 1),

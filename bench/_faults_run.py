@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,6 @@ import httpx
 from tqdm import tqdm
 
 from freshrec.consumer import TopicFollower
-from freshrec.contracts import CatalogItem
 from freshrec.infra import create_topics, free_port
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
@@ -51,7 +49,7 @@ class Config:
     rate: float = 1000.0
     kills: int = 2
     seed: int = 7
-    request_rate: float = 20.0
+    request_rate: float = 10.0
     serving: bool = True
     indexer: bool = True
     catalog_head: int = 500  # catalog records sent before serving starts (it needs a catalog to be ready)
@@ -261,7 +259,7 @@ class Scenario:
             target = client.hlen(f"{s.redis_prefix}catalog")
             starts = self._log_count("indexer", "indexer: following")
             return lambda: (self._log_count("indexer", "indexer: following") > starts
-                            and sum(_indexer_positions(s).values()) >= target)
+                            and sum(check.indexer_positions(s).values()) >= target)
         if self.fault == "learner":
             # A checkpoint written by the restarted learner that covers the broker's end offsets at
             # the kill (a lower bound on the embedded broker). The learner trains slower than pairs
@@ -269,8 +267,13 @@ class Scenario:
             with TopicFollower(s, s.topics.train_pairs, client_id="faults-ends") as follower:
                 ends = follower.end_offsets()
             t_kill = time.time()
-            return lambda: (_learner_state(s) is not None and _learner_state(s).created > t_kill
-                            and all(_learner_state(s).offsets.get(p, 0) >= o for p, o in ends.items()))
+
+            def learner_recovered() -> bool:
+                state = check.learner_state(s)
+                return state is not None and state.created > t_kill and all(
+                    state.offsets.get(p, 0) >= o for p, o in ends.items())
+
+            return learner_recovered
         if self.fault == "serving":
             return self._serving_answers
         if self.fault in ("redis", "redis_empty") and self.cfg.serving:
@@ -284,9 +287,9 @@ class Scenario:
         """The target has done some work since it (re)started, so a kill lands mid-work, not mid-start."""
         s = self.settings
         if target == "indexer":
-            return _indexer_positions(s) != {}
+            return check.indexer_positions(s) != {}
         if target == "learner":
-            return _learner_positions(s) != {}
+            return check.learner_positions(s) != {}
         if target == "serving":
             return self._serving_ready()
         return True
@@ -334,8 +337,7 @@ class Scenario:
             duration = len(self.events) / self.cfg.rate
             t_replay = time.time()
             replay.start()
-            target = {"users": "users", "catalog": "catalog", "indexer": "indexer", "learner": "learner",
-                      "serving": "serving", "redis": "redis", "redis_empty": "redis", "broker": "broker"}.get(self.fault)
+            target = None if self.fault == "none" else "redis" if self.fault == "redis_empty" else self.fault
             if target is not None:
                 at = sorted(self.rng.uniform(0.1, 0.8) * duration for _ in range(self.cfg.kills))
                 for k, when in enumerate(at):
@@ -385,8 +387,9 @@ class Scenario:
         ev_last, cat_last = check.last_offsets(events), check.last_offsets(catalog)
         bar.update()
         caught = {
-            "users": self.wait_for(lambda: _reached(check_offsets(client, s, "users"), ev_last), DRAIN_TIMEOUT_S),
-            "catalog": self.wait_for(lambda: _reached(check_offsets(client, s, "catalog"), cat_last), DRAIN_TIMEOUT_S),
+            flow: self.wait_for(lambda f=flow, last=last: check.reached(check.flow_offsets(client, s, f), last),
+                                DRAIN_TIMEOUT_S)
+            for flow, last in (("users", ev_last), ("catalog", cat_last))
         }
         bar.update()
         ref_users = check.users_reference(s, events)
@@ -399,11 +402,12 @@ class Scenario:
         bar.update()
         if "indexer" in self.children:
             changed = len(check.read_messages(s, s.topics.changed_items, len(ref_items), timeout_s=30))
-            caught["indexer"] = self.wait_for(lambda: sum(_indexer_positions(s).values()) >= changed, DRAIN_TIMEOUT_S)
+            caught["indexer"] = self.wait_for(lambda: sum(check.indexer_positions(s).values()) >= changed,
+                                              DRAIN_TIMEOUT_S)
             out["indexer"] = check.compare_vectors(s, ref_items, changed)
         if self.cfg.serving:
-            caught["serving"] = self.wait_for(lambda: _served_items(s) >= len(ref_items), 90)
-            served = _served_items(s)
+            caught["serving"] = self.wait_for(lambda: check.served_items(s) >= len(ref_items), 90)
+            served = check.served_items(s)
             out["serving"] = {"lost": max(len(ref_items) - served, 0), "doubled": 0, "items": served}
         bar.update()
         if "learner" in self.children:
@@ -411,8 +415,8 @@ class Scenario:
             pair_last = {int(k.rsplit(":", 1)[1]): v + 1 for k, v in check.last_offsets(pairs).items()}
             # Drained: every pair consumed and nothing pending (trained, or in the held-out window).
             caught["learner"] = self.wait_for(
-                lambda: (all(_learner_positions(s).get(p, 0) >= o for p, o in pair_last.items())
-                         and not _learner_state(s).pending), DRAIN_TIMEOUT_S)
+                lambda: (all(check.learner_positions(s).get(p, 0) >= o for p, o in pair_last.items())
+                         and not check.learner_state(s).pending), DRAIN_TIMEOUT_S)
             self.down.add("learner")
             self.children["learner"].cleanup()  # SIGTERM: it checkpoints, then the state is final
             out["learner"] = check.compare_learner(s.state_dir, pairs, ref_items)
@@ -420,85 +424,3 @@ class Scenario:
         bar.close()
         out["caught_up"] = caught
         return out
-
-
-def check_offsets(client: Any, settings: Settings, flow: str) -> dict[str, int]:
-    from streams import catalog_store, user_store
-
-    return (user_store if flow == "users" else catalog_store).read_applied_offsets(client, settings)
-
-
-def _reached(applied: dict[str, int], last: dict[str, int]) -> bool:
-    return all(applied.get(f, -1) >= o for f, o in last.items())
-
-
-def _indexer_positions(settings: Settings) -> dict[int, int]:
-    from indexer.process import read_checkpoint
-
-    return read_checkpoint(settings) or {}
-
-
-def _learner_state(settings: Settings) -> Any:
-    """The learner's latest committed state (``LearnerState``), or None before its first checkpoint."""
-    from learner.checkpoint import CheckpointStore
-
-    store = CheckpointStore(settings.state_dir / "learner")
-    try:
-        latest = store.latest()
-        return store.read_state(latest) if latest else None
-    except (OSError, ValueError):
-        return None  # a checkpoint being replaced right now
-
-
-def _learner_positions(settings: Settings) -> dict[int, int]:
-    state = _learner_state(settings)
-    return dict(state.offsets) if state is not None else {}
-
-
-def _served_items(settings: Settings) -> int:
-    try:
-        r = httpx.get(f"http://127.0.0.1:{settings.api_port}/readyz", timeout=5)
-        return int(r.json().get("items", 0)) if r.status_code == 200 else 0
-    except (httpx.HTTPError, ValueError):
-        return 0
-
-
-def summarise(fault: str, figures: dict[str, Any]) -> dict[str, Any]:
-    """One table row: totals over the components checked, and where the losses are."""
-    parts = ("broker", "users", "catalog", "indexer", "serving", "learner")
-    lost = {p: figures[p].get("lost", figures[p].get("missing", 0)) for p in parts if p in figures}
-    doubled = {p: figures[p].get("doubled", 0) for p in parts if p in figures and p != "broker"}
-    rec = [k["recovery_s"] for k in figures.get("kills", [])]
-    done = [r for r in rec if r is not None]
-    req = figures.get("serving_requests", {})
-    return {
-        "fault": fault,
-        "kills": len(rec),
-        "lost": sum(lost.values()),
-        "doubled": sum(doubled.values()),
-        "err in": req.get("errors_in_window"),
-        "err out": req.get("errors_outside_window"),
-        "recovery med s": statistics.median(done) if done else None,
-        "recovery max s": (max(done) if len(done) == len(rec) else "never") if rec else None,
-        "crashes": sum(figures.get("crashes", {}).values()),
-        "orphans": sum(len(k["orphans"]) for k in figures.get("kills", [])),
-        "where": ", ".join(f"{p} {n}" for p, n in {**lost, **{f"{k} x2": v for k, v in doubled.items()}}.items() if n),
-    }
-
-
-def load_sample(data_dir: Path, n_events: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The first ``n_events`` events and every valid catalog row of a dataset folder."""
-    import itertools
-
-    from freshrec.dataset import locate, read_events, read_items
-
-    files = locate(data_dir)
-    events = list(itertools.islice(read_events(files.events, files.name), n_events))
-    items = []
-    for row in read_items(files.items) if files.items else ():
-        try:
-            CatalogItem.model_validate(row)
-        except ValueError:
-            continue
-        items.append(row)
-    return events, items

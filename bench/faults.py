@@ -1,7 +1,11 @@
 """Fault injection: kill each kind of process mid-replay, restart it, and count what was lost or doubled.
 
-    python -m bench.faults --json docs/bench/faults.json [--faults none,users,catalog,indexer,learner,serving,redis,broker]
-                           [--events 20000] [--rate 1000] [--kills 2] [--seed 7]
+    python -m bench.faults --json docs/bench/faults.json
+        [--faults none,users,catalog,indexer,learner,serving,redis,redis_empty,broker]
+        [--events 20000] [--rate 1000] [--kills 2] [--seed 7]
+
+    # what docs/bench/faults.json holds (about 11 minutes on 2 busy cores):
+    python -m bench.faults --events 5000 --rate 500 --json docs/bench/faults.json
 
 For each fault, a system of its own (broker, Redis with AOF, the users and catalog
 flows, the indexer, serving; the learner in its own scenario) takes a paced replay of
@@ -9,8 +13,9 @@ the sample while an open-loop client asks ``/recommend`` at a fixed rate. At see
 random moments the fault's process is ``kill -9``-ed, left down for 0.5-2 s, and
 started again exactly as before (Redis on the same port and AOF directory; the broker
 on the same storage). ``redis_empty`` restarts Redis with its data directory wiped, the
-case of a new or lost Redis, which the flows must refill from their own snapshots. When everything has drained, Redis, the item vectors, the served
-index and the learner's log are compared with a clean reference computed from the
+case of a new or lost Redis, which the flows must refill from their own snapshots. When
+everything has drained, Redis, the item vectors, the served index and the learner's
+checkpoint and training log are compared with a clean reference computed from the
 topics by the flows' own logic (:mod:`bench._faults_check`).
 
 Figures per fault: events lost and doubled (in each component's own unit), serving
@@ -29,9 +34,11 @@ it, runs the fault if it can, says why not if it cannot, and drops the database.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -40,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import print_rows, write_json
+from freshrec.contracts import CatalogItem
 from freshrec.infra import free_port
 from freshrec.settings import Settings
 
 from ._faults_procs import probe_tansu_storage, psql
-from ._faults_run import Config, Scenario, load_sample, summarise
+from ._faults_run import Config, Scenario
 
 ALL_FAULTS = ("none", "users", "catalog", "indexer", "learner", "serving", "redis", "redis_empty", "broker")
 SAMPLE = Path(__file__).resolve().parents[1] / "freshrec" / "sample"
@@ -150,6 +158,45 @@ def _broker_fault(cfg: Config, tmp: Path) -> dict[str, Any]:
         return Scenario("broker", cfg_pg, tmp / "broker").run() | {"storage": "postgres (database created and dropped)"}
     finally:
         psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def summarise(fault: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """One table row: totals over the components checked, and where the losses are."""
+    parts = ("broker", "users", "catalog", "indexer", "serving", "learner")
+    lost = {p: figures[p].get("lost", figures[p].get("missing", 0)) for p in parts if p in figures}
+    doubled = {p: figures[p].get("doubled", 0) for p in parts if p in figures and p != "broker"}
+    rec = [k["recovery_s"] for k in figures.get("kills", [])]
+    done = [r for r in rec if r is not None]
+    req = figures.get("serving_requests", {})
+    return {
+        "fault": fault,
+        "kills": len(rec),
+        "lost": sum(lost.values()),
+        "doubled": sum(doubled.values()),
+        "err in": req.get("errors_in_window"),
+        "err out": req.get("errors_outside_window"),
+        "recovery med s": statistics.median(done) if done else None,
+        "recovery max s": (max(done) if len(done) == len(rec) else "never") if rec else None,
+        "crashes": sum(figures.get("crashes", {}).values()),
+        "orphans": sum(len(k["orphans"]) for k in figures.get("kills", [])),
+        "where": ", ".join(f"{p} {n}" for p, n in {**lost, **{f"{k} x2": v for k, v in doubled.items()}}.items() if n),
+    }
+
+
+def load_sample(data_dir: Path, n_events: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The first ``n_events`` events and every valid catalog row of a dataset folder."""
+    from freshrec.dataset import locate, read_events, read_items
+
+    files = locate(data_dir)
+    events = list(itertools.islice(read_events(files.events, files.name), n_events))
+    items = []
+    for row in read_items(files.items) if files.items else ():
+        try:
+            CatalogItem.model_validate(row)
+        except ValueError:
+            continue
+        items.append(row)
+    return events, items
 
 
 def main(argv: list[str] | None = None) -> int:
