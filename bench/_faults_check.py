@@ -208,6 +208,7 @@ def compare_learner(state_dir: Path, pairs: list[SourceRecord], catalog: dict[st
         "consumed": len(consumed),
         "trained": len(set(trained)),
         "unconsumed": sum(1 for r in pairs if (r.offset or 0) >= state.offsets.get(r.partition or 0, 0)),
+        "skipped_by_learner": state.skipped,  # its own count: no context, unknown target, invalid
     }
 
 
