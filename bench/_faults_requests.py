@@ -91,25 +91,29 @@ class RequestLoop:
 
 
 def split_errors(outcomes: list[Outcome], windows: list[tuple[float, float]]) -> dict[str, int]:
-    """Errors (non-200 or no answer) inside and outside the outage windows, and degraded answers."""
-    def inside(t: float) -> bool:
-        return any(a <= t <= b for a, b in windows)
+    """Errors (non-200 or no answer) inside and outside the outage windows, and degraded answers.
 
-    errs_in = sum(1 for o in outcomes if o.status != 200 and inside(o.t))
-    errs_out = sum(1 for o in outcomes if o.status != 200 and not inside(o.t))
+    A request is inside when its life (send to answer or give-up) overlaps a window: one
+    sent just before a kill and cut by it belongs to the outage, not to the time outside.
+    """
+    def inside_span(o: Outcome) -> bool:
+        return any(o.t <= b and o.t + o.latency_s >= a for a, b in windows)
+
+    errs_in = sum(1 for o in outcomes if o.status != 200 and inside_span(o))
+    errs_out = sum(1 for o in outcomes if o.status != 200 and not inside_span(o))
     kinds: dict[str, int] = {}
     for o in outcomes:
-        if o.status != 200 and not inside(o.t):
+        if o.status != 200 and not inside_span(o):
             kind = f"http {o.status}" if o.status else o.error.split(":", 1)[0]
             kinds[kind] = kinds.get(kind, 0) + 1
-    answered = [o.latency_s for o in outcomes if o.status == 200 and not inside(o.t)]
+    answered = [o.latency_s for o in outcomes if o.status == 200 and not inside_span(o)]
     return {
         "requests": len(outcomes),
         "errors_in_window": errs_in,
         "errors_outside_window": errs_out,
         "errors_outside_by_kind": kinds,
         "degraded": sum(1 for o in outcomes if o.degraded),
-        "degraded_in_window": sum(1 for o in outcomes if o.degraded and inside(o.t)),
+        "degraded_in_window": sum(1 for o in outcomes if o.degraded and inside_span(o)),
         "degraded_reasons": dict(Counter(o.error[:80] for o in outcomes if o.degraded).most_common(5)),
         # Outside the windows, so the floor of this machine's load shows beside the errors.
         "p50_ms_outside": round(percentile(answered, 50) * 1000, 1),

@@ -4,7 +4,7 @@
         [--faults none,users,catalog,indexer,learner,serving,redis,redis_empty,broker]
         [--events 20000] [--rate 1000] [--kills 2] [--seed 7]
 
-    # what docs/bench/faults.json holds (about 11 minutes on 2 busy cores):
+    # what docs/bench/faults.json holds (7 to 11 minutes on 2 busy cores):
     python -m bench.faults --events 5000 --rate 500 --json docs/bench/faults.json
 
 For each fault, a system of its own (broker, Redis with AOF, the users and catalog
@@ -103,7 +103,8 @@ def run_faults(args: argparse.Namespace) -> dict[str, Any]:
                         "redis_empty, broker: both flows caught up (and, with serving, /recommend answers 200, "
                         "not degraded)",
             "serving errors": "non-200 answers and requests with no answer within 5 s (refused, reset, timed "
-                              "out); degraded answers are 200s and counted apart",
+                              "out); inside a window when the request's life overlaps it; degraded answers are "
+                              "200s and counted apart",
         },
         "faults": {},
     }
