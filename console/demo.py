@@ -34,8 +34,9 @@ from tqdm import tqdm
 from freshrec.children import Guard, popen
 from freshrec.dataset import SAMPLE_DIR, locate, read_events
 from freshrec.infra import InfraError, free_port, port_open, start_stack, stop_stack
-from .replay import Pace, replay
 from freshrec.settings import Settings
+
+from .replay import Pace, replay
 
 COMPONENTS = [
     ("catalog", ["stream", "catalog"]),

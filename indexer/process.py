@@ -41,9 +41,9 @@ from freshrec.contracts import AdapterAnnouncement
 from freshrec.epochs import check_epoch_file, topic_ids
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
+from models.encoder import BASE_VERSION, TextEncoder
 
 from .changes import collect_changes, item_vectors, micro_batches
-from models.encoder import BASE_VERSION, TextEncoder
 
 log = logging.getLogger("freshrec.indexer")
 

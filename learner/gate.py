@@ -14,10 +14,10 @@ from typing import Any
 
 from freshrec.contracts import TrainPair
 from models.encoder import BASE_VERSION, TextEncoder
+from models.registry import AdapterManifest, AdapterRegistry
 
 from .evaluate import ActiveEncoder, ItemMatrix, TargetPopularity, WindowBlend, window_metrics
 from .publish import PublishDecision, decide_publish
-from models.registry import AdapterManifest, AdapterRegistry
 
 
 @dataclass(frozen=True)

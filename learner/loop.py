@@ -33,12 +33,12 @@ from freshrec.epochs import topic_ids
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
 from models.encoder import BASE_VERSION
+from models.registry import AdapterRegistry, parse_version
 
 from .checkpoint import TRAINER_FILE, CheckpointStore, LearnerState
 from .evaluate import ActiveEncoder, TargetPopularity, catalog_fingerprint, encode_items
 from .gate import judge_candidate, publish_candidate
 from .intake import Intake
-from models.registry import AdapterRegistry, parse_version
 from .trainer import LoraTrainer
 
 log = logging.getLogger("freshrec.learner")

@@ -48,8 +48,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from freshrec.contracts import MAX_ID_CHARS, MAX_QUERY_CHARS
-
 from ranking import scoring
+
 from .metrics import ENDPOINTS, TimingMiddleware
 from .pair import ServingPair
 from .runtime import ServingRuntime

@@ -23,11 +23,11 @@ from typing import Any
 
 from freshrec.settings import Settings
 from models.encoder import BASE_VERSION
+from ranking.scoring import DAY_S, BlendWeights, LogBlendWeights, scale_from_settings, weights_from_settings
 
 from .exporter import ExportWorker
 from .metrics import ServingMetrics
 from .pair import ActivePair, ServingPair
-from ranking.scoring import DAY_S, BlendWeights, LogBlendWeights, scale_from_settings, weights_from_settings
 from .shopper_data import PopularityCache, PopularityReading, RedisGate
 from .swap import ActivationRefused, BuildJob, BuildTools, PairBuilder, default_tools
 from .vectors import VectorApplier, VectorFollower

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from models.encoder import BASE_VERSION, TextEncoder
+from ranking.scoring import IDENTITY_SCALE, SimilarityScale
 
 from .pair import ActivePair, ServingPair
-from ranking.scoring import IDENTITY_SCALE, SimilarityScale
 
 log = logging.getLogger("freshrec.serving.swap")
 

@@ -30,9 +30,9 @@ import orjson
 import redis
 
 from freshrec.settings import Settings
+from ranking.user_state import DAY_S, Popularity, UserState, merge_first_seen
 
 from .redis_client import EPOCH_LUA, EPOCHS, Outcome, connect, outcome_of, run_script
-from ranking.user_state import DAY_S, Popularity, UserState, merge_first_seen
 
 __all__ = [
     "connect", "read_user_state", "read_user_states", "write_user_states", "write_partition_batch",

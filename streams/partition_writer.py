@@ -38,11 +38,11 @@ from typing import Any, Protocol
 import redis
 
 from freshrec.settings import Settings
-
 from stores import catalog_store, user_store
-from .catalog_partition import CatalogBatch
 from stores.redis_client import Outcome, connect
 from stores.redis_retry import with_retry
+
+from .catalog_partition import CatalogBatch
 from .user_partition import UserBatch
 
 

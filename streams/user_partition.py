@@ -54,10 +54,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from freshrec.contracts import DeadLetter, InvalidRecord, parse_event
-
-from .dedupe import EventIdWindow
 from ranking.pairs import PairDraft, PairRules, pair_for
 from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
+
+from .dedupe import EventIdWindow
 
 STAGE = "streams.users"
 # v2 added popularity's first-seen times; a v1 snapshot lacks them, so resuming from it
