@@ -3,11 +3,15 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY freshrec freshrec
+COPY ranking ranking
+COPY models models
+COPY stores stores
 COPY streams streams
 COPY learner learner
 COPY indexer indexer
 COPY serving serving
 COPY evaluation evaluation
+COPY console console
 # Production images target GPU hosts: PyPI's Linux torch wheel is the CUDA build, and the
 # [gpu] extra brings onnxruntime-gpu and a CUDA faiss. Everything still runs on CPU-only hosts.
 RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir . \

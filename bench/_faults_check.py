@@ -37,10 +37,10 @@ import orjson
 from freshrec.consumer import TopicFollower
 from freshrec.contracts import CatalogItem, ItemVector, TrainPair
 from freshrec.settings import Settings
-from streams import catalog_store, user_store
+from stores import catalog_store, user_store
 from streams.catalog_partition import CatalogPartition
 from streams.user_partition import UserPartition
-from streams.user_state import UserState
+from ranking.user_state import UserState
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from freshrec.infra import create_topics, free_port
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
 from streams.flow_process import FlowProcess, applied_count, wait_applied
-from streams.redis_client import connect
+from stores.redis_client import connect
 
 from . import _faults_check as check
 from ._faults_procs import Child, alive, broker_child, cmdline, freshrec_child, group_members, redis_child

@@ -71,8 +71,8 @@ def load_dataset(settings: Any, data_dir: Path, client: Any, keep_events: bool =
     """
     from freshrec.contracts import CatalogItem, Event
     from freshrec.dataset import locate, read_events, read_items
-    from streams import catalog_store, user_store
-    from streams.user_state import DAY_S, Popularity, StateRules, replay_events
+    from stores import catalog_store, user_store
+    from ranking.user_state import DAY_S, Popularity, StateRules, replay_events
 
     files = locate(data_dir)
     items: dict[str, Any] = {}

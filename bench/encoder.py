@@ -5,10 +5,10 @@
 Back ends, measured interleaved in one run (so machine noise hits all alike), each as a
 whole ``encode(texts)`` call including tokenisation:
 
-- ``torch_fp32``: :class:`indexer.encoder.TorchEncoder` (the training back end), with
+- ``torch_fp32``: :class:`models.encoder.TorchEncoder` (the training back end), with
   ``torch.set_num_threads(threads)``;
-- ``onnx_fp32``, ``onnx_int8``: :func:`indexer.onnx_encoder.encoder_for` (the serving back
-  end; int8 = block-wise MatMulNBits, see indexer/export.py), ``threads`` intra-op threads;
+- ``onnx_fp32``, ``onnx_int8``: :func:`models.onnx_encoder.encoder_for` (the serving back
+  end; int8 = block-wise MatMulNBits, see models/export.py), ``threads`` intra-op threads;
 - ``onnx_int8_dynamic``: ``quantize_dynamic`` per-channel, for comparison.
 
 Batch 1 is a search query (short text); batch 64 is 64 catalog item texts. Reported:
@@ -125,9 +125,9 @@ def _recall10(vectors: np.ndarray, pairs: list[tuple[list[int], int, set[int]]])
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from indexer.encoder import TorchEncoder
-    from indexer.export import ensure_export, model_file, quantize_int8
-    from indexer.onnx_encoder import OnnxEncoder, encoder_for
+    from models.encoder import TorchEncoder
+    from models.export import ensure_export, model_file, quantize_int8
+    from models.onnx_encoder import OnnxEncoder, encoder_for
 
     torch.set_num_threads(args.threads)
     data_dir = Path(args.data)

@@ -134,7 +134,7 @@ def run_faults(args: argparse.Namespace) -> dict[str, Any]:
 
 def _shared_export(tmp: Path) -> Path:
     """The base model's int8 ONNX export, built once and linked into every scenario's state dir."""
-    from indexer.onnx_encoder import encoder_for
+    from models.onnx_encoder import encoder_for
 
     shared = tmp / "shared"
     encoder_for(Settings(state_dir=shared), "base", None, "int8")

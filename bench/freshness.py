@@ -30,9 +30,9 @@ import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from freshrec.settings import Settings
-from streams import user_store
+from stores import user_store
 from streams.flow_process import FlowProcess
-from streams.redis_client import connect
+from stores.redis_client import connect
 
 from ._common import DEFAULT_DATA, load_events, private_stack
 from .report import print_rows, write_json

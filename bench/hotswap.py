@@ -55,8 +55,8 @@ TOL = 2e-3
 
 def train_pairs(settings: Any, events: list[Any], items: dict[str, Any], limit: int) -> list[Any]:
     """The most recent ``limit`` train pairs of the events, as the users flow would emit them."""
-    from streams.pairs import PairRules, pair_for
-    from streams.user_state import StateRules, UserState, apply_event
+    from ranking.pairs import PairRules, pair_for
+    from ranking.user_state import StateRules, UserState, apply_event
 
     rules, prules = StateRules.from_settings(settings), PairRules.from_settings(settings)
     titles = {i: it.title for i, it in items.items()}
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from freshrec.children import stop
     from freshrec.infra import stop_stack
     from freshrec.producer import RecordProducer
-    from streams.user_store import connect
+    from stores.user_store import connect
 
     torch.set_num_threads(2)
     settings = bench_settings("hotswap", admin_token=TOKEN, auto_activate=True, serve_version="base")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for pair in pairs:
                 producer.send(settings.topics.train_pairs, pair.user_id, pair.to_bytes())
             producer.flush()
-        from indexer.onnx_encoder import encoder_for
+        from models.onnx_encoder import encoder_for
 
         encoder_for(settings, "base", None)
         server = start_server(settings, state / "serving.log")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.steady)
 
         from freshrec.consumer import TopicFollower
-        from learner.registry import AdapterRegistry
+        from models.registry import AdapterRegistry
         from learner.trainer import LoraTrainer
 
         trainer = LoraTrainer(settings, device)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         overall = summarise(out, 0.0, t_end)
 
         # mixed versions: recompute sampled /search answers with the version they name
-        from indexer.build import build_index
+        from models.build import build_index
 
         by_version: dict[str, list[Any]] = {}
         for i, body in out["kept"]:

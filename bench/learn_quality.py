@@ -1,6 +1,6 @@
 """Does online LoRA learning help? Frozen encoder vs a learned adapter on later pairs.
 
-Builds train pairs from a dataset exactly as the users flow does (``streams.pairs``:
+Builds train pairs from a dataset exactly as the users flow does (``ranking.pairs``:
 context = the shopper's recent distinct items strictly before the event, as titles;
 target = the purchased item), trains the learner's :class:`LoraTrainer` on the pairs
 just before a split time, one micro-batch at a time in time order (as ``freshrec
@@ -57,8 +57,8 @@ def build_pairs(
     eval_days: float,
 ) -> tuple[list[TrainPair], list[TrainPair], collections.Counter[str]]:
     """(last ``train_pairs`` pairs before the split, pairs in the ``eval_days`` after it, purchase counts before it)."""
-    from streams.pairs import PairRules, pair_for
-    from streams.user_state import UserState, apply_event
+    from ranking.pairs import PairRules, pair_for
+    from ranking.user_state import UserState, apply_event
 
     files = locate(dataset)
     rules = PairRules()
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shuffle:
         rng.shuffle(train)
 
-    from indexer.encoder import TorchEncoder
+    from models.encoder import TorchEncoder
     from learner.trainer import LoraTrainer
 
     t1 = time.monotonic()

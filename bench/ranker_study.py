@@ -1,6 +1,6 @@
 """Where is the headroom in next-basket Recall@10? A ranker study on the validation window.
 
-The served blend (``serving.scoring.log_blend``: repeat, fresh popularity, similarity,
+The served blend (``ranking.scoring.log_blend``: repeat, fresh popularity, similarity,
 new arrivals) beats every baseline of ``freshrec eval``, but by +6.7 % on all baskets,
 short of the +10 % goal. This study asks what a better ranking stage would need, before
 anyone builds it into the streams and serving:
@@ -65,7 +65,7 @@ from evaluation.methods import Signals, SystemMethod, build_system_methods  # no
 from evaluation.protocol import evaluate  # noqa: E402
 from freshrec.dataset import DatasetError  # noqa: E402
 from freshrec.settings import Settings  # noqa: E402
-from serving.scoring import LogBlendWeights  # noqa: E402
+from ranking.scoring import LogBlendWeights  # noqa: E402
 
 DAY_S = 86_400.0
 SERVED = ["log_repeat", "log_pop", "sim", "new"]

@@ -39,9 +39,9 @@ def floors(settings: Any, items: dict[str, Any], queries: list[str], n: int = 30
     import numpy as np
     import torch
 
-    from indexer.build import build_index
-    from indexer.encoder import TorchEncoder
-    from indexer.onnx_encoder import encoder_for
+    from models.build import build_index
+    from models.encoder import TorchEncoder
+    from models.onnx_encoder import encoder_for
 
     import faiss
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench._common import start_guarded_stack
     from freshrec.children import stop
     from freshrec.infra import stop_stack
-    from streams.user_store import connect
+    from stores.user_store import connect
 
     settings = bench_settings("serving")
     state, port = settings.state_dir, settings.api_port
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         data = load_dataset(settings, args.data, connect(settings))
         print(f"loaded {len(data.items):,} items, {len(data.users):,} users, {data.events:,} events in {time.perf_counter() - t0:.1f} s")
-        from indexer.onnx_encoder import encoder_for
+        from models.onnx_encoder import encoder_for
 
         t0 = time.perf_counter()
         encoder_for(settings, "base", None)  # export once, here, so serving starts from the cache

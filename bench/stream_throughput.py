@@ -25,7 +25,7 @@ from confluent_kafka import Producer
 from freshrec.infra import free_port
 from freshrec.settings import Settings
 from streams.flow_process import FlowProcess, applied_count
-from streams.redis_client import connect
+from stores.redis_client import connect
 
 from ._common import DEFAULT_DATA, load_events, private_stack
 from .report import print_rows, write_json

@@ -1,9 +1,9 @@
 """Serving's /recommend blends over the whole catalog at once (numpy, one row per basket).
 
-``serving.scoring.blend`` and ``serving.scoring.log_blend`` score a dict of candidates,
+``ranking.scoring.blend`` and ``ranking.scoring.log_blend`` score a dict of candidates,
 which is right for one request but would cost minutes over ten thousand baskets x 4,400
 items. These functions compute the very same numbers as arrays indexed by item: the log
-blend's formula itself is ``serving.scoring.log_blend_terms`` (shared, not copied), and
+blend's formula itself is ``ranking.scoring.log_blend_terms`` (shared, not copied), and
 the unit tests check :func:`dense_blend` and :func:`log_blend` against serving's
 per-request functions on the same inputs, so the evaluation measures what serving serves.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.scoring import BlendWeights, LogBlendWeights, log_blend_terms
+from ranking.scoring import BlendWeights, LogBlendWeights, log_blend_terms
 
 __all__ = ["LogBlendWeights", "candidate_pool", "dense_blend", "log_blend"]
 
@@ -26,7 +26,7 @@ def dense_blend(
     weights: BlendWeights,
     pool: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``serving.scoring.blend`` per item index; items outside ``pool`` get -inf.
+    """``ranking.scoring.blend`` per item index; items outside ``pool`` get -inf.
 
     ``repeat`` raw (normalised here by its positive maximum), ``similarity`` cosine
     (negatives count as 0), ``popularity`` already in [0, 1].
@@ -55,7 +55,7 @@ def candidate_pool(
 ) -> np.ndarray:
     """Serving's candidates as a mask: repeats, history, nearest and most popular items.
 
-    ``serving.scoring.recommend`` asks the index for the ``candidates`` nearest items
+    ``ranking.scoring.recommend`` asks the index for the ``candidates`` nearest items
     and takes the ``candidates`` most popular (those with any popularity); a shopper
     without a user vector (all similarities 0) gets no neighbours. ``is_new`` (the log
     blend's new arrivals, at most a few hundred here) joins the pool when given.
@@ -83,10 +83,10 @@ def log_blend(
     weights: LogBlendWeights,
     pool: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``serving.scoring.log_blend`` per item index; items outside ``pool`` get -inf.
+    """``ranking.scoring.log_blend`` per item index; items outside ``pool`` get -inf.
 
     ``repeat`` raw (normalised here by the shopper's maximum; 0 for never bought),
-    ``popularity`` in [0, 1], ``is_new`` 0/1 per item (``serving.scoring.new_arrivals``
+    ``popularity`` in [0, 1], ``is_new`` 0/1 per item (``ranking.scoring.new_arrivals``
     as a mask).
     """
     top = float(repeat.max(initial=0.0))

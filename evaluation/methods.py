@@ -3,28 +3,28 @@
 Both run the system's own components in process (no Kafka or Redis: the same pure
 code the flows and serving call, fed from the event log):
 
-- user state and fresh popularity: ``streams.user_state`` (``apply_event``,
+- user state and fresh popularity: ``ranking.user_state`` (``apply_event``,
   ``Popularity``) with the flow's rules from Settings, so a cancel subtracts a purchase
   from the shopper's frequency and from popularity, exactly as in the streams flow;
-- train pairs: ``streams.pairs.pair_for`` (context = recent items' titles, most recent
+- train pairs: ``ranking.pairs.pair_for`` (context = recent items' titles, most recent
   first, strictly earlier than the event, so one basket's lines are never each other's
   context);
-- scoring: ``serving.scoring`` — the user vector is ``user_vector(history_weights(...))``
+- scoring: ``ranking.scoring`` — the user vector is ``user_vector(history_weights(...))``
   over the candidate pool serving uses (repeats, history, the nearest and the most
   popular items). The blend is the one serving is configured with (``blend_mode``,
-  ``serving.scoring.weights_from_settings``): with ``"log"`` (the default) every
+  ``ranking.scoring.weights_from_settings``): with ``"log"`` (the default) every
   candidate is scored by :func:`evaluation.blend.log_blend`, the vectorised
-  ``serving.scoring.log_blend`` (same formula function; a unit test checks they agree),
+  ``ranking.scoring.log_blend`` (same formula function; a unit test checks they agree),
   with new arrivals (first seen within ``blend_new_days``, tracked by ``Popularity``
   exactly as the streams flow tracks it) added to the pool; with ``"linear"`` by
-  :func:`evaluation.blend.dense_blend`, the vectorised ``serving.scoring.blend``. Fresh
+  :func:`evaluation.blend.dense_blend`, the vectorised ``ranking.scoring.blend``. Fresh
   popularity uses the system's ``popularity_half_life_days`` and the repeat signal is
   the user state's basket count (``UserState.basket_scores`` with ``repeat_basket_decay``),
   as serving reads it;
 - similarity: cosine to the user vector, mapped by the version's
-  ``serving.scoring.SimilarityScale`` fitted on its item vectors, as serving's pair
+  ``ranking.scoring.SimilarityScale`` fitted on its item vectors, as serving's pair
   builder fits it on each index it builds;
-- item vectors: the PyTorch encoder (``indexer.encoder.TorchEncoder``); ``frozen`` uses
+- item vectors: the PyTorch encoder (``models.encoder.TorchEncoder``); ``frozen`` uses
   the base weights, ``full`` the LoRA adapter of ``learner.trainer.LoraTrainer`` trained
   in the stream: at every ``eval_train_every_days`` boundary of event time it trains on
   (a bounded sample of) the pairs made since its last update, then re-encodes the
@@ -55,8 +55,8 @@ from freshrec.settings import Settings
 from learner.evaluate import ActiveEncoder, ItemMatrix, TargetPopularity
 from learner.gate import judge_candidate, publish_candidate
 from learner.intake import HoldoutWindow
-from learner.registry import AdapterRegistry
-from serving.scoring import (
+from models.registry import AdapterRegistry
+from ranking.scoring import (
     BlendWeights,
     LogBlendWeights,
     history_weights,
@@ -64,8 +64,8 @@ from serving.scoring import (
     user_vector,
     weights_from_settings,
 )
-from streams.pairs import PairDraft, PairRules, pair_for
-from streams.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
+from ranking.pairs import PairDraft, PairRules, pair_for
+from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
 from .blend import candidate_pool, dense_blend, log_blend
 from .data import KIND_NAMES, EventLog
@@ -214,7 +214,7 @@ class SystemMethod:
             uvec = user_vector(hw, {i: self.vectors[self.index[i]] for i in hw})
             if uvec is not None:
                 sim = self.similarity_scale.apply((self.vectors @ uvec).astype(np.float64))
-        # serving.scoring.new_arrivals as a mask; "now" is the basket's time, where
+        # ranking.scoring.new_arrivals as a mask; "now" is the basket's time, where
         # serving uses the newest event time seen (the request's time in event time).
         is_new = ((now - self.replay.first_seen) <= self.new_s).astype(np.float64)
         return Signals(repeat, sim, self.replay.popularity_vector(), is_new, [self.index[i] for i in hw])
@@ -344,7 +344,7 @@ class Gate:
 
     @classmethod
     def start(cls, replay: SystemReplay, base_vectors: np.ndarray, device: str, registry_root: str) -> Gate:
-        from indexer.encoder import BASE_VERSION
+        from models.encoder import BASE_VERSION
 
         settings, item_ids, index = replay.settings, list(replay.log.item_ids), replay.item_index
         registry = AdapterRegistry(registry_root)
@@ -414,7 +414,7 @@ def build_system_methods(
     """``frozen`` and/or ``full`` over one shared :class:`SystemReplay`."""
     import torch
 
-    from indexer.encoder import TorchEncoder
+    from models.encoder import TorchEncoder
 
     torch.manual_seed(settings.seed)
     weights = weights_from_settings(settings)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from freshrec.contracts import CatalogDelete, CatalogItem, InvalidRecord, ItemVector, parse_catalog
 
-from .encoder import TextEncoder
+from models.encoder import TextEncoder
 
 
 @dataclass

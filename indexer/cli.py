@@ -18,7 +18,7 @@ from typing import Any
 
 from freshrec.settings import Settings
 
-from .encoder import BASE_VERSION
+from models.encoder import BASE_VERSION
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def _follow(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _build(args: argparse.Namespace, settings: Settings) -> int:
-    from .build import build_version_index
+    from models.build import build_version_index
 
     try:
         adapter_dir = args.adapter_dir if args.adapter_dir is not None else _registry_dir(settings, args.build)
@@ -86,7 +86,7 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
 def _registry_dir(settings: Settings, version: str) -> Path | None:
     if version == BASE_VERSION:
         return None
-    from learner.registry import AdapterRegistry, AdapterRejected
+    from models.registry import AdapterRegistry, AdapterRejected
 
     try:
         return AdapterRegistry(Path(settings.state_dir) / "adapters").load(version)[1]
@@ -115,8 +115,8 @@ def _read_catalog(path: Path | None, settings: Settings) -> dict[str, Any]:
         return items
     import redis
 
-    from streams import catalog_store
-    from streams.redis_client import connect
+    from stores import catalog_store
+    from stores.redis_client import connect
 
     try:
         return dict(catalog_store.all_items(connect(settings), settings))

@@ -41,9 +41,9 @@ from freshrec.contracts import AdapterAnnouncement
 from freshrec.epochs import check_epoch_file, topic_ids
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
+from models.encoder import BASE_VERSION, TextEncoder
 
 from .changes import collect_changes, item_vectors, micro_batches
-from .encoder import BASE_VERSION, TextEncoder
 
 log = logging.getLogger("freshrec.indexer")
 
@@ -108,11 +108,11 @@ def default_encoder_factory(settings: Settings) -> EncoderFactory:
     """Versions through the adapter registry, encoders through the ONNX export cache."""
 
     def make(version: str) -> TextEncoder:
-        from .onnx_encoder import encoder_for
+        from models.onnx_encoder import encoder_for
 
         adapter_dir = None
         if version != BASE_VERSION:
-            from learner.registry import AdapterRegistry
+            from models.registry import AdapterRegistry
 
             adapter_dir = AdapterRegistry(Path(settings.state_dir) / "adapters").load(version)[1]
         return encoder_for(settings, version, adapter_dir, settings.encoder_precision, threads=settings.indexer_threads)
@@ -123,7 +123,7 @@ def default_encoder_factory(settings: Settings) -> EncoderFactory:
 def initial_version(settings: Settings) -> str:
     """The registry's latest adapter version, or the base model when none is published."""
     try:
-        from learner.registry import AdapterRegistry
+        from models.registry import AdapterRegistry
     except ImportError:
         return BASE_VERSION
     return AdapterRegistry(Path(settings.state_dir) / "adapters").latest() or BASE_VERSION
@@ -249,7 +249,7 @@ class IndexerProcess:
             return
 
     def _prune(self) -> None:
-        from .export import prune_exports
+        from models.export import prune_exports
 
         removed = prune_exports(Path(self.settings.state_dir) / "exports", self.settings.exports_keep, {self.encoder.version})
         if removed:

@@ -22,8 +22,8 @@ from .loop import CatalogSource, Learner
 
 
 def _redis_catalog(settings: Settings) -> CatalogSource:
-    from streams.catalog_store import all_items
-    from streams.redis_client import connect
+    from stores.catalog_store import all_items
+    from stores.redis_client import connect
 
     client = connect(settings)
 

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from freshrec.contracts import CatalogItem, TrainPair
-from indexer.encoder import TextEncoder
-from serving.scoring import DAY_S, LogBlendWeights, SimilarityScale, log_blend_terms, scale_from_settings
-from streams.user_state import decay_factor, decayed_add
+from models.encoder import TextEncoder
+from ranking.scoring import DAY_S, LogBlendWeights, SimilarityScale, log_blend_terms, scale_from_settings
+from ranking.user_state import decay_factor, decayed_add
 
 from .metrics import ndcg_from_ranks, ranks_from_scores, recall_from_ranks, retrieval_metrics
 
@@ -68,7 +68,7 @@ class WindowBlend:
     """The item side of serving's log blend, for judging a version as serving will use it.
 
     A window pair has no repeat signal to offer (its target is never in its context), so
-    what serving would rank it by is ``serving.scoring.log_blend_terms`` with repeat 0:
+    what serving would rank it by is ``ranking.scoring.log_blend_terms`` with repeat 0:
     popularity plus the version's scaled similarity. ``popularity`` is one value per row
     of the matrix being judged (normalised to max 1); ``scale`` is that version's
     :class:`SimilarityScale`.
@@ -148,7 +148,7 @@ def context_matrix(encoder: TextEncoder, matrix: ItemMatrix, pairs: Sequence[Tra
     """One context vector per pair, from ``matrix``'s own item vectors where it can be.
 
     Item contexts average the rows of their items present in the matrix, as
-    ``serving.scoring.user_vector`` does (uniform weights: a pair carries no times or
+    ``ranking.scoring.user_vector`` does (uniform weights: a pair carries no times or
     kinds for its context); a query, or a context with no item in the matrix, is
     encoded as text by ``encoder``, which must be the encoder that made ``matrix``.
     """
@@ -180,13 +180,13 @@ class ActiveEncoder:
 
     @classmethod
     def load(cls, version: str, registry_root: Path, device: str) -> ActiveEncoder:
-        from indexer.encoder import BASE_VERSION, TorchEncoder, load_base_model
+        from models.encoder import BASE_VERSION, TorchEncoder, load_base_model
 
         if version == BASE_VERSION:
             return cls(version, TorchEncoder(device=device))
         from peft import PeftModel
 
-        from .registry import AdapterRegistry
+        from models.registry import AdapterRegistry
 
         _, path = AdapterRegistry(registry_root).load(version)
         model = PeftModel.from_pretrained(load_base_model(device), str(path)).eval()

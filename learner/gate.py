@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from freshrec.contracts import TrainPair
-from indexer.encoder import BASE_VERSION, TextEncoder
+from models.encoder import BASE_VERSION, TextEncoder
+from models.registry import AdapterManifest, AdapterRegistry
 
 from .evaluate import ActiveEncoder, ItemMatrix, TargetPopularity, WindowBlend, window_metrics
 from .publish import PublishDecision, decide_publish
-from .registry import AdapterManifest, AdapterRegistry
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,13 @@ from freshrec.contracts import AdapterAnnouncement, CatalogItem, InvalidRecord, 
 from freshrec.epochs import topic_ids
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
-from indexer.encoder import BASE_VERSION
+from models.encoder import BASE_VERSION
+from models.registry import AdapterRegistry, parse_version
 
 from .checkpoint import TRAINER_FILE, CheckpointStore, LearnerState
 from .evaluate import ActiveEncoder, TargetPopularity, catalog_fingerprint, encode_items
 from .gate import judge_candidate, publish_candidate
 from .intake import Intake
-from .registry import AdapterRegistry, parse_version
 from .trainer import LoraTrainer
 
 log = logging.getLogger("freshrec.learner")

@@ -10,7 +10,7 @@ Three choices make what is trained what serving uses (measured on online_retail_
 docs/eval_online_retail_ii.md "What the learner trains"):
 
 - **The context is a user vector.** Serving never encodes a shopper's history as one
-  text: it averages the item vectors of their history (``serving.scoring.user_vector``).
+  text: it averages the item vectors of their history (``ranking.scoring.user_vector``).
   So a pair's context vector is the normalised mean of its context items' vectors
   (``TrainPair.context_texts``); only a search query is encoded as a text.
 - **Extra negatives follow popularity** (``learner_negatives="recent"``): they are drawn
@@ -44,7 +44,7 @@ import torch
 
 from freshrec.contracts import TrainPair
 from freshrec.settings import Settings
-from indexer.encoder import TorchEncoder, load_base_model, load_tokenizer
+from models.encoder import TorchEncoder, load_base_model, load_tokenizer
 
 CANDIDATE_VERSION = "candidate"
 

@@ -1,10 +1,11 @@
 """serving: the HTTP API, the in-process encoder and index, and the hot-swap between versions.
 
+The blends it ranks with are :mod:`ranking.scoring` (evaluation calls the same functions).
+
 Modules, following a request and a swap:
 
 - :mod:`serving.app`: the ASGI app (/recommend, /search, /similar, /healthz, /readyz, /metrics).
 - :mod:`serving.admin`: /admin (adapters, activate, rollback, status), bearer token.
-- :mod:`serving.scoring`: the recommend and search blends, pure functions (evaluation reuses them).
 - :mod:`serving.pair`: the serving pair (encoder + index of one version) behind one reference.
 - :mod:`serving.swap`: building a new pair in the background and swapping it in.
 - :mod:`serving.vectors`: applying ``item-vectors`` to the active pair (and to a pair being built).

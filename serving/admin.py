@@ -6,7 +6,7 @@ header is 401, a wrong token 403. The router exists only when admin is enabled
 token refuses to start).
 
 A version name is checked against the registry's format
-(:func:`learner.registry.is_version_name`, or ``base``) before anything touches the file
+(:func:`models.registry.is_version_name`, or ``base``) before anything touches the file
 system: ``../etc``, a 10,000-character name or one with a NUL is a 422 naming the
 format, never a file-system error. Answers carry no filesystem path
 (:func:`serving.app.public_body`); the full messages go to the log.
@@ -34,8 +34,8 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends, Path, Query
 
-from indexer.encoder import BASE_VERSION
-from learner.registry import VERSION_FORMAT, is_version_name
+from models.encoder import BASE_VERSION
+from models.registry import VERSION_FORMAT, is_version_name
 
 from .app import JSON, ApiError, bearer_guard, error_responses, public_body
 from .runtime import ServingRuntime
@@ -147,7 +147,7 @@ def admin_router(runtime: ServingRuntime) -> APIRouter:
 
 
 def _adapters(runtime: ServingRuntime) -> dict[str, Any]:
-    from learner.registry import AdapterRegistry, AdapterRejected
+    from models.registry import AdapterRegistry, AdapterRejected
 
     registry = AdapterRegistry(runtime.settings.state_dir / "adapters")
     active = runtime.active_version()
@@ -170,7 +170,7 @@ def _learner_lag(runtime: ServingRuntime) -> dict[str, Any]:
     ``train_pairs`` counts the topic by end offsets, which Tansu under-reports, so the
     pair lag is a lower bound there.
     """
-    from learner.registry import AdapterRegistry
+    from models.registry import AdapterRegistry
 
     registry = AdapterRegistry(runtime.settings.state_dir / "adapters")
     latest = registry.latest()

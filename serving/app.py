@@ -48,8 +48,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from freshrec.contracts import MAX_ID_CHARS, MAX_QUERY_CHARS
+from ranking import scoring
 
-from . import scoring
 from .metrics import ENDPOINTS, TimingMiddleware
 from .pair import ServingPair
 from .runtime import ServingRuntime
@@ -442,7 +442,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
     if runtime.popularity.read_applied is None:
         # Belongs in ServingRuntime's constructor (read with popularity, off the request path);
         # wired here until runtime.py takes it.
-        from streams.user_store import read_applied_offsets
+        from stores.user_store import read_applied_offsets
 
         runtime.popularity.read_applied = lambda: read_applied_offsets(runtime.background_redis, settings)
     if not settings.users_token:
@@ -476,7 +476,7 @@ def _search_body_schema(max_k: int) -> dict[str, Any]:
 
 
 def _read_state(runtime: ServingRuntime, user_id: str) -> Any:
-    from streams.user_store import read_user_state
+    from stores.user_store import read_user_state
 
     return read_user_state(runtime.request_redis, runtime.settings, user_id)
 

@@ -7,8 +7,8 @@ torch into a process that otherwise needs only ONNX Runtime (hundreds of MB). Th
 is one process, started on first use and kept, so torch is imported once, not per swap;
 it runs at ``settings.serving_build_nice`` so the kernel prefers request threads.
 
-The export lands in ``state_dir/exports/<version>/`` (``indexer.export`` renames a
-complete folder into place), where :func:`indexer.onnx_encoder.encoder_for` in the
+The export lands in ``state_dir/exports/<version>/`` (``models.export`` renames a
+complete folder into place), where :func:`models.onnx_encoder.encoder_for` in the
 serving process then only loads it.
 
 The worker never outlives serving (design invariant 6): it asks the kernel for a SIGKILL
@@ -65,14 +65,14 @@ def _worker_init(nice: int) -> None:
 
 
 def _warm() -> bool:
-    import indexer.export  # noqa: F401  (imports torch and transformers once)
-    import indexer.merge  # noqa: F401
+    import models.export  # noqa: F401  (imports torch and transformers once)
+    import models.merge  # noqa: F401
 
     return True
 
 
 def _export(exports_root: str, version: str, adapter_dir: str | None, precision: str) -> str:
-    from indexer.export import ensure_export
+    from models.export import ensure_export
 
     return str(ensure_export(Path(exports_root), version, None if adapter_dir is None else Path(adapter_dir), precision))
 

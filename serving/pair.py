@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer.encoder import TextEncoder
+from models.encoder import TextEncoder
 
-from .scoring import IDENTITY_SCALE, SimilarityScale
+from ranking.scoring import IDENTITY_SCALE, SimilarityScale
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,7 +35,7 @@ class ServingPair:
     """
 
     encoder: TextEncoder
-    index: Any  # indexer.live_index.LiveIndex (Any: tests pass a numpy twin)
+    index: Any  # models.live_index.LiveIndex (Any: tests pass a numpy twin)
     adapter_version: str
     index_version: str
     built_at: float = field(default_factory=time.time)
@@ -43,7 +43,7 @@ class ServingPair:
     # hash of each item's encoder text as encoded into this index: lets the follower
     # tell a real catalog change from a re-publication of unchanged items.
     texts: dict[str, int] = field(default_factory=dict, repr=False)
-    # how this version's cosines weigh in the blend (serving.scoring.SimilarityScale)
+    # how this version's cosines weigh in the blend (ranking.scoring.SimilarityScale)
     similarity: SimilarityScale = IDENTITY_SCALE
 
     def space(self) -> PairSpace:
@@ -51,7 +51,7 @@ class ServingPair:
 
 
 class PairSpace:
-    """:class:`serving.scoring.ItemSpace` over one pair's live index."""
+    """:class:`ranking.scoring.ItemSpace` over one pair's live index."""
 
     __slots__ = ("index",)
 

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from freshrec.settings import Settings
-from indexer.encoder import BASE_VERSION
+from models.encoder import BASE_VERSION
+from ranking.scoring import DAY_S, BlendWeights, LogBlendWeights, scale_from_settings, weights_from_settings
 
 from .exporter import ExportWorker
 from .metrics import ServingMetrics
 from .pair import ActivePair, ServingPair
-from .scoring import DAY_S, BlendWeights, LogBlendWeights, scale_from_settings, weights_from_settings
 from .shopper_data import PopularityCache, PopularityReading, RedisGate
 from .swap import ActivationRefused, BuildJob, BuildTools, PairBuilder, default_tools
 from .vectors import VectorApplier, VectorFollower
@@ -155,7 +155,7 @@ class ServingRuntime:
         if self.settings.serve_version:
             return self.settings.serve_version
         try:
-            from learner.registry import AdapterRegistry
+            from models.registry import AdapterRegistry
 
             versions = AdapterRegistry(self.settings.state_dir / "adapters").versions()
         except Exception:
@@ -280,7 +280,7 @@ class ServingRuntime:
         return self.tools.read_items(ids)
 
     def _read_popularity(self) -> PopularityReading:
-        from streams.user_store import read_fresh_popularity
+        from stores.user_store import read_fresh_popularity
 
         return read_fresh_popularity(self.background_redis, self.settings)
 

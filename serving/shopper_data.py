@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .scoring import new_arrivals
+from ranking.scoring import new_arrivals
 
 log = logging.getLogger("freshrec.serving.redis")
 
@@ -77,7 +77,7 @@ class RedisGate:
 
 
 class PopularityReading(Protocol):
-    """What the cache reads (``streams.user_store.FreshPopularity`` has it)."""
+    """What the cache reads (``stores.user_store.FreshPopularity`` has it)."""
 
     @property
     def scores(self) -> Mapping[str, float]: ...
@@ -98,7 +98,7 @@ class PopularityView:
     ranked: tuple[str, ...] = ()
     read_at: float = 0.0
     new_items: frozenset[str] = frozenset()
-    # Partitions with applied events in Redis (streams.user_store.read_applied_offsets);
+    # Partitions with applied events in Redis (stores.user_store.read_applied_offsets);
     # None: not read (no reader given, or nothing read yet).
     applied_partitions: int | None = None
 

@@ -5,7 +5,7 @@ What a swap does, in order (one background thread, one build at a time):
 1. **adapter**: verify the version in the registry (checksum, base model); a corrupt
    or unknown one raises ``AdapterRejected`` and the active pair keeps serving.
 2. **encoder**: merge the LoRA into the base model and export/quantise it to int8
-   ONNX, or load that export if an earlier run made it (``indexer.onnx_encoder.encoder_for``).
+   ONNX, or load that export if an earlier run made it (``models.onnx_encoder.encoder_for``).
 3. **catalog**: read every item record from Redis.
 4. **index**: encode every item with the new encoder into a new ``LiveIndex``.
 5. **catch-up**: items that changed while 3-4 ran are re-read and re-encoded with the
@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from indexer.encoder import BASE_VERSION, TextEncoder
+from models.encoder import BASE_VERSION, TextEncoder
+from ranking.scoring import IDENTITY_SCALE, SimilarityScale
 
 from .pair import ActivePair, ServingPair
-from .scoring import IDENTITY_SCALE, SimilarityScale
 
 log = logging.getLogger("freshrec.serving.swap")
 
@@ -78,15 +78,15 @@ def default_tools(settings: Any, redis_client: Any, exporter: Any | None = None)
     second session over the same file with ``settings.indexer_threads``, dropped when
     the build ends.
     """
-    from indexer.build import build_index
-    from indexer.onnx_encoder import OnnxEncoder, encoder_for
-    from learner.registry import AdapterRegistry, AdapterRejected
-    from streams import catalog_store
+    from models.build import build_index
+    from models.onnx_encoder import OnnxEncoder, encoder_for
+    from models.registry import AdapterRegistry, AdapterRejected
+    from stores import catalog_store
 
     registry = AdapterRegistry(settings.state_dir / "adapters")
     rejected: list[type[BaseException]] = [AdapterRejected]
     try:
-        from indexer.merge import AdapterLoadError
+        from models.merge import AdapterLoadError
 
         rejected.append(AdapterLoadError)
     except ImportError:  # pragma: no cover
@@ -98,7 +98,7 @@ def default_tools(settings: Any, redis_client: Any, exporter: Any | None = None)
         return registry.load(version)[1]
 
     def make_encoder(version: str, path: Path | None) -> TextEncoder:
-        from indexer.onnx_encoder import resolve_precision
+        from models.onnx_encoder import resolve_precision
 
         from .exporter import is_exported
 

@@ -4,7 +4,7 @@
 seeds a random direction, so titles sharing words are similar, and two versions give
 clearly different vectors (a mixed-version answer shows up as wrong scores). It is not
 a mock of behaviour under test: the swap, the routing of item vectors and the HTTP
-layer run for real against it and the real :class:`~indexer.live_index.LiveIndex`.
+layer run for real against it and the real :class:`~models.live_index.LiveIndex`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def hash_tools(
     :class:`Rejected` like the registry would; ``before_build(version)`` runs after the
     catalog is read and before encoding (tests use it to change the catalog mid-build).
     """
-    from indexer.live_index import LiveIndex
+    from models.live_index import LiveIndex
 
     def load_adapter(version: str) -> Path | None:
         if corrupt and version in corrupt:
@@ -156,7 +156,7 @@ def random_adapter(registry: Any, seed: int, scale: float = 0.3, parent: str | N
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from indexer.encoder import load_base_model
+    from models.encoder import load_base_model
 
     model = get_peft_model(load_base_model("cpu"), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     gen = torch.Generator().manual_seed(seed)
@@ -175,8 +175,8 @@ def ensure_test_adapters(registry_root: Path, exports_root: Path, n: int = 3) ->
     """
     from types import SimpleNamespace
 
-    from indexer.onnx_encoder import encoder_for
-    from learner.registry import AdapterRegistry
+    from models.onnx_encoder import encoder_for
+    from models.registry import AdapterRegistry
 
     registry = AdapterRegistry(registry_root)
     versions = registry.versions()

@@ -2,7 +2,7 @@
 
 Why per partition and not per user: a replayed file (``freshrec replay`` twice, a
 producer re-sending a whole batch) repeats events far apart in time, and a per-user
-window of a few dozen ids (:mod:`streams.user_state`) forgets them long before. Events
+window of a few dozen ids (:mod:`ranking.user_state`) forgets them long before. Events
 are keyed by ``user_id`` (the flow dead-letters anything else), so every copy of an
 event lands in the same partition as the original, and one window per partition sees
 them all.

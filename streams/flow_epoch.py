@@ -11,7 +11,7 @@ already holds offsets of the topic (written before epochs were recorded: nothing
 which incarnation they belong to, so they are refused like another epoch).
 
 The guarded Redis writes check the epoch again on every batch
-(:mod:`streams.redis_client`), which also covers flows started by ``python -m
+(:mod:`stores.redis_client`), which also covers flows started by ``python -m
 bytewax.run`` (no recovery directory known here) and a Redis swapped while running.
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 from freshrec.epochs import EpochMismatch, check_epoch_file, topic_ids
 from freshrec.settings import Settings
 
-from .catalog_store import APPLIED_CATALOG
-from .redis_client import EPOCHS, UNKNOWN_EPOCH, connect
-from .redis_retry import with_retry
-from .user_store import APPLIED_USERS
+from stores.catalog_store import APPLIED_CATALOG
+from stores.redis_client import EPOCHS, UNKNOWN_EPOCH, connect
+from stores.redis_retry import with_retry
+from stores.user_store import APPLIED_USERS
 
 EPOCH_FILE = "epoch.json"
 

@@ -20,8 +20,8 @@ from typing import Any
 from freshrec.children import popen
 from freshrec.settings import Settings
 
-from . import catalog_store, user_store
-from .redis_client import connect
+from stores import catalog_store, user_store
+from stores.redis_client import connect
 
 
 class FlowProcess:

@@ -7,8 +7,8 @@ writer must be able to send all of it, atomically with the partition's offset. A
 only sees the batches. The Kafka outputs (train pairs, dead letters, changed items) stay
 in the sinks (:mod:`streams.sinks`).
 
-A write goes like this (the Lua side is in :mod:`streams.user_store` and
-:mod:`streams.catalog_store`):
+A write goes like this (the Lua side is in :mod:`stores.user_store` and
+:mod:`stores.catalog_store`):
 
 * ``WRITTEN``: Redis held the partition up to the offset before the batch; it now holds
   the batch. The normal case.
@@ -21,7 +21,7 @@ A write goes like this (the Lua side is in :mod:`streams.user_store` and
 Between batches, :meth:`PartitionWriter.check` (called every ``stream_redis_check_s`` by
 :class:`streams.flow_parts.PartitionLogic`) compares Redis's applied offset with the
 partition's, so an emptied Redis is rebuilt on an idle stream too. Every Redis call
-retries through outages (:mod:`streams.redis_retry`).
+retries through outages (:mod:`stores.redis_retry`).
 
 A rebuild is one atomic call, so readers never see a half-rebuilt partition; its cost
 grows with the partition: 100,000 users of ~1.9 kB took ~6 s on this 2-core machine
@@ -38,11 +38,11 @@ from typing import Any, Protocol
 import redis
 
 from freshrec.settings import Settings
+from stores import catalog_store, user_store
+from stores.redis_client import Outcome, connect
+from stores.redis_retry import with_retry
 
-from . import catalog_store, user_store
 from .catalog_partition import CatalogBatch
-from .redis_client import Outcome, connect
-from .redis_retry import with_retry
 from .user_partition import UserBatch
 
 

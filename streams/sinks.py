@@ -23,12 +23,12 @@ from confluent_kafka.admin import AdminClient
 
 from freshrec.contracts import DeadLetter
 from freshrec.settings import Settings
+from ranking.pairs import PairDraft
+from stores import catalog_store
+from stores.redis_client import connect
+from stores.redis_retry import with_retry
 
-from . import catalog_store
 from .catalog_partition import CatalogBatch
-from .pairs import PairDraft
-from .redis_client import connect
-from .redis_retry import with_retry
 from .user_partition import UserBatch
 
 # Flush anyway after this long, so outputs move even when no epoch closes (no recovery).

@@ -21,7 +21,7 @@ How exactly-once holds (invariant 2 of DESIGN.md):
 3. Each batch is written to Redis, by the stateful step itself
    (:mod:`streams.partition_writer`), as one Lua call that overwrites the changed users'
    whole states and sets the partition's applied offset, and refuses any offset not
-   beyond the one already stored (:func:`streams.user_store.write_partition_batch`).
+   beyond the one already stored (:func:`stores.user_store.write_partition_batch`).
    Writes of the replayed stretch, which Redis already holds, are therefore skipped;
    the first batch past the stored offset carries states that include every earlier
    event. Redis thus always equals "the state after exactly the events up to the
@@ -33,14 +33,14 @@ How exactly-once holds (invariant 2 of DESIGN.md):
    times of the partition) with the batch's offset in one call: Redis is again "the
    state after exactly the events up to the applied offset". An idle flow checks every
    ``stream_redis_check_s`` too. While Redis is unreachable the writer retries forever
-   (:mod:`streams.redis_retry`): the flow stalls, and loses nothing.
+   (:mod:`stores.redis_retry`): the flow stalls, and loses nothing.
 5. The offsets are only meaningful for the incarnation of the topic they were read from
    (:mod:`freshrec.epochs`): Redis records the topic id beside them and refuses writes
    of another one; the flow then stops with :class:`~freshrec.epochs.EpochMismatch`.
 6. Duplicate *events* (same ``event_id`` at another offset: a producer retry, the same
    file replayed twice) are dropped within the partition's last ``stream_dedupe_window``
    event ids (:mod:`streams.dedupe`), and per user within a short window of recent ids
-   (:mod:`streams.user_state`).
+   (:mod:`ranking.user_state`).
 
 Train pairs and dead letters go to Kafka at least once: a replay re-sends those of the
 replayed stretch, and consumers dedupe on ``pair_id`` (the event id).
@@ -54,10 +54,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from freshrec.contracts import DeadLetter, InvalidRecord, parse_event
+from ranking.pairs import PairDraft, PairRules, pair_for
+from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
 from .dedupe import EventIdWindow
-from .pairs import PairDraft, PairRules, pair_for
-from .user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
 STAGE = "streams.users"
 # v2 added popularity's first-seen times; a v1 snapshot lacks them, so resuming from it

@@ -41,8 +41,8 @@ def sample_items(sample_dir: Path, n: int) -> dict[str, CatalogItem]:
 
 def seed_catalog(settings: Settings, sample_dir: Path, n: int) -> dict[str, CatalogItem]:
     """:func:`sample_items` written straight to the Redis catalog store (no flow), and returned."""
-    from streams import catalog_store
-    from streams.user_store import connect
+    from stores import catalog_store
+    from stores.user_store import connect
 
     items = sample_items(sample_dir, n)
     catalog_store.write_items(connect(settings), settings, items.values())

@@ -70,7 +70,7 @@ RESULTS: collections.Counter[tuple[str, int]] = collections.Counter()
 
 def _tools(settings: Settings, redis: Any) -> Any:
     """The real registry and Redis catalog; :class:`HashEncoder` instead of the ONNX export."""
-    from indexer.live_index import LiveIndex
+    from models.live_index import LiveIndex
 
     def build(encoder: Any, items: dict[str, Any], version: str, progress: Any) -> Any:
         index = LiveIndex(encoder.dim, version)
@@ -85,8 +85,8 @@ def _tools(settings: Settings, redis: Any) -> Any:
 
 
 def _seed_shopper(settings: Settings, items: list[str]) -> None:
-    from streams.user_state import StateRules, UserState, apply_event
-    from streams.user_store import connect, write_partition_batch, write_user_states
+    from ranking.user_state import StateRules, UserState, apply_event
+    from stores.user_store import connect, write_partition_batch, write_user_states
 
     client = connect(settings)
     state = UserState(SHOPPER)
@@ -117,8 +117,8 @@ def fuzz_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory, sample_dir:
     )
     create_topics(stack.bootstrap, settings.topics.all(), settings.partitions)
     items = seed_catalog(settings, sample_dir, 60)
-    from streams import catalog_store
-    from streams.user_store import connect
+    from stores import catalog_store
+    from stores.user_store import connect
 
     catalog_store.write_items(connect(settings), settings, [CatalogItem(item_id="85123A", title="WHITE HANGING HEART T-LIGHT HOLDER")])
     _seed_shopper(settings, list(items))

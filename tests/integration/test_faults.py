@@ -16,8 +16,8 @@ import pytest
 from bench._faults_check import SourceRecord, compare_users, users_reference
 from bench.faults import build_parser, run_faults
 from freshrec.settings import Settings
-from streams import user_store
-from streams.redis_client import connect
+from stores import user_store
+from stores.redis_client import connect
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from freshrec.consumer import TopicFollower
 from freshrec.contracts import DeadLetter
 from freshrec.dataset import locate, read_events
 from freshrec.infra import Stack, free_port
-from freshrec.replay import Pace, replay
+from console.replay import Pace, replay
 from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration

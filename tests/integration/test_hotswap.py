@@ -80,8 +80,8 @@ class References:
 
     def get(self, version: str) -> tuple[Any, Any]:
         if version not in self._cache:
-            from indexer.build import build_index
-            from indexer.onnx_encoder import encoder_for
+            from models.build import build_index
+            from models.onnx_encoder import encoder_for
 
             enc = encoder_for(self.settings, version, None)  # loads the shared export
             self._cache[version] = (enc, build_index(enc, self.items, version))
@@ -184,7 +184,7 @@ def test_three_swaps_under_load_no_errors_no_mixed_versions(swap_server: tuple[s
 def test_corrupt_adapter_is_refused_and_active_keeps_serving(
     fresh_settings: Settings, shared: tuple[Path, list[str]], sample_dir: Path
 ) -> None:
-    from learner.registry import WEIGHTS_FILE
+    from models.registry import WEIGHTS_FILE
 
     root, versions = shared
     settings = fresh_settings.model_copy(update={"admin_token": TOKEN, "serve_version": versions[0]})

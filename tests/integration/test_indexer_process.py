@@ -14,7 +14,7 @@ from freshrec.consumer import TopicFollower
 from freshrec.contracts import AdapterAnnouncement, CatalogDelete, CatalogItem, DeadLetter, ItemVector
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
-from indexer.onnx_encoder import encoder_for
+from models.onnx_encoder import encoder_for
 from indexer.process import IndexerProcess, checkpoint_path
 
 pytestmark = pytest.mark.integration

@@ -33,8 +33,8 @@ def test_learner_on_a_recreated_topic_stops_and_resumes_after_reset(
 
     from learner.cli import main as learn_main
     from learner.loop import Learner
-    from streams.catalog_store import write_items
-    from streams.redis_client import connect
+    from stores.catalog_store import write_items
+    from stores.redis_client import connect
 
     torch.set_num_threads(2)
     s = Settings(**{**fresh_settings.model_dump(), **SMALL, "learner_eval_every": 1000})

@@ -23,7 +23,7 @@ from freshrec.dataset import locate, read_items
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
 from learner.checkpoint import TRAINER_FILE, CheckpointStore
-from learner.registry import AdapterRegistry
+from models.registry import AdapterRegistry
 from learner.trainer import pair_id_digest
 
 pytestmark = pytest.mark.integration
@@ -70,8 +70,8 @@ def _pairs(items: list[CatalogItem], n: int, seed: int = 0) -> list[TrainPair]:
 
 
 def _setup(settings: Settings, sample_dir: Path, n_pairs: int) -> list[TrainPair]:
-    from streams.catalog_store import write_items
-    from streams.redis_client import connect
+    from stores.catalog_store import write_items
+    from stores.redis_client import connect
 
     items = _catalog(sample_dir)
     write_items(connect(settings), settings, items)

@@ -33,10 +33,10 @@ from kafka import KafkaProducer
 
 from freshrec.contracts import MAX_DEAD_LETTER_BYTES, MAX_RECORD_BYTES, DeadLetter
 from freshrec.settings import Settings
-from streams import catalog_store
+from stores import catalog_store
 from streams.flow_process import FlowProcess, wait_applied
-from streams.redis_client import connect
-from streams.user_store import read_user_state
+from stores.redis_client import connect
+from stores.user_store import read_user_state
 from tests.integration.helpers import read_topic
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from freshrec.cli import main
+from console.cli import main
 from freshrec.infra import free_port
 from freshrec.reset import ResetError, reset
 from freshrec.settings import Settings

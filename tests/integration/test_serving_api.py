@@ -63,8 +63,8 @@ def served(fresh_settings: Settings, shared_exports: Path, sample_dir: Path) -> 
 
 
 def _write_state(settings: Settings, user: str, events: list[tuple[str, str, float]]) -> None:
-    from streams.user_state import StateRules, UserState, apply_event
-    from streams.user_store import connect, read_user_state, write_user_states
+    from ranking.user_state import StateRules, UserState, apply_event
+    from stores.user_store import connect, read_user_state, write_user_states
 
     client = connect(settings)
     state = read_user_state(client, settings, user) or UserState(user)
@@ -150,7 +150,7 @@ def test_recommend_search_similar(served: tuple[str, ServingRuntime, dict]) -> N
 
 def test_popularity_and_degraded_mode(fresh_settings: Settings, shared_exports: Path, sample_dir: Path) -> None:
     """Popularity answers cold users; with Redis unreachable /recommend degrades, never fails."""
-    from streams.user_store import connect, write_partition_batch
+    from stores.user_store import connect, write_partition_batch
 
     settings = fresh_settings.model_copy(update={"popularity_refresh_s": 0.2})
     items = _prepare(settings, shared_exports, sample_dir)
@@ -181,7 +181,7 @@ def test_empty_state_is_flagged_until_events_are_applied_and_again_when_redis_em
     """Issue 13 item 4: a reachable but empty Redis (new, restarted without persistence,
     being rebuilt) must not pass for a real state: responses say so, until the users
     flow's applied offsets and popularity are back."""
-    from streams.user_store import connect, write_partition_batch
+    from stores.user_store import connect, write_partition_batch
 
     url, runtime, items = served
     settings = runtime.settings
@@ -222,7 +222,7 @@ def _dead_redis() -> Any:
 
 
 def test_snapshot_then_restore_gives_identical_search_results(served: tuple[str, ServingRuntime, dict], tmp_path: Path) -> None:
-    from indexer.live_index import LiveIndex
+    from models.live_index import LiveIndex
 
     _, runtime, items = served
     pair = runtime.active.pair
@@ -264,8 +264,8 @@ def test_published_item_is_searchable_within_2s_and_a_deleted_one_never_returns(
     pytest.importorskip("indexer.cli", reason="needs `freshrec index` (indexer.cli)")
     from freshrec.producer import RecordProducer
 
-    from streams import catalog_store
-    from streams.user_store import connect
+    from stores import catalog_store
+    from stores.user_store import connect
 
     settings = fresh_settings.model_copy(update={"indexer_flush_seconds": 0.05})
     settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,9 @@ from freshrec.contracts import CatalogItem, DeadLetter, parse_catalog
 from freshrec.dataset import locate, read_items
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
-from streams import catalog_store
+from stores import catalog_store
 from streams.flow_process import FlowProcess, wait_applied
-from streams.redis_client import connect
+from stores.redis_client import connect
 from tests.integration.helpers import read_topic
 
 pytestmark = pytest.mark.integration

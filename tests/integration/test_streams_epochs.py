@@ -13,9 +13,9 @@ from confluent_kafka.admin import AdminClient
 from freshrec.epochs import topic_ids
 from freshrec.infra import create_topics
 from freshrec.settings import Settings
-from streams import user_store
+from stores import user_store
 from streams.flow_process import FlowProcess, wait_applied
-from streams.redis_client import EPOCHS, connect
+from stores.redis_client import EPOCHS, connect
 from tests.integration.test_streams_users import _produce, _sample_events
 
 pytestmark = pytest.mark.integration

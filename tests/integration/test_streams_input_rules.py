@@ -10,9 +10,9 @@ from confluent_kafka import Producer
 
 from freshrec.contracts import DeadLetter
 from freshrec.settings import Settings
-from streams import catalog_store, user_store
+from stores import catalog_store, user_store
 from streams.flow_process import FlowProcess, wait_applied
-from streams.redis_client import connect
+from stores.redis_client import connect
 from tests.integration.helpers import read_topic
 from tests.integration.test_streams_users import (
     _assert_states_equal, _produce, _redis_states, _reference, _sample_events,

@@ -18,9 +18,9 @@ import redis
 
 from freshrec.infra import free_port, redis_binary
 from freshrec.settings import Settings
-from streams import catalog_store, user_store
+from stores import catalog_store, user_store
 from streams.flow_process import FlowProcess, applied_count, wait_applied
-from streams.redis_client import EPOCHS, connect
+from stores.redis_client import EPOCHS, connect
 from tests.integration.helpers import sample_items
 from tests.integration.test_streams_users import (
     _assert_states_equal, _produce, _produce_paced, _redis_states, _reference, _sample_events,

@@ -6,8 +6,8 @@ import pytest
 
 from freshrec.contracts import CatalogItem, Event
 from freshrec.settings import Settings
-from streams import catalog_store, user_store
-from streams.user_state import DAY_S, Popularity, UserState, apply_event
+from stores import catalog_store, user_store
+from ranking.user_state import DAY_S, Popularity, UserState, apply_event
 
 pytestmark = pytest.mark.integration
 T0 = 1_300_000_000.0
@@ -88,7 +88,7 @@ def test_catalog_round_trip_and_guard(fresh_settings: Settings) -> None:
 
 
 def test_a_write_past_a_redis_that_lost_data_is_refused_until_the_full_state_comes(fresh_settings: Settings) -> None:
-    from streams.redis_client import Outcome
+    from stores.redis_client import Outcome
 
     client = user_store.connect(fresh_settings)
     s = fresh_settings
@@ -132,7 +132,7 @@ def test_writes_of_another_epoch_or_over_unvouched_offsets_are_refused(fresh_set
 
 
 def test_catalog_full_write_restores_items_and_removes_deleted_ones(fresh_settings: Settings) -> None:
-    from streams.redis_client import Outcome
+    from stores.redis_client import Outcome
 
     client = user_store.connect(fresh_settings)
     s = fresh_settings

@@ -22,11 +22,11 @@ from freshrec.dataset import locate, read_events
 from freshrec.infra import free_port
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
-from streams import user_store
+from stores import user_store
 from streams.flow_process import FlowProcess, wait_applied
-from streams.pairs import PairRules, pair_for
-from streams.redis_client import connect
-from streams.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
+from ranking.pairs import PairRules, pair_for
+from stores.redis_client import connect
+from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 from tests.integration.helpers import read_topic
 
 pytestmark = pytest.mark.integration

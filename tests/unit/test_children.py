@@ -163,11 +163,11 @@ def test_guard_leaves_alone_what_already_ended() -> None:
     assert guard._proc.returncode == 0
 
 
-# -- the demo's supervisor (freshrec.demo.Children) on tiny stand-in children ------------------
+# -- the demo's supervisor (console.demo.Children) on tiny stand-in children ------------------
 
 
 def _children(tmp_path, lines: list[str], **kw):  # type: ignore[no-untyped-def]
-    from freshrec.demo import Children
+    from console.demo import Children
 
     return Children(dict(os.environ), tmp_path, say=lines.append, command=(sys.executable, "-c"), **kw)
 

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from freshrec.settings import Settings  # noqa: E402
-from indexer.encoder import TorchEncoder, load_base_model  # noqa: E402
-from indexer.merge import AdapterLoadError, merged_model  # noqa: E402
-from indexer.onnx_encoder import encoder_for  # noqa: E402
+from models.encoder import TorchEncoder, load_base_model  # noqa: E402
+from models.merge import AdapterLoadError, merged_model  # noqa: E402
+from models.onnx_encoder import encoder_for  # noqa: E402
 
 TEXTS = ["lamp", "WHITE HANGING HEART T-LIGHT HOLDER | home decor | " + "heart shaped holder " * 20, "cake tins"]
 

@@ -17,11 +17,11 @@ torch = pytest.importorskip("torch")
 from freshrec.contracts import CatalogItem  # noqa: E402
 from freshrec.dataset import SAMPLE_DIR  # noqa: E402
 from freshrec.settings import Settings  # noqa: E402
-from indexer import export as export_mod  # noqa: E402
-from indexer.encoder import MAX_TOKENS, TorchEncoder, load_tokenizer  # noqa: E402
-from indexer.export import ExportError, check_version_name, ensure_export, model_file  # noqa: E402
-from indexer.onnx_encoder import OnnxEncoder, encoder_for, resolve_precision  # noqa: E402
-from indexer.tokenize import FastTokenizer  # noqa: E402
+from models import export as export_mod  # noqa: E402
+from models.encoder import MAX_TOKENS, TorchEncoder, load_tokenizer  # noqa: E402
+from models.export import ExportError, check_version_name, ensure_export, model_file  # noqa: E402
+from models.onnx_encoder import OnnxEncoder, encoder_for, resolve_precision  # noqa: E402
+from models.tokenize import FastTokenizer  # noqa: E402
 
 # Very different lengths on purpose: one padded batch must still match PyTorch per text.
 TEST_TEXTS = [
@@ -205,7 +205,7 @@ def test_export_refuses_a_graph_that_ignores_padding(monkeypatch: pytest.MonkeyP
 def test_build_command_writes_a_restorable_index(settings: Settings, int8: OnnxEncoder, tmp_path: Path) -> None:
     """`freshrec index --build base --out DIR --items CSV`, then restore: identical results."""
     from indexer.cli import main
-    from indexer.live_index import LiveIndex, SnapshotError
+    from models.live_index import LiveIndex, SnapshotError
 
     with open(SAMPLE_DIR / "items.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))[:40]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from evaluation.blend import candidate_pool, dense_blend, log_blend
-from serving.scoring import BlendWeights, LogBlendWeights, blend, new_arrivals
-from serving.scoring import log_blend as serving_log_blend
+from ranking.scoring import BlendWeights, LogBlendWeights, blend, new_arrivals
+from ranking.scoring import log_blend as serving_log_blend
 
 
 def test_dense_blend_equals_serving_blend() -> None:

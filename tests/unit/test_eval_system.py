@@ -12,7 +12,7 @@ from evaluation.data import build_log
 from evaluation.methods import SystemMethod, SystemReplay, encode_catalog
 from evaluation.protocol import evaluate, top_k
 from freshrec.settings import Settings
-from serving.scoring import BlendWeights, LogBlendWeights
+from ranking.scoring import BlendWeights, LogBlendWeights
 
 DAY = 86400.0
 

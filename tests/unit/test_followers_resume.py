@@ -144,7 +144,7 @@ def test_a_failing_open_retries_with_growing_pauses_until_stopped() -> None:
 
 def _applier(dim: int = 8) -> Any:
     from freshrec.contracts import CatalogItem
-    from indexer.live_index import LiveIndex
+    from models.live_index import LiveIndex
     from serving.pair import ActivePair
     from serving.vectors import VectorApplier
 
@@ -195,7 +195,7 @@ def test_a_vector_the_index_cannot_take_is_dropped_not_retried_forever() -> None
 def test_a_failing_re_read_raises_so_the_follower_retries_the_batch() -> None:
     """The old follower swallowed this and moved on: the batch's catalog re-read was lost."""
     from freshrec.contracts import ItemVector
-    from indexer.live_index import LiveIndex
+    from models.live_index import LiveIndex
     from serving.pair import ActivePair
     from serving.vectors import VectorApplier
 

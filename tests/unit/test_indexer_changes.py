@@ -12,7 +12,7 @@ import pytest
 
 from freshrec.contracts import CatalogDelete, CatalogItem
 from freshrec.settings import Settings
-from indexer.build import build_index
+from models.build import build_index
 from indexer.changes import collect_changes, item_vectors, micro_batches
 from indexer.process import read_checkpoint, write_checkpoint
 
@@ -108,7 +108,7 @@ def test_checkpoint_roundtrip_and_foreign_topic(tmp_path: Path) -> None:
 
 
 def test_prune_exports_keeps_newest_and_protected(tmp_path: Path) -> None:
-    from indexer.export import EXPORT_FORMAT, prune_exports
+    from models.export import EXPORT_FORMAT, prune_exports
 
     for n, name in enumerate(["v1", "v2", "v3", "v4"]):
         (tmp_path / name).mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from freshrec.cli import build_parser, main
+from console.cli import build_parser, main
 from freshrec.infra import Service, free_port, service_alive, stop_stack
 from freshrec.reset import _key_pattern, safe_url
 

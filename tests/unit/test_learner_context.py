@@ -14,7 +14,7 @@ from freshrec.contracts import TrainPair  # noqa: E402
 from freshrec.settings import Settings  # noqa: E402
 from learner.evaluate import ItemMatrix, context_matrix, window_metrics  # noqa: E402
 from learner.trainer import LoraTrainer, _context_items, context_vectors  # noqa: E402
-from streams.pairs import PairDraft  # noqa: E402
+from ranking.pairs import PairDraft  # noqa: E402
 
 
 def _pair(pid: str, items: Sequence[str] = (), texts: Sequence[str] = (), ctx: str = "", target: str = "t") -> TrainPair:
@@ -152,7 +152,7 @@ def test_target_popularity_decays_in_event_time_and_survives_json() -> None:
 
 def test_the_gate_ranks_by_the_blends_item_side() -> None:
     from learner.evaluate import WindowBlend
-    from serving.scoring import IDENTITY_SCALE, LogBlendWeights, SimilarityScale
+    from ranking.scoring import IDENTITY_SCALE, LogBlendWeights, SimilarityScale
 
     enc = _QueryOnlyEncoder()
     pairs = [_pair("1", ["a"], ["A"], target="b")]  # context a; b is nearer to a than t is

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from freshrec.contracts import ItemVector
-from indexer.live_index import FLAT_MAX_ITEMS, LiveIndex, SnapshotError, choose_kind
+from models.live_index import FLAT_MAX_ITEMS, LiveIndex, SnapshotError, choose_kind
 
 DIM = 16
 KINDS = ["flat", "hnsw"]

@@ -181,7 +181,7 @@ def test_replay_sized_dicts_are_checked_after_encoding(fake_kafka: type[FakeKafk
 def test_produce_cli_sends_the_good_lines_after_a_5_mb_line(
     fake_kafka: type[FakeKafka], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from freshrec import cli
+    from console import cli
 
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join([event_line(0), b"x" * 5_000_000, b"", event_line(1), event_line(2)]) + b"\n")
@@ -194,7 +194,7 @@ def test_produce_cli_sends_the_good_lines_after_a_5_mb_line(
 def test_produce_cli_exits_1_when_a_record_may_be_lost(
     fake_kafka: type[FakeKafka], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from freshrec import cli
+    from console import cli
 
     def lose(self: FakeKafka, timeout: float | None = None) -> None:
         for _topic, _key, _value, fut in self.queued:
@@ -211,7 +211,7 @@ def test_produce_cli_exits_1_when_a_record_may_be_lost(
 def test_replay_goes_through_the_same_checks(fake_kafka: type[FakeKafka], tmp_path: Path) -> None:
     """``freshrec replay`` sends dicts through ``send_event``/``send_catalog``: a huge row is
     dead-lettered (bounded) and the rows after it are sent."""
-    from freshrec.replay import replay
+    from console.replay import replay
 
     (tmp_path / "items.csv").write_text(
         "item_id,title,category,description\n"

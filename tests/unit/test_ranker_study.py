@@ -46,7 +46,7 @@ def test_neighbours_score_what_similar_shoppers_bought() -> None:
     from evaluation.data import build_log
     from evaluation.methods import SystemMethod, SystemReplay
     from freshrec.settings import Settings
-    from serving.scoring import LogBlendWeights
+    from ranking.scoring import LogBlendWeights
 
     day = 86400.0
     rows = [("u", "a", 0.0), ("u", "b", 0.0), ("v", "a", day), ("v", "b", day), ("v", "c", day), ("w", "d", day)]

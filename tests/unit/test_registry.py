@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.registry import (
+from models.registry import (
     CONFIG_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from freshrec.dataset import DatasetError, locate, read_events, read_items
-from freshrec.replay import Pace, schedule
+from console.replay import Pace, schedule
 
 
 def events(*ts: float) -> list[dict[str, object]]:

@@ -1,4 +1,4 @@
-"""The recommend/search blend as pure functions (serving.scoring)."""
+"""The recommend/search blend as pure functions (ranking.scoring)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from serving import scoring
-from serving.scoring import (
+from ranking import scoring
+from ranking.scoring import (
     BlendWeights,
     LogBlendWeights,
     blend,

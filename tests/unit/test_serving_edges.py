@@ -239,7 +239,7 @@ def test_a_failed_build_reports_its_error_without_paths(tmp_path: Path) -> None:
 
 
 def test_is_version_name_accepts_exactly_the_registry_format() -> None:
-    from learner.registry import is_version_name
+    from models.registry import is_version_name
 
     assert is_version_name("v000001-0a1b2c3d")
     for bad in ["v000001-0a1b2c3d\n", "v00001-0a1b2c3d", "v000001-0A1B2C3D", "v٠٠٠٠٠١-0a1b2c3d", "../v000001-0a1b2c3d",

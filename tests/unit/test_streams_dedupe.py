@@ -8,9 +8,9 @@ import orjson
 import pytest
 
 from streams.dedupe import EventIdWindow, id_hash
-from streams.pairs import PairRules
+from ranking.pairs import PairRules
 from streams.user_partition import SNAPSHOT_VERSION, UserPartition
-from streams.user_state import DAY_S, StateRules, UserState
+from ranking.user_state import DAY_S, StateRules, UserState
 from tests.unit.test_streams_partition import Msg, T0
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from freshrec.contracts import Event
-from streams.pairs import PairDraft, PairRules, pair_for
-from streams.user_state import StateRules, UserState, apply_event
+from ranking.pairs import PairDraft, PairRules, pair_for
+from ranking.user_state import StateRules, UserState, apply_event
 
 T0 = 1_300_000_000.0
 RULES = PairRules(context_size=3, min_history=1, query_window_s=600)

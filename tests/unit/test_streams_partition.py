@@ -10,8 +10,8 @@ import pytest
 from freshrec.contracts import CatalogDelete
 from streams.catalog_partition import CatalogPartition
 from streams.user_partition import UserPartition
-from streams.user_state import DAY_S, StateRules, UserState
-from streams.pairs import PairRules
+from ranking.user_state import DAY_S, StateRules, UserState
+from ranking.pairs import PairRules
 
 T0 = 1_300_000_000.0
 

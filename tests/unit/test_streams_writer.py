@@ -11,8 +11,8 @@ from redis.exceptions import ConnectionError, ResponseError
 from freshrec.settings import Settings
 from streams.flow_parts import PartitionLogic
 from streams.partition_writer import UserStateWriter
-from streams.redis_client import Outcome
-from streams.redis_retry import Backoff, with_retry
+from stores.redis_client import Outcome
+from stores.redis_retry import Backoff, with_retry
 from tests.unit.test_streams_partition import T0, Msg, new_partition
 
 
@@ -83,7 +83,7 @@ class _FakeRedisWriter(UserStateWriter):
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("streams.redis_retry.time.sleep", lambda _: None)
+    monkeypatch.setattr("stores.redis_retry.time.sleep", lambda _: None)
 
 
 def test_a_redis_behind_the_partition_gets_the_full_state_with_the_batch_offset() -> None:

@@ -309,7 +309,7 @@ def test_same_version_requested_twice_builds_once() -> None:
 
 
 def test_each_pair_gets_the_similarity_scale_of_its_own_vectors() -> None:
-    from serving.scoring import IDENTITY_SCALE, SimilarityScale
+    from ranking.scoring import IDENTITY_SCALE, SimilarityScale
 
     seen: list[int] = []
 

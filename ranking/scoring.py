@@ -164,7 +164,7 @@ def weights_from_settings(settings: Any) -> BlendWeights | LogBlendWeights:
 
 
 class HistoryItem(Protocol):
-    """What scoring needs of one interaction (``streams.user_state.Interaction`` has it)."""
+    """What scoring needs of one interaction (``ranking.user_state.Interaction`` has it)."""
 
     item_id: str
     kind: str

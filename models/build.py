@@ -1,8 +1,8 @@
-"""Build a complete :class:`~indexer.live_index.LiveIndex` of a catalog with one encoder.
+"""Build a complete :class:`~models.live_index.LiveIndex` of a catalog with one encoder.
 
 Serving calls this for the shadow index of a new adapter version, and the indexer for
 ``freshrec index --build``. The index kind follows the catalog size
-(:func:`indexer.live_index.choose_kind`), and the vectors carry the encoder's version.
+(:func:`models.live_index.choose_kind`), and the vectors carry the encoder's version.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import Settings
+from freshrec.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,7 +26,7 @@ COMPONENT_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.cli", "run the recommend/search/similar API"),
     "learn": ("learner.cli", "train and publish LoRA adapters from train pairs"),
     "eval": ("evaluation.cli", "prequential next-basket evaluation on a dataset"),
-    "demo": ("freshrec.demo", "start everything and replay the bundled sample"),
+    "demo": ("console.demo", "start everything and replay the bundled sample"),
 }
 
 
@@ -43,8 +43,8 @@ COUNTS_NOTE = (
 
 
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from .infra import InfraError, start_stack
-    from .reset import safe_url
+    from freshrec.infra import InfraError, start_stack
+    from freshrec.reset import safe_url
 
     try:
         stack = start_stack(settings)
@@ -70,7 +70,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_down(args: argparse.Namespace, settings: Settings) -> int:
-    from .infra import stop_stack
+    from freshrec.infra import stop_stack
 
     lines = stop_stack(settings.state_dir)
     if not lines:
@@ -82,7 +82,7 @@ def _cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
     """Remove every stored position and freshrec's Redis keys, after showing what will go."""
-    from .reset import ResetError, plan_reset, reset
+    from freshrec.reset import ResetError, plan_reset, reset
 
     try:
         plan = plan_reset(settings, everything=args.all)
@@ -117,7 +117,7 @@ def _confirm(prompt: str) -> bool:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from .infra import describe_stack
+    from freshrec.infra import describe_stack
 
     lines = describe_stack(settings.state_dir)
     if not lines:
@@ -125,7 +125,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print("\n".join(lines))
     if args.counts:
-        from .consumer import topic_counts
+        from freshrec.consumer import topic_counts
 
         for topic, n in topic_counts(settings).items():
             print(f"{topic:32} {n:>10,}")
@@ -134,7 +134,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from .dataset import DatasetError
+    from freshrec.dataset import DatasetError
     from .replay import Pace, replay
 
     try:
@@ -149,7 +149,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     """Send a JSON-lines file of events or catalog records through the validating producer."""
-    from .producer import RecordProducer
+    from freshrec.producer import RecordProducer
 
     try:
         fh = open(args.file, "rb")  # before connecting: a wrong path is the user's typo, not a broker problem

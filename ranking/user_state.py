@@ -48,7 +48,7 @@ by the wall clock, so replaying the same events gives the same state byte for by
   window of the last ``stream_dedupe_window`` event ids (:mod:`streams.dedupe`). Crash
   replays are not handled here but by offsets, see :mod:`streams.user_partition`.
 
-Wire format (the one place it is defined; :mod:`streams.user_store` reads and writes
+Wire format (the one place it is defined; :mod:`stores.user_store` reads and writes
 it under the key ``<redis_prefix>user:<user_id>``), one orjson object::
 
     {"v": 2, "user_id": "u1",

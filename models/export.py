@@ -261,7 +261,7 @@ def _export_version(root: Path, version: str, adapter_dir: Path | None) -> None:
         if float(cos.min()) < MIN_PARITY_COSINE:
             raise ExportError(
                 f"ONNX export of {version} disagrees with PyTorch: cosine {np.round(cos, 5).tolist()} on the probe "
-                f"texts, need >= {MIN_PARITY_COSINE} (is the attention mask traced? see indexer/export.py)"
+                f"texts, need >= {MIN_PARITY_COSINE} (is the attention mask traced? see models/export.py)"
             )
         quantize_int8(fp32, model_file(tmp, "int8"))
         import onnxruntime

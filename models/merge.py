@@ -22,7 +22,7 @@ def merged_model(adapter_dir: Path | None, device: str = "cpu"):  # type: ignore
     """The base transformer with the adapter in ``adapter_dir`` merged in, in eval mode.
 
     ``adapter_dir`` is a peft ``save_pretrained`` folder of a ``PeftModel`` wrapping the
-    bare model from :func:`indexer.encoder.load_base_model` (what the learner's registry
+    bare model from :func:`models.encoder.load_base_model` (what the learner's registry
     stores); ``None`` gives the base model. Raises :class:`AdapterLoadError` if the folder
     is missing, is not a peft adapter, or its weights do not fit the base model (peft
     itself only warns about unmatched keys, which would silently serve the base model).

@@ -4,7 +4,7 @@
 ``tokenizers`` object it wraps costs ~10 us, which matters when the whole int8 query
 encoding is about a millisecond. Truncation (``MAX_TOKENS``) and padding (to the longest
 text of the batch, with the model's pad token) are set to match
-:meth:`indexer.encoder.TorchEncoder.tokenize` exactly; a unit test compares the two on
+:meth:`models.encoder.TorchEncoder.tokenize` exactly; a unit test compares the two on
 the bundled catalog.
 """
 

@@ -9,7 +9,7 @@ Keys, under ``settings.redis_prefix``:
   same atomic call and never backwards, so a replay after a crash writes nothing twice,
   and notices a Redis behind the flow (restarted empty) so the flow rewrites its items.
 * ``streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
-  (:mod:`streams.redis_client`).
+  (:mod:`stores.redis_client`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ APPLIED_CATALOG = "streams:applied:catalog"
 
 # KEYS: applied hash, catalog hash, epoch hash. ARGV: partition field, offset, upsert
 # count, previous offset, epoch field, epoch, then upsert id/value pairs, then ids to
-# delete. Returns {code, stored epoch} with the codes of streams.user_store's write: 1
+# delete. Returns {code, stored epoch} with the codes of stores.user_store's write: 1
 # written, 0 offset already held, 2 Redis behind `previous offset`, -1 another epoch.
 _GUARDED_APPLY = EPOCH_LUA + """
 local ok, stored = epoch_ok(KEYS[3], ARGV[5], ARGV[6], KEYS[1], ARGV[1])
@@ -118,7 +118,7 @@ def apply_partition_batch(
     already holds that partition at ``offset`` or later (then :data:`Outcome.HELD`, false).
 
     ``prev_offset``, ``epoch`` and ``full`` work as in
-    :func:`streams.user_store.write_partition_batch`: Redis behind ``prev_offset`` answers
+    :func:`stores.user_store.write_partition_batch`: Redis behind ``prev_offset`` answers
     :data:`Outcome.BEHIND` and wants a ``full=True`` write (all the partition's items as
     upserts, all the items it deleted as deletes); another epoch of ``topic`` (default:
     ``field`` up to its last ``:``) raises :class:`~freshrec.epochs.EpochMismatch`.

@@ -270,7 +270,7 @@ class LiveIndex:
         """Write the index and its metadata to the folder ``path``, atomically.
 
         The format (index, id map, metadata with adapter version, item count and a
-        checksum) is described in :mod:`indexer.snapshot`.
+        checksum) is described in :mod:`models.snapshot`.
         """
         with self._lock:
             blob = faiss.serialize_index(self._index).tobytes()

@@ -31,11 +31,12 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from .children import Guard, popen
-from .dataset import SAMPLE_DIR, locate, read_events
-from .infra import InfraError, free_port, port_open, start_stack, stop_stack
+from freshrec.children import Guard, popen
+from freshrec.dataset import SAMPLE_DIR, locate, read_events
+from freshrec.infra import InfraError, free_port, port_open, start_stack, stop_stack
+from freshrec.settings import Settings
+
 from .replay import Pace, replay
-from .settings import Settings
 
 COMPONENTS = [
     ("catalog", ["stream", "catalog"]),
@@ -267,7 +268,7 @@ def _probe_freshness(settings: Settings, live: Live, stop: threading.Event) -> N
     """Time from sending an event until its user's Redis state holds it."""
     import redis
 
-    from streams.user_store import read_user_state
+    from stores.user_store import read_user_state
 
     client = redis.Redis.from_url(settings.redis_url)
     probed: str | None = None

@@ -15,9 +15,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .dataset import count_lines, locate, read_events, read_items
-from .producer import DeliveryReport, RecordProducer
-from .settings import Settings
+from freshrec.dataset import count_lines, locate, read_events, read_items
+from freshrec.producer import DeliveryReport, RecordProducer
+from freshrec.settings import Settings
 
 
 @dataclass(frozen=True)

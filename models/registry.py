@@ -87,7 +87,7 @@ def base_model_id() -> str:
     The hash and not the folder path, because the path differs between machines while
     an adapter is only valid on the exact weights it was trained against.
     """
-    from indexer.encoder import model_dir
+    from models.encoder import model_dir
 
     digest = file_sha256(model_dir() / "model.safetensors")
     return f"{BASE_MODEL_NAME}@sha256:{digest[:16]}"

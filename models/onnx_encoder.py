@@ -2,7 +2,7 @@
 
 ``encoder_for(settings, version, adapter_dir)`` is the one entry point: it returns an
 :class:`OnnxEncoder` over the cached export of that adapter version (exporting it the
-first time, see :mod:`indexer.export`), int8 on the CPU and fp16 when ONNX Runtime has
+first time, see :mod:`models.export`), int8 on the CPU and fp16 when ONNX Runtime has
 CUDA. Loading a cached export imports neither torch nor transformers.
 
 Threads: one intra-op thread by default (``settings.onnx_threads``). On two cores shared
@@ -48,7 +48,7 @@ def resolve_precision(precision: str) -> str:
 
 
 class OnnxEncoder:
-    """A :class:`~indexer.encoder.TextEncoder` over one exported ONNX file.
+    """A :class:`~models.encoder.TextEncoder` over one exported ONNX file.
 
     ``precision`` says what the file holds (``fp32``, ``int8`` or ``fp16``). fp16 runs on
     CUDA when ONNX Runtime has it (on the CPU it runs, exactly enough, but slower than
@@ -123,8 +123,8 @@ def encoder_for(
     ``adapter_dir`` is the adapter's folder from the registry (None for ``"base"``); it
     is read only when the version has no export yet. ``precision`` (default
     ``settings.encoder_precision``, itself ``auto``): ``auto`` is fp16 on CUDA and int8
-    otherwise; ``threads`` defaults to ``settings.onnx_threads``. Raises :class:`indexer.export.ExportError` if a fresh export
-    fails the parity check, and :class:`indexer.merge.AdapterLoadError` for an adapter
+    otherwise; ``threads`` defaults to ``settings.onnx_threads``. Raises :class:`models.export.ExportError` if a fresh export
+    fails the parity check, and :class:`models.merge.AdapterLoadError` for an adapter
     that does not fit the base model.
     """
     resolved = resolve_precision(precision or str(getattr(settings, "encoder_precision", "auto")))

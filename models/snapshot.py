@@ -1,4 +1,4 @@
-"""The on-disk form of a :class:`~indexer.live_index.LiveIndex` snapshot, and its checks.
+"""The on-disk form of a :class:`~models.live_index.LiveIndex` snapshot, and its checks.
 
 A snapshot is a folder:
 

@@ -2,8 +2,8 @@
 
 Keys, all under ``settings.redis_prefix``:
 
-* ``user:<user_id>``: one :class:`~streams.user_state.UserState` in its wire format
-  (documented in :mod:`streams.user_state`).
+* ``user:<user_id>``: one :class:`~ranking.user_state.UserState` in its wire format
+  (documented in :mod:`ranking.user_state`).
 * ``popularity:<topic>:<partition>``: hash item_id -> orjson ``[count, as_of_ts]``, the
   decayed purchase counts of the events of one Kafka partition; partial counters add
   exactly (:meth:`Popularity.merge`). ``popularity:newest`` maps the same
@@ -17,7 +17,7 @@ Keys, all under ``settings.redis_prefix``:
   the guard that makes the flow's writes idempotent under replay. The same call notices
   a Redis that is *behind* the flow (restarted empty) so the flow rewrites its full state.
 * ``streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
-  (:mod:`streams.redis_client`); a write for another id is refused.
+  (:mod:`stores.redis_client`); a write for another id is refused.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import orjson
 import redis
 
 from freshrec.settings import Settings
+from ranking.user_state import DAY_S, Popularity, UserState, merge_first_seen
 
 from .redis_client import EPOCH_LUA, EPOCHS, Outcome, connect, outcome_of, run_script
-from .user_state import DAY_S, Popularity, UserState, merge_first_seen
 
 __all__ = [
     "connect", "read_user_state", "read_user_states", "write_user_states", "write_partition_batch",
