@@ -17,25 +17,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from freshrec.infra import port_open, redis_binary, tansu_binary
+from freshrec.infra import port_open, redis_answers, redis_binary, tansu_binary
 from freshrec.settings import Settings
-
-
-def redis_pings(host: str, port: int) -> bool:
-    """True when a Redis answers PING there (a bare open port may be a Redis still loading its AOF)."""
-    try:
-        with socket.create_connection((host, port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def group_members(pgid: int) -> list[int]:
@@ -179,7 +168,7 @@ def redis_child(settings: Settings, data_dir: Path, log: Path) -> Child:
         redis_binary(), "--bind", host, "--port", str(port), "--save", "", "--appendonly", "yes",
         "--appendfsync", "everysec", "--dir", str(data_dir), "--daemonize", "no", "--protected-mode", "no",
     ]
-    return Child("redis", argv, dict(os.environ), log, ready=lambda: redis_pings(host, port))
+    return Child("redis", argv, dict(os.environ), log, ready=lambda: redis_answers(host, port))
 
 
 def broker_child(settings: Settings, storage_url: str, log: Path) -> Child:

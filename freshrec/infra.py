@@ -179,7 +179,8 @@ def start_broker(host: str, port: int, state_dir: Path, timeout: float = 20.0) -
     return Service("kafka", host, port, pid, str(log))
 
 
-def _redis_answers(host: str, port: int) -> bool:
+def redis_answers(host: str, port: int) -> bool:
+    """True when a Redis answers PING there (a bare open port may be a Redis still loading its AOF)."""
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
@@ -198,7 +199,7 @@ def start_redis(
     with its keys. ``persist=False`` keeps everything in memory only.
     """
     if port_open(host, port):
-        if reuse_existing and _redis_answers(host, port):
+        if reuse_existing and redis_answers(host, port):
             return Service("redis", host, port, None, "")
         raise InfraError(
             f"port {host}:{port} is taken by something that is not Redis; set FRESHREC_REDIS_URL to a free port"
@@ -213,7 +214,7 @@ def start_redis(
          "--dir", str(data), "--daemonize", "no", "--protected-mode", "no"],
         log,
     )
-    _wait_until(lambda: _redis_answers(host, port), "redis-server", pid, log, timeout)
+    _wait_until(lambda: redis_answers(host, port), "redis-server", pid, log, timeout)
     return Service("redis", host, port, pid, str(log))
 
 
