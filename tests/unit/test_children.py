@@ -227,4 +227,8 @@ def test_export_worker_close_ends_a_busy_worker_at_once() -> None:
     t0 = time.monotonic()
     worker.close(timeout=5)
     assert time.monotonic() - t0 < 8
-    assert not procs[0].is_alive() and procs[0].exitcode is not None
+    # The executor's own manager thread joins the same Process after shutdown(); whichever
+    # thread's waitpid loses that race sees ECHILD and reports "alive" for a moment, so the
+    # check is that the worker is gone within a grace, not at the very instant close() returns.
+    assert _until(lambda: not procs[0].is_alive(), 5), "export worker still running after close()"
+    assert procs[0].exitcode is not None
