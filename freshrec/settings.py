@@ -183,6 +183,23 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="OpenMP threads FAISS may use in serving; one query per search gains nothing from more"
     )
 
+    # -- collaborative state and the ranking stage (ranking.collab, ranking.features) ----
+    collab_top_k: int = Field(50, ge=1, description="Co-purchase neighbours read per item")
+    collab_row_cap: int = Field(
+        100, ge=1, description="Co-purchase entries held per item before the row is cut back to collab_top_k (memory bound)"
+    )
+    collab_copurchase_half_life_days: float = Field(180.0, gt=0, description="Half-life of co-purchase counts (event time)")
+    collab_max_basket_lines: int = Field(64, ge=1, description="Distinct lines of one basket that pair up for co-purchase")
+    collab_pop_short_days: float = Field(3.0, gt=0, description="Half-life of short-horizon popularity (a ranker feature)")
+    collab_pop_long_days: float = Field(60.0, gt=0, description="Half-life of long-horizon popularity (a ranker feature)")
+    collab_shopper_dim: int = Field(256, ge=8, description="Buckets of the hashed shopper vector (nearest-shopper search)")
+    collab_neighbours: int = Field(50, ge=1, description="Nearest shoppers whose baskets feed a shopper's features")
+    ranker_copurchase_candidates: int = Field(50, ge=0, description="Candidates proposed by co-purchase per ranking")
+    ranker_neighbour_candidates: int = Field(50, ge=0, description="Candidates proposed by nearest shoppers per ranking")
+    ranker_ann_candidates: int = Field(100, ge=0, description="Candidates proposed by the item index (nearest to the user vector)")
+    ranker_popular_candidates: int = Field(100, ge=0, description="Most popular items proposed per ranking")
+    ranker_new_candidates: int = Field(100, ge=0, description="Newest arrivals proposed per ranking")
+
     # -- learner (add learner settings below this line) ----------------------------------
     learner_temperature: float = Field(0.05, gt=0, description="Softmax temperature of the in-batch contrastive loss")
     learner_lora_targets: str = Field(

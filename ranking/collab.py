@@ -1,0 +1,371 @@
+"""Shop-wide collaborative state: what is bought together, who resembles whom, what sells now.
+
+The blend ranks a shopper's items by their own state; the ranker also needs what other
+shoppers do (docs/ranker_study.md: co-purchase and nearest-shopper signals carry most of
+a learned ranker's gain). This module is that state and the pure rules that move it, so
+the collaborative flow, the evaluation and the tests run the very same code:
+
+* **Co-purchase** (:class:`CoPurchase`): per item, decayed counts of the baskets in which
+  another item was bought with it (half-life ``copurchase_half_life_s``), and, under the
+  item's own id, the decayed count of baskets holding it (the denominator of
+  :meth:`CoPurchase.confidence`). Lines of one basket pair up as they arrive: a new line
+  pairs with the lines of that basket already applied, so the result is every pair once
+  whatever the arrival order. Only the first ``max_basket_lines`` distinct lines of a
+  basket pair up (a wholesale order of 400 lines would otherwise add 160,000 pairs).
+  **Memory bound**: a row holds at most ``row_cap`` entries; when it grows past that it
+  is cut back to its ``top_k`` strongest (decayed to the event's time, ties by item id),
+  so the whole table holds at most ``items x row_cap`` entries (tested). Reads return
+  the ``top_k`` strongest.
+* **Item statistics** (:class:`ItemStats`): baskets with the item and distinct buyers
+  (among the baskets a shopper's state keeps), whose ratio is the re-order ratio.
+* **Popularity at two horizons**: :class:`ranking.user_state.Popularity` with
+  ``pop_short_half_life_s`` (3 days: the study's second-largest ranker gain) and
+  ``pop_long_half_life_s`` (60 days), fed by the same rule as served popularity
+  (:func:`ranking.user_state.popularity_weight`); the long one also keeps first-seen times.
+* **Shopper vectors** (:func:`shopper_vector`): the shopper's basket counts
+  (``UserState.basket_scores``, as TIFU-KNN represents a shopper; Hu et al., SIGIR 2020)
+  hashed into ``shopper_dim`` signed buckets and L2-normalised, so that the inner product
+  of two vectors estimates the cosine of the two count vectors (feature hashing,
+  Weinberger et al., ICML 2009) with a fixed size for any catalog, fit for a FAISS
+  inner-product index. :class:`ShopperIndex` is the exact in-memory search the flow and
+  the evaluation use; serving uses FAISS over the same vectors.
+
+Every rule is decided by the events' own fields and their order, never the wall clock,
+so a replay from a snapshot recomputes the same state (exactly once, like user state).
+:meth:`CollabState.apply` must be called with the shopper's state *before* the event is
+applied to it (it reads which basket the line joins), then the caller applies the event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from freshrec.contracts import Event
+
+from .user_state import DAY_S, Popularity, UserState, decay_factor, decayed_add, popularity_weight
+
+COLLAB_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CollabRules:
+    """The knobs of the collaborative state (settings ``collab_*``)."""
+
+    top_k: int = 50
+    row_cap: int = 100
+    copurchase_half_life_s: float = 180 * DAY_S
+    max_basket_lines: int = 64
+    pop_short_half_life_s: float = 3 * DAY_S
+    pop_long_half_life_s: float = 60 * DAY_S
+    shopper_dim: int = 256
+    basket_decay: float = 0.9  # Settings.repeat_basket_decay: the shopper vector is the repeat signal
+
+    def __post_init__(self) -> None:
+        if self.row_cap < self.top_k:
+            raise ValueError(f"row_cap ({self.row_cap}) must be at least top_k ({self.top_k})")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> CollabRules:
+        return cls(
+            top_k=settings.collab_top_k,
+            row_cap=settings.collab_row_cap,
+            copurchase_half_life_s=settings.collab_copurchase_half_life_days * DAY_S,
+            max_basket_lines=settings.collab_max_basket_lines,
+            pop_short_half_life_s=settings.collab_pop_short_days * DAY_S,
+            pop_long_half_life_s=settings.collab_pop_long_days * DAY_S,
+            shopper_dim=settings.collab_shopper_dim,
+            basket_decay=settings.repeat_basket_decay,
+        )
+
+
+# -- co-purchase ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CoPurchase:
+    """Decayed co-purchase counts per item: ``rows[a][b] = (count, as_of)``; ``rows[a][a]`` is a's basket count."""
+
+    rules: CollabRules
+    rows: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+
+    def _add(self, a: str, b: str, ts: float) -> None:
+        row = self.rows.setdefault(a, {})
+        value, as_of = row.get(b, (0.0, ts))
+        row[b] = decayed_add(value, as_of, 1.0, ts, self.rules.copurchase_half_life_s)
+        if len(row) > self.rules.row_cap:
+            self._prune(a, row, ts)
+
+    def _prune(self, item: str, row: dict[str, tuple[float, float]], ts: float) -> None:
+        """Cut a row back to its ``top_k`` strongest others (its own count always stays)."""
+        hl = self.rules.copurchase_half_life_s
+        own = row.get(item)
+        ranked = sorted(
+            ((other, v) for other, v in row.items() if other != item),
+            key=lambda kv: (-kv[1][0] * decay_factor(max(ts - kv[1][1], 0.0), hl), kv[0]),
+        )
+        kept = dict(ranked[: self.rules.top_k])
+        if own is not None:
+            kept[item] = own
+        self.rows[item] = kept
+
+    def add_line(self, item: str, basket: Sequence[str], ts: float, new_basket_for_item: bool) -> set[str]:
+        """Count one purchase line joining ``basket`` (the basket's other lines so far); the changed rows."""
+        if not new_basket_for_item:
+            return set()
+        self._add(item, item, ts)
+        changed = {item}
+        if len(basket) < self.rules.max_basket_lines:
+            for other in basket:
+                self._add(item, other, ts)
+                self._add(other, item, ts)
+                changed.add(other)
+        return changed
+
+    def row(self, item: str, now_ts: float) -> dict[str, float]:
+        """The item's ``top_k`` strongest co-purchased items, counts decayed to ``now_ts`` (itself left out)."""
+        return decayed_row(self.rows.get(item, {}), item, now_ts, self.rules)
+
+    def entries(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+
+def decayed_row(row: Mapping[str, tuple[float, float]], item: str, now_ts: float, rules: CollabRules) -> dict[str, float]:
+    """A stored row read at ``now_ts``: the ``top_k`` strongest others and, under ``item``, its own count."""
+    hl = rules.copurchase_half_life_s
+    values = {other: v * decay_factor(max(now_ts - as_of, 0.0), hl) for other, (v, as_of) in row.items()}
+    own = values.pop(item, 0.0)
+    top = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[: rules.top_k]
+    out = dict(top)
+    out[item] = own
+    return out
+
+
+def confidence(row: Mapping[str, float], item: str, shrink: float = 10.0) -> dict[str, float]:
+    """P(other | item) with shrinkage: ``count(item, other) / (count(item) + shrink)`` for a decayed row."""
+    denom = row.get(item, 0.0) + shrink
+    return {other: v / denom for other, v in row.items() if other != item}
+
+
+# -- item statistics -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ItemStats:
+    """Baskets holding each item and its distinct buyers (within what shoppers' states keep)."""
+
+    baskets: dict[str, int] = field(default_factory=dict)
+    buyers: dict[str, int] = field(default_factory=dict)
+
+
+def reorder_ratio(baskets: float, buyers: float) -> float:
+    """Share of an item's baskets that re-bought it, smoothed: ``(baskets - buyers + 1) / (baskets + 2)``."""
+    return (baskets - buyers + 1.0) / (baskets + 2.0)
+
+
+# -- shopper vectors -------------------------------------------------------------------------
+
+
+_BUCKETS: dict[tuple[str, int], tuple[int, float]] = {}
+
+
+def _bucket(item: str, dim: int) -> tuple[int, float]:
+    """The item's hashed bucket and sign (stable across processes and runs: blake2b, not ``hash``)."""
+    key = (item, dim)
+    hit = _BUCKETS.get(key)
+    if hit is None:
+        h = int.from_bytes(hashlib.blake2b(item.encode(), digest_size=8).digest(), "little")
+        hit = (h % dim, 1.0 if (h >> 63) & 1 else -1.0)
+        if len(_BUCKETS) < 1_000_000:
+            _BUCKETS[key] = hit
+    return hit
+
+
+def shopper_vector(state: UserState, rules: CollabRules) -> np.ndarray | None:
+    """The shopper's hashed, normalised basket-count vector; None without any basket."""
+    scores = state.basket_scores(rules.basket_decay)
+    if not scores:
+        return None
+    vec = np.zeros(rules.shopper_dim, dtype=np.float32)
+    for item in sorted(scores):  # a fixed order: float sums do not depend on dict order
+        b, sign = _bucket(item, rules.shopper_dim)
+        vec[b] += sign * scores[item]
+    norm = float(np.linalg.norm(vec))
+    if not math.isfinite(norm) or norm < 1e-12:
+        return None
+    return vec / norm
+
+
+@dataclass(slots=True)
+class ShopperIndex:
+    """Exact inner-product search over shopper vectors (numpy; a few thousand shoppers).
+
+    Rows of removed or re-added shoppers are overwritten in place, so search order (and
+    ties, broken by row then id) depends only on the order shoppers were first added.
+    """
+
+    dim: int
+    ids: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    matrix: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+
+    def upsert(self, user_id: str, vector: np.ndarray | None) -> None:
+        row = self.rows.get(user_id)
+        if row is None:
+            if vector is None:
+                return
+            row = self.rows[user_id] = len(self.ids)
+            self.ids.append(user_id)
+            if self.matrix.shape[0] <= row:
+                grown = np.zeros((max(64, 2 * self.matrix.shape[0]), self.dim), dtype=np.float32)
+                if self.matrix.size:
+                    grown[: self.matrix.shape[0]] = self.matrix
+                self.matrix = grown
+        self.matrix[row] = 0.0 if vector is None else vector
+
+    def search(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[tuple[str, float]]:
+        """The ``k`` shoppers with the largest positive inner product with ``vector``, best first."""
+        n = len(self.ids)
+        if n == 0:
+            return []
+        sims = self.matrix[:n] @ vector
+        if exclude is not None and exclude in self.rows:
+            sims[self.rows[exclude]] = -np.inf
+        take = min(k, n)
+        top = np.argpartition(-sims, take - 1)[:take] if take < n else np.arange(n)
+        order = sorted(top.tolist(), key=lambda r: (-float(sims[r]), r))
+        return [(self.ids[r], float(sims[r])) for r in order if sims[r] > 0.0]
+
+
+# -- the whole collaborative state ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CollabState:
+    """Co-purchase rows, item statistics and popularity at two horizons, moved one event at a time."""
+
+    rules: CollabRules
+    copurchase: CoPurchase = field(init=False)
+    stats: ItemStats = field(default_factory=ItemStats)
+    pop_short: Popularity = field(init=False)
+    pop_long: Popularity = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.copurchase = CoPurchase(self.rules)
+        self.pop_short = Popularity(self.rules.pop_short_half_life_s)
+        self.pop_long = Popularity(self.rules.pop_long_half_life_s)
+
+    def apply(self, before: UserState, event: Event) -> set[str]:
+        """Apply one valid event, given its shopper's state *before* it; the items whose rows or stats changed.
+
+        The caller then applies the event to ``before`` (``ranking.user_state.apply_event``)
+        and skips this call for events that function would drop as duplicates.
+        """
+        item, ts = event.item_id, event.ts
+        if item is None:
+            return set()
+        self.pop_short.observe(ts)
+        self.pop_long.observe(ts)
+        self.pop_long.see(item, ts)
+        weight = popularity_weight(before, event)
+        if weight:
+            self.pop_short.add(item, weight, ts)
+            self.pop_long.add(item, weight, ts)
+        if event.kind != "purchase":
+            return {item} if weight else set()
+        basket, in_it = basket_at(before, ts, item)
+        changed = self.copurchase.add_line(item, basket, ts, new_basket_for_item=not in_it)
+        if not in_it:
+            self.stats.baskets[item] = self.stats.baskets.get(item, 0) + 1
+            if item not in before.basket_bits:
+                self.stats.buyers[item] = self.stats.buyers.get(item, 0) + 1
+        return changed | {item}
+
+    # -- (de)serialisation (recovery snapshots) --------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": COLLAB_FORMAT,
+            "rows": {k: {o: list(v) for o, v in row.items()} for k, row in self.copurchase.rows.items()},
+            "baskets": self.stats.baskets,
+            "buyers": self.stats.buyers,
+            "pop_short": _pop_dict(self.pop_short),
+            "pop_long": _pop_dict(self.pop_long),
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any], rules: CollabRules) -> CollabState:
+        if obj.get("v") != COLLAB_FORMAT:
+            raise ValueError(f"collaborative state format {obj.get('v')!r}, expected {COLLAB_FORMAT}")
+        out = cls(rules)
+        out.copurchase.rows = {k: {o: (float(v[0]), float(v[1])) for o, v in row.items()} for k, row in obj["rows"].items()}
+        out.stats = ItemStats(dict(obj["baskets"]), dict(obj["buyers"]))
+        out.pop_short = _pop_from(obj["pop_short"], rules.pop_short_half_life_s)
+        out.pop_long = _pop_from(obj["pop_long"], rules.pop_long_half_life_s)
+        return out
+
+
+def basket_at(state: UserState, ts: float, item: str) -> tuple[list[str], bool]:
+    """The lines of the shopper's kept basket at ``ts`` (``item`` left out), and whether ``item`` is one."""
+    try:
+        j = state.baskets.index(ts)
+    except ValueError:
+        return [], False
+    bit = 1 << j
+    lines = [other for other, bits in state.basket_bits.items() if bits & bit]
+    in_it = item in lines
+    return [x for x in lines if x != item], in_it
+
+
+def _pop_dict(pop: Popularity) -> dict[str, Any]:
+    return {"entries": {k: list(v) for k, v in pop.entries.items()}, "newest_ts": pop.newest_ts, "first_seen": pop.first_seen}
+
+
+def _pop_from(obj: Mapping[str, Any], half_life_s: float) -> Popularity:
+    entries = {k: (float(v[0]), float(v[1])) for k, v in obj["entries"].items()}
+    return Popularity(half_life_s, entries, float(obj["newest_ts"]), dict(obj["first_seen"]))
+
+
+def normalised(scores: Mapping[str, float]) -> dict[str, float]:
+    """Scores over their maximum (as serving's popularity cache holds them); {} when none is positive."""
+    top = max(scores.values(), default=0.0)
+    if top <= 0:
+        return {}
+    return {k: v / top for k, v in scores.items() if v > 0}
+
+
+def neighbour_signals(
+    neighbours: Iterable[tuple[float, UserState]], now_ts: float, basket_decay: float, recent_s: float, recent_half_life_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(neighbours' basket counts, their recent purchases) per item, similarity-weighted, each scaled to max 1.
+
+    Each neighbour's basket counts are first scaled by their own maximum, so a heavy
+    buyer does not drown the others; recent purchases are those within ``recent_s``
+    before ``now_ts``, weighted ``2 ** -(age / recent_half_life_s)`` (the study's
+    30 days and 7-day half-life).
+    """
+    knn: dict[str, float] = {}
+    recent: dict[str, float] = {}
+    for sim, state in neighbours:
+        if sim <= 0:
+            continue
+        scores = state.basket_scores(basket_decay)
+        top = max(scores.values(), default=0.0)
+        if top > 0:
+            for item, v in scores.items():
+                knn[item] = knn.get(item, 0.0) + sim * v / top
+        for it in state.history:
+            if it.kind != "purchase":
+                continue
+            age = now_ts - it.ts
+            if age < 0:
+                continue
+            if age > recent_s:
+                break  # history is newest first
+            recent[it.item_id] = recent.get(it.item_id, 0.0) + sim * decay_factor(age, recent_half_life_s)
+    return normalised(knn), normalised(recent)

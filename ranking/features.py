@@ -1,0 +1,354 @@
+"""Candidates and ranking features: one module for the streams, the evaluation and serving.
+
+The ranker learns on rows computed here and is served rows computed here (invariant 5 of
+DESIGN.md: no feature is computed one way for training and another for serving). Each
+caller only *gathers* the inputs, in plain data, from where it keeps state:
+
+* the collaborative flow from its in-memory state, to label ranking examples;
+* ``freshrec eval`` from its in-process replay;
+* serving from Redis (user states, co-purchase rows, item statistics, popularity) and
+  FAISS (nearest items, nearest shoppers).
+
+The inputs are a :class:`ShopView` (shop-wide: popularity at three horizons, first-seen
+times, basket and buyer counts) and a :class:`ShopperView` (the shopper's
+:class:`~ranking.user_state.UserState`, the co-purchase rows of the items in their
+profile, and their nearest shoppers' states). :func:`shopper_signals` turns a shopper
+view into per-item signals once; :func:`candidates` picks the items to rank, each with
+the sources that proposed it; :func:`feature_matrix` computes one row per candidate.
+A row depends only on its item, the shopper and the shop, never on the other
+candidates, so filtering the candidates (serving drops items missing from its index)
+leaves every other row unchanged.
+
+The columns (:data:`FEATURE_NAMES`) are the ones docs/ranker_study.md measured, less the
+re-order timing group (it added nothing there). "Baskets" are those the shopper's state
+keeps (``stream_baskets_kept``, 63 by default). ``sim`` is the active encoder's cosine to
+the user vector, mapped by the version's similarity scale: :func:`similarity_column`
+computes it where item vectors are (the evaluation, serving, the learner); the streams
+have no vectors and leave it to the learner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .collab import confidence, neighbour_signals, reorder_ratio
+from .scoring import IDENTITY_SCALE, SimilarityScale, history_weights, user_vector
+from .user_state import DAY_S, UserState
+
+FEATURE_NAMES: tuple[str, ...] = (
+    # what the blend uses
+    "log_repeat",
+    "log_pop",
+    "sim",
+    "new",
+    # the shopper's own state
+    "log_baskets_with",
+    "log_share",
+    "log_days_since_basket",
+    "log_days_since_item",
+    "log_pop_short",
+    "log_pop_long",
+    # co-purchase
+    "log_cooc",
+    "log_cooc_last",
+    "in_last_basket",
+    "log_buyers",
+    # nearest shoppers and re-ordering
+    "log_knn",
+    "log_neighbour_recent",
+    "log_reorder_ratio",
+)
+# Changes whenever the columns or their meaning change; a ranker trained on another schema
+# is refused by serving (it falls back to the blend).
+FEATURE_SCHEMA = "f1-" + hashlib.sha1(",".join(FEATURE_NAMES).encode()).hexdigest()[:8]
+COLUMN = {name: k for k, name in enumerate(FEATURE_NAMES)}
+
+# Where a candidate came from: bit flags, several may be set.
+OWN, COPURCHASE, NEIGHBOURS, ANN, POPULAR, NEW = 1, 2, 4, 8, 16, 32
+SOURCE_NAMES = {OWN: "own", COPURCHASE: "copurchase", NEIGHBOURS: "neighbours", ANN: "ann", POPULAR: "popular", NEW: "new"}
+
+REPEAT_FLOOR = 0.005  # as ranking.scoring.LogBlendWeights: a never-bought item's log repeat
+POP_FLOOR = 1e-3
+SIGNAL_FLOOR = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRules:
+    """How many candidates each source proposes and the windows of the signals (settings ``ranker_*``)."""
+
+    copurchase: int = 50
+    neighbours: int = 50
+    ann: int = 100
+    popular: int = 100
+    new: int = 100
+    profile_items: int = 20  # own items whose co-purchase rows are read
+    last_basket_items: int = 20  # lines of the last basket whose rows are read
+    shrink: float = 10.0  # co-purchase confidence shrinkage
+    basket_decay: float = 0.9  # Settings.repeat_basket_decay
+    new_s: float = 30 * DAY_S  # Settings.blend_new_days
+    recent_s: float = 30 * DAY_S
+    recent_half_life_s: float = 7 * DAY_S
+    user_half_life_s: float = 30 * DAY_S  # Settings.user_vector_half_life_days
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> FeatureRules:
+        return cls(
+            copurchase=settings.ranker_copurchase_candidates,
+            neighbours=settings.ranker_neighbour_candidates,
+            ann=settings.ranker_ann_candidates,
+            popular=settings.ranker_popular_candidates,
+            new=settings.ranker_new_candidates,
+            basket_decay=settings.repeat_basket_decay,
+            new_s=settings.blend_new_days * DAY_S,
+            user_half_life_s=settings.user_vector_half_life_days * DAY_S,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ShopView:
+    """Shop-wide inputs at ``now_ts`` (event time). Missing items count as 0 / never seen.
+
+    ``popularity`` is served popularity, ``pop_short``/``pop_long`` the two horizons, all
+    normalised to a maximum of 1 over the whole catalog (``ranking.collab.normalised``).
+    ``popular_top`` is the served popularity order, best first; ``new_items`` the new
+    arrivals in the order candidates take them (newest first, then by id).
+    """
+
+    now_ts: float
+    popularity: Mapping[str, float] = field(default_factory=dict)
+    pop_short: Mapping[str, float] = field(default_factory=dict)
+    pop_long: Mapping[str, float] = field(default_factory=dict)
+    first_seen: Mapping[str, float] = field(default_factory=dict)
+    baskets: Mapping[str, int] = field(default_factory=dict)
+    buyers: Mapping[str, int] = field(default_factory=dict)
+    popular_top: Sequence[str] = ()
+    new_items: Sequence[str] = ()
+
+
+def new_items_order(first_seen: Mapping[str, float], now_ts: float, new_s: float) -> list[str]:
+    """New arrivals (first seen within ``new_s`` of ``now_ts``, not after it), newest first, then by id."""
+    fresh = [(ts, item) for item, ts in first_seen.items() if 0.0 <= now_ts - ts <= new_s]
+    fresh.sort(key=lambda p: (-p[0], p[1]))
+    return [item for _, item in fresh]
+
+
+@dataclass(frozen=True, slots=True)
+class ShopperView:
+    """One shopper's inputs: their state, the co-purchase rows of :func:`rows_needed`, their neighbours.
+
+    ``copurchase`` maps an item to its decayed row (``ranking.collab.decayed_row``: the
+    strongest co-purchased items, and the item's own basket count under its own id).
+    ``neighbours`` are (similarity, state) of the nearest shoppers, best first.
+    """
+
+    state: UserState
+    copurchase: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    neighbours: Sequence[tuple[float, UserState]] = ()
+
+
+def profile(state: UserState, rules: FeatureRules) -> tuple[dict[str, float], list[str]]:
+    """(the shopper's strongest items with weights in (0, 1], the lines of their last basket)."""
+    scores = state.basket_scores(rules.basket_decay)
+    top = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[: rules.profile_items]
+    peak = top[0][1] if top else 0.0
+    weights = {item: v / peak for item, v in top} if peak > 0 else {}
+    last = sorted(item for item, bits in state.basket_bits.items() if bits & 1)[: rules.last_basket_items] if state.baskets else []
+    return weights, last
+
+
+def rows_needed(state: UserState, rules: FeatureRules) -> list[str]:
+    """The items whose co-purchase rows a :class:`ShopperView` must carry (profile, then last basket)."""
+    weights, last = profile(state, rules)
+    return list(dict.fromkeys([*weights, *last]))
+
+
+@dataclass(frozen=True, slots=True)
+class ShopperSignals:
+    """Per-item signals of one shopper, computed once (:func:`shopper_signals`)."""
+
+    state: UserState
+    repeat: dict[str, float]  # basket scores over their maximum
+    baskets_with: dict[str, int]
+    last_bought: dict[str, float]
+    last_basket: frozenset[str]
+    n_baskets: int
+    last_basket_ts: float | None
+    cooc: dict[str, float]
+    cooc_last: dict[str, float]
+    knn: dict[str, float]
+    recent: dict[str, float]
+
+
+def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules) -> ShopperSignals:
+    """Everything per item that the candidates and the features of one shopper read."""
+    state = view.state
+    scores = state.basket_scores(rules.basket_decay)
+    peak = max(scores.values(), default=0.0)
+    repeat = {item: v / peak for item, v in scores.items()} if peak > 0 else {}
+    baskets_with: dict[str, int] = {}
+    last_bought: dict[str, float] = {}
+    for item, bits in state.basket_bits.items():
+        baskets_with[item] = bits.bit_count()
+        last_bought[item] = state.baskets[(bits & -bits).bit_length() - 1]
+    weights, last = profile(state, rules)
+    cooc = _weighted_confidence(((w, item) for item, w in weights.items()), view.copurchase, rules.shrink)
+    cooc_last = _weighted_confidence(((1.0, item) for item in last), view.copurchase, rules.shrink)
+    knn, recent = neighbour_signals(view.neighbours, now_ts, rules.basket_decay, rules.recent_s, rules.recent_half_life_s)
+    return ShopperSignals(
+        state=state,
+        repeat=repeat,
+        baskets_with=baskets_with,
+        last_bought=last_bought,
+        last_basket=frozenset(item for item, bits in state.basket_bits.items() if bits & 1) if state.baskets else frozenset(),
+        n_baskets=len(state.baskets),
+        last_basket_ts=state.baskets[0] if state.baskets else None,
+        cooc=cooc,
+        cooc_last=cooc_last,
+        knn=knn,
+        recent=recent,
+    )
+
+
+def _weighted_confidence(
+    weighted: Iterable[tuple[float, str]], rows: Mapping[str, Mapping[str, float]], shrink: float
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for w, item in weighted:
+        row = rows.get(item)
+        if not row:
+            continue
+        for other, c in confidence(row, item, shrink).items():
+            out[other] = out.get(other, 0.0) + w * c
+    return out
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Items to rank, in a fixed order, with the sources that proposed each (bit flags)."""
+
+    items: list[str]
+    sources: np.ndarray  # uint8, one per item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def keep(self, mask: np.ndarray) -> Candidates:
+        """The candidates where ``mask`` is true (e.g. present in serving's index)."""
+        return Candidates([i for i, k in zip(self.items, mask.tolist(), strict=True) if k], self.sources[mask])
+
+
+def _strongest(scores: Mapping[str, float], n: int) -> list[str]:
+    return [item for item, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def candidates(sig: ShopperSignals, shop: ShopView, rules: FeatureRules, ann: Sequence[str] = ()) -> Candidates:
+    """Own items (baskets and history), co-purchase and neighbour items, ``ann`` (nearest to the
+    user vector, from the caller's index), popular and new items; first proposal fixes the order."""
+    order: dict[str, int] = {}
+
+    def add(items: Iterable[str], flag: int) -> None:
+        for item in items:
+            order[item] = order.get(item, 0) | flag
+
+    add(sorted(sig.repeat, key=lambda i: (-sig.repeat[i], i)), OWN)
+    add((it.item_id for it in sig.state.history if it.kind != "cancel"), OWN)
+    co = dict(sig.cooc)
+    for item, v in sig.cooc_last.items():
+        co[item] = co.get(item, 0.0) + v
+    add(_strongest(co, rules.copurchase), COPURCHASE)
+    nb = dict(sig.knn)
+    for item, v in sig.recent.items():
+        nb[item] = nb.get(item, 0.0) + v
+    add(_strongest(nb, rules.neighbours), NEIGHBOURS)
+    add(list(ann)[: rules.ann], ANN)
+    add(list(shop.popular_top)[: rules.popular], POPULAR)
+    add(list(shop.new_items)[: rules.new], NEW)
+    items = list(order)
+    return Candidates(items, np.fromiter(order.values(), dtype=np.uint8, count=len(items)))
+
+
+# -- features ----------------------------------------------------------------------------------
+
+
+def _column(items: Sequence[str], values: Mapping[str, float], default: float = 0.0) -> np.ndarray:
+    return np.fromiter((values.get(i, default) for i in items), dtype=np.float64, count=len(items))
+
+
+def feature_matrix(sig: ShopperSignals, shop: ShopView, items: Sequence[str], similarity: np.ndarray, rules: FeatureRules) -> np.ndarray:
+    """One float32 row per item, columns :data:`FEATURE_NAMES`; ``similarity`` is :func:`similarity_column`."""
+    n = len(items)
+    now = shop.now_ts
+    if similarity.shape != (n,):
+        raise ValueError(f"similarity has shape {similarity.shape}, expected ({n},)")
+    baskets_with = _column(items, sig.baskets_with)
+    last_bought = _column(items, sig.last_bought, math.nan)
+    bought = baskets_with > 0
+    days_item = np.where(bought, np.log1p(np.maximum((now - np.nan_to_num(last_bought)) / DAY_S, 0.0)), 0.0)
+    since_basket = 0.0 if sig.last_basket_ts is None else math.log1p(max(now - sig.last_basket_ts, 0.0) / DAY_S)
+    first_seen = _column(items, shop.first_seen, math.inf)
+    age = now - first_seen
+    item_baskets = _column(items, shop.baskets)
+    item_buyers = _column(items, shop.buyers)
+    cols = {
+        "log_repeat": np.log(_column(items, sig.repeat) + REPEAT_FLOOR),
+        "log_pop": np.log(np.maximum(_column(items, shop.popularity), 0.0) + POP_FLOOR),
+        "sim": np.maximum(similarity.astype(np.float64), 0.0),
+        "new": ((age >= 0.0) & (age <= rules.new_s)).astype(np.float64),
+        "log_baskets_with": np.log1p(baskets_with),
+        "log_share": np.log(baskets_with / max(sig.n_baskets, 1) + 0.01),
+        "log_days_since_basket": np.full(n, since_basket),
+        "log_days_since_item": days_item,
+        "log_pop_short": np.log(np.maximum(_column(items, shop.pop_short), 0.0) + POP_FLOOR),
+        "log_pop_long": np.log(np.maximum(_column(items, shop.pop_long), 0.0) + POP_FLOOR),
+        "log_cooc": np.log(_column(items, sig.cooc) + SIGNAL_FLOOR),
+        "log_cooc_last": np.log(_column(items, sig.cooc_last) + SIGNAL_FLOOR),
+        "in_last_basket": np.fromiter((i in sig.last_basket for i in items), dtype=np.float64, count=n),
+        "log_buyers": np.log1p(item_buyers),
+        "log_knn": np.log(_column(items, sig.knn) + SIGNAL_FLOOR),
+        "log_neighbour_recent": np.log(_column(items, sig.recent) + SIGNAL_FLOOR),
+        "log_reorder_ratio": np.log(reorder_ratio(item_baskets, item_buyers)),
+    }
+    out = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
+    for k, name in enumerate(FEATURE_NAMES):
+        out[:, k] = cols[name]
+    return out
+
+
+def similarity_column(
+    state: UserState,
+    items: Sequence[str],
+    vectors: Mapping[str, np.ndarray],
+    rules: FeatureRules,
+    scale: SimilarityScale = IDENTITY_SCALE,
+) -> np.ndarray:
+    """The ``sim`` column: cosine of each item to the user vector, mapped by the version's scale.
+
+    The user vector is ``ranking.scoring.user_vector(history_weights(...))``, as the blend
+    builds it, over ``vectors`` (one adapter version's; items without a vector get 0, as
+    does every item when the shopper has no user vector).
+    """
+    hw = history_weights(state.history, state.last_ts, rules.user_half_life_s)
+    uvec = user_vector(hw, vectors)
+    out = np.zeros(len(items), dtype=np.float64)
+    if uvec is None:
+        return out
+    for k, item in enumerate(items):
+        vec = vectors.get(item)
+        if vec is not None:
+            out[k] = scale.apply(float(vec @ uvec))
+    return out
+
+
+def labels(items: Sequence[str], basket: Iterable[str]) -> np.ndarray:
+    """1.0 for the candidates the shopper bought in the basket, else 0.0."""
+    bought = set(basket)
+    return np.fromiter((1.0 if i in bought else 0.0 for i in items), dtype=np.float32, count=len(items))
