@@ -31,6 +31,10 @@ class Topics:
         self.adapters = f"{prefix}adapters"
         self.dead_letter = f"{prefix}dead-letter"
         self.changed_items = f"{prefix}changed-items"
+        # the ranking stage (DESIGN.md): labelled examples, shoppers' vectors, ranker announcements
+        self.rank_examples = f"{prefix}rank-examples"
+        self.shopper_vectors = f"{prefix}shopper-vectors"
+        self.rankers = f"{prefix}rankers"
 
     def all(self) -> list[str]:
         return [
@@ -41,6 +45,9 @@ class Topics:
             self.adapters,
             self.dead_letter,
             self.changed_items,
+            self.rank_examples,
+            self.shopper_vectors,
+            self.rankers,
         ]
 
 
