@@ -84,7 +84,9 @@ class Settings(BaseSettings):
     learner_flush_seconds: float = Field(5.0, gt=0, description="Train a partial micro-batch after this long")
     learner_eval_every: int = Field(10, ge=1, description="Evaluate and maybe publish every K micro-batches")
     learner_eval_window: int = Field(256, ge=8, description="Most recent untrained pairs kept for evaluation")
-    learner_publish_margin: float = Field(0.0, ge=0, description="Allowed Recall@10 drop of a candidate")
+    learner_publish_margin: float = Field(
+        0.0, ge=0, description="Allowed mean per-pair drop (in gate_metric) of a candidate; 0: only a gain beyond gate_z s.e."
+    )
     # 1e-3 with catalog negatives lifted the window Recall@10 0.020 -> 0.043; 2e-4 changed nothing (learner/README.md).
     learner_lr: float = Field(1e-3, gt=0)
     lora_rank: int = Field(8, ge=1)
@@ -206,6 +208,11 @@ class Settings(BaseSettings):
     ranker_ann_candidates: int = Field(100, ge=0, description="Candidates proposed by the item index (nearest to the user vector)")
     ranker_popular_candidates: int = Field(100, ge=0, description="Most popular items proposed per ranking")
     ranker_new_candidates: int = Field(100, ge=0, description="Newest arrivals proposed per ranking")
+    ranker_family: Literal["lgbm", "lgbm_continue", "torch"] = Field(
+        "lgbm",
+        description="Ranker model: LightGBM lambdarank refit on the sliding window, continued with new trees, or a small "
+        "torch ranker trained incrementally (chosen by measurement: docs/ranker_family.md)",
+    )
 
     # -- learner (add learner settings below this line) ----------------------------------
     learner_temperature: float = Field(0.05, gt=0, description="Softmax temperature of the in-batch contrastive loss")
@@ -233,6 +240,26 @@ class Settings(BaseSettings):
     learner_mix_pool: int = Field(
         256, ge=1, description="Pairs pooled to mix each micro-batch across shoppers (<= batch size: no mixing)"
     )
+    # the publish gate (learner.publish), for adapters and rankers alike
+    gate_z: float = Field(
+        1.0, ge=0,
+        description="Publish a candidate only if its mean per-example gain over the active version (paired, same "
+        "held-out examples) is above 0 and above gate_z standard errors; ties are held",
+    )
+    gate_metric: Literal["recall@10", "ndcg@10"] = Field(
+        "recall@10", description="Per-example metric the gate compares (per window pair; per held-back basket for rankers)"
+    )
+    ranker_min_gate_baskets: int = Field(
+        30, ge=1, description="Held-back baskets with a bought candidate needed before a ranker candidate may be published"
+    )
+    # the ranker model (models.ranker.RankerParams; the family is ranker_family)
+    ranker_trees: int = Field(200, ge=1, description="Trees of a refitted LightGBM ranker (scoring cost ~ trees)")
+    ranker_more_trees: int = Field(25, ge=1, description="Trees one lgbm_continue update adds to the parent's")
+    ranker_max_trees: int = Field(
+        300, ge=1, description="lgbm_continue refits instead once a model would pass this many trees (bounds scoring cost)"
+    )
+    ranker_mlp_hidden: str = Field("64,32", description="Hidden layer widths of the torch ranker, comma-separated")
+    ranker_mlp_lr: float = Field(3e-3, gt=0, description="Adam learning rate of the torch ranker")
 
     # -- evaluation (add evaluation settings below this line) ----------------------------
     # frozen/full run the system with the system's own settings (blend_mode, blend_log_*,

@@ -10,6 +10,10 @@ Encoding the catalog dominates the cost (2.7k items take seconds on two cores), 
 :class:`ItemMatrix` is cached per (encoder version, catalog content): the active
 adapter's matrix is computed once per version, and only the candidate, whose weights
 change every step, is re-encoded at each evaluation.
+
+The publish gate compares versions example by example, so the figures are also exposed
+per example: :func:`window_ranks` and :func:`rank_gains` per window pair, and
+:func:`basket_gains` per held-back basket for rankers.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from models.encoder import TextEncoder
 from ranking.scoring import DAY_S, LogBlendWeights, SimilarityScale, log_blend_terms, scale_from_settings
 from ranking.user_state import decay_factor, decayed_add
 
-from .metrics import ndcg_from_ranks, ranks_from_scores, recall_from_ranks, retrieval_metrics
+from .metrics import ndcg_from_ranks, ranks_from_scores, recall_from_ranks, target_ranks
 
 
 @dataclass(frozen=True)
@@ -95,21 +99,93 @@ def window_metrics(
 
     Items are ranked by cosine to the context, or, with ``blend``, by the blend's item side.
     """
-    known = [p for p in pairs if p.target_item in matrix.index]
-    if not known:
-        return {f"recall@{k}": 0.0, f"ndcg@{k}": 0.0, "n": 0.0, "unknown": float(len(pairs))}
+    return metrics_from_ranks(window_ranks(encoder, matrix, pairs, blend), k)
+
+
+def window_ranks(
+    encoder: TextEncoder, matrix: ItemMatrix, pairs: Sequence[TrainPair], blend: WindowBlend | None = None
+) -> np.ndarray:
+    """Each pair's target's 0-based rank among the catalog (-1 where the target is not in it).
+
+    Per pair, not averaged: the publish gate compares two versions pair by pair
+    (``learner.publish.paired_comparison``), which tells a gain from the window's noise.
+    """
+    ranks = np.full(len(pairs), -1, dtype=np.int64)
+    rows = [n for n, p in enumerate(pairs) if p.target_item in matrix.index]
+    if not rows:
+        return ranks
+    known = [pairs[n] for n in rows]
     contexts = context_matrix(encoder, matrix, known)
     targets = np.array([matrix.index[p.target_item] for p in known], dtype=np.int64)
     if blend is None:
-        out = retrieval_metrics(contexts, matrix.vectors, targets, k)
+        ranks[rows] = target_ranks(contexts, matrix.vectors, targets)
     else:
         none = np.zeros(1)  # no repeat, no new-arrival flag: constants that change no rank
         scores = log_blend_terms(
             none, blend.scale.apply(contexts @ matrix.vectors.T), blend.popularity[None, :], none, blend.weights
         )
-        ranks = ranks_from_scores(scores, targets)
-        out = {f"recall@{k}": recall_from_ranks(ranks, k), f"ndcg@{k}": ndcg_from_ranks(ranks, k), "n": float(len(ranks))}
-    out["unknown"] = float(len(pairs) - len(known))
+        ranks[rows] = ranks_from_scores(scores, targets)
+    return ranks
+
+
+def metrics_from_ranks(ranks: np.ndarray, k: int = 10) -> dict[str, float]:
+    """``recall@k``, ``ndcg@k``, ``n`` and ``unknown`` of :func:`window_ranks`' output."""
+    known = ranks[ranks >= 0]
+    return {
+        f"recall@{k}": recall_from_ranks(known, k),
+        f"ndcg@{k}": ndcg_from_ranks(known, k),
+        "n": float(len(known)),
+        "unknown": float(len(ranks) - len(known)),
+    }
+
+
+def _metric_k(metric: str) -> tuple[str, int]:
+    """``"recall@10"`` -> ``("recall", 10)``; ValueError for any other shape."""
+    name, _, k = metric.partition("@")
+    if name not in ("recall", "ndcg") or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"metric must be recall@K or ndcg@K, got {metric!r}")
+    return name, int(k)
+
+
+def rank_gains(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per pair with a known target (rank >= 0): its ``metric`` (``recall@K`` hit or ``ndcg@K`` gain)."""
+    name, k = _metric_k(metric)
+    r = np.asarray(ranks, dtype=np.float64)
+    inside = (r >= 0) & (r < k)
+    if name == "recall":
+        return inside.astype(np.float64)
+    return np.where(inside, 1.0 / np.log2(np.maximum(r, 0) + 2.0), 0.0)
+
+
+def basket_gains(
+    scores: np.ndarray, labels: np.ndarray, groups: Sequence[int], metric: str, relevant: Sequence[int] | None = None
+) -> np.ndarray:
+    """Per basket (group of candidate rows): ``metric`` of the candidates ranked by ``scores``.
+
+    ``labels`` marks the bought candidates; ``relevant`` is each basket's count of bought
+    items, candidates or not (default: the bought candidates), so Recall@K is measured
+    against the whole basket as the evaluation measures it. Ties keep row order.
+    """
+    name, k = _metric_k(metric)
+    counts = np.asarray(groups, dtype=np.int64)
+    rel = counts * 0 if relevant is None else np.asarray(relevant, dtype=np.int64)
+    if len(rel) != len(counts) or int(counts.sum()) != len(scores) or len(labels) != len(scores):
+        raise ValueError(f"{len(scores)} scores, {len(labels)} labels, groups summing to {int(counts.sum())}, "
+                         f"{len(rel)} relevant counts for {len(counts)} groups")
+    discounts = 1.0 / np.log2(np.arange(k) + 2.0)
+    out = np.zeros(len(counts))
+    start = 0
+    for g, size in enumerate(counts):
+        s, lab = scores[start:start + size], np.asarray(labels[start:start + size]) > 0
+        start += size
+        n_rel = int(rel[g]) if relevant is not None else int(lab.sum())
+        if n_rel <= 0:
+            continue
+        hits = lab[np.argsort(-s, kind="stable")[:k]]
+        if name == "recall":
+            out[g] = hits.sum() / n_rel
+        else:
+            out[g] = float(discounts[: len(hits)][hits].sum() / discounts[: min(n_rel, k)].sum())
     return out
 
 

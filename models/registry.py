@@ -33,9 +33,10 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -52,15 +53,28 @@ BASE_MODEL_NAME = "all-MiniLM-L6-v2"
 # and two learners racing for one sequence number cannot both win the rename.
 _VERSION_RE = re.compile(r"^v(\d{6})-([0-9a-f]{8})$")
 _STAGING_PREFIX = ".staging-"
+M = TypeVar("M", bound=BaseModel)
 
 
-class AdapterRejected(Exception):
-    """A version that must not be loaded; the message names the version and the problem."""
+class VersionRejected(Exception):
+    """A version of some registry that must not be loaded; the message names the kind, version and problem.
+
+    The base of :class:`AdapterRejected` and ``models.ranker_registry.RankerRejected``, so
+    the shared helpers below can refuse a version of either registry in its own words.
+    """
+
+    kind = "version"
 
     def __init__(self, version: str, problem: str) -> None:
-        super().__init__(f"adapter {version!r} rejected: {problem}")
+        super().__init__(f"{self.kind} {version!r} rejected: {problem}")
         self.version = version
         self.problem = problem
+
+
+class AdapterRejected(VersionRejected):
+    """An adapter version that must not be loaded; the message names the version and the problem."""
+
+    kind = "adapter"
 
 
 class AdapterManifest(BaseModel):
@@ -128,6 +142,77 @@ def parse_version(version: str) -> int:
     return int(m.group(1))
 
 
+# -- shared by every registry of immutable versions (adapters here, rankers in models.ranker_registry) --
+
+
+def version_names(root: Path) -> list[str]:
+    """Published version directories under ``root``, oldest first (staging directories and strays excluded)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+
+
+def new_staging(root: Path) -> Path:
+    """A fresh hidden directory under ``root`` to write a version into before :func:`commit_version` renames it."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+    staging.mkdir()
+    return staging
+
+
+def commit_version(root: Path, staging: Path, checksum: str, manifest_bytes: Callable[[str], bytes]) -> str:
+    """Rename ``staging`` into place as the next version and return its name.
+
+    ``manifest_bytes(version)`` renders the manifest for a candidate name; it is written
+    (with everything else flushed) before the rename, so a reader never sees a version
+    without its manifest. The rename fails when another publisher took the sequence
+    number first, and then the next number is tried.
+    """
+    for _ in range(100):
+        versions = version_names(root)
+        seq = parse_version(versions[-1]) + 1 if versions else 1
+        version = f"v{seq:06d}-{checksum.removeprefix('sha256:')[:8]}"
+        (staging / MANIFEST_FILE).write_bytes(manifest_bytes(version))
+        fsync_dir_files(staging)
+        try:
+            os.rename(staging, root / version)
+        except OSError:
+            if (root / version).exists():
+                continue  # another publisher took this sequence number: take the next
+            raise
+        fsync_path(root)
+        return version
+    raise RuntimeError(f"could not claim a version name in {root} after 100 attempts")
+
+
+def read_manifest(model: type[M], version: str, path: Path, rejected: type[VersionRejected]) -> M:
+    """Parse ``path/manifest.json`` as ``model``; a missing or invalid one raises ``rejected`` saying which field."""
+    try:
+        return model.model_validate_json((path / MANIFEST_FILE).read_bytes())
+    except FileNotFoundError:
+        raise rejected(version, f"missing {MANIFEST_FILE} in {path}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "manifest"
+        raise rejected(version, f"{MANIFEST_FILE} is invalid: {where}: {err['msg']}") from None
+
+
+def check_version_files(
+    version: str, path: Path, expected: frozenset[str], rejected: type[VersionRejected], known: Callable[[], list[str]]
+) -> None:
+    """Refuse a version directory that is absent or does not hold exactly ``expected``."""
+    if not path.is_dir():
+        latest = ", ".join(known()[-5:]) or "none"
+        raise rejected(version, f"no such version in {path.parent} (latest known: {latest})")
+    present = {p.name for p in path.iterdir()}
+    missing = sorted(expected - present)
+    if missing:
+        raise rejected(version, f"missing {', '.join(missing)} in {path}")
+    extra = sorted(present - expected)
+    if extra:
+        raise rejected(version, f"unexpected {', '.join(extra)} in {path}: a published version holds only {sorted(expected)}")
+
+
 class AdapterRegistry:
     """Published adapter versions under ``root`` (``settings.state_dir / "adapters"``)."""
 
@@ -138,10 +223,7 @@ class AdapterRegistry:
 
     def versions(self) -> list[str]:
         """Published versions, oldest first (staging directories and strays excluded)."""
-        if not self.root.is_dir():
-            return []
-        names = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
-        return sorted(names)
+        return version_names(self.root)
 
     def latest(self) -> str | None:
         versions = self.versions()
@@ -164,18 +246,7 @@ class AdapterRegistry:
         :class:`AdapterRejected` and loads nothing.
         """
         path = self.path(version)
-        if not path.is_dir():
-            known = ", ".join(self.versions()[-5:]) or "none"
-            raise AdapterRejected(version, f"no such version in {self.root} (latest known: {known})")
-        present = {p.name for p in path.iterdir()}
-        missing = sorted(VERSION_FILES - present)
-        if missing:
-            raise AdapterRejected(version, f"missing {', '.join(missing)} in {path}")
-        extra = sorted(present - VERSION_FILES)
-        if extra:
-            raise AdapterRejected(
-                version, f"unexpected {', '.join(extra)} in {path}: a published version holds only {sorted(VERSION_FILES)}"
-            )
+        check_version_files(version, path, VERSION_FILES, AdapterRejected, self.versions)
         manifest = self._read_manifest(version, path)
         if manifest.version != version:
             raise AdapterRejected(version, f"its manifest names version {manifest.version!r}")
@@ -200,14 +271,7 @@ class AdapterRegistry:
         return manifest, path
 
     def _read_manifest(self, version: str, path: Path) -> AdapterManifest:
-        try:
-            return AdapterManifest.model_validate_json((path / MANIFEST_FILE).read_bytes())
-        except FileNotFoundError:
-            raise AdapterRejected(version, f"missing {MANIFEST_FILE} in {path}") from None
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "manifest"
-            raise AdapterRejected(version, f"{MANIFEST_FILE} is invalid: {where}: {err['msg']}") from None
+        return read_manifest(AdapterManifest, version, path, AdapterRejected)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -225,8 +289,7 @@ class AdapterRegistry:
         The version appears atomically under :attr:`root`; announcing it on the
         ``adapters`` topic is the caller's job (the learner does it).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging = new_staging(self.root)
         try:
             peft_model.save_pretrained(str(staging), safe_serialization=True)
             # peft also writes a model card; a version holds the weights, config and manifest only.
@@ -255,10 +318,8 @@ class AdapterRegistry:
         For tools and tests; ``base_model`` overrides the identity recorded (only a test
         of foreign-adapter refusal has a reason to).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging = new_staging(self.root)
         try:
-            staging.mkdir()
             for name in WEIGHT_FILES:
                 shutil.copyfile(Path(weights_dir) / name, staging / name)
             return self._commit(
@@ -279,10 +340,10 @@ class AdapterRegistry:
     ) -> AdapterManifest:
         checksum = weights_checksum(staging)
         base = base_model or base_model_id()
-        for attempt in range(100):
-            seq = self._next_sequence()
-            version = f"v{seq:06d}-{checksum.removeprefix('sha256:')[:8]}"
-            manifest = AdapterManifest(
+        manifests: dict[str, AdapterManifest] = {}
+
+        def render(version: str) -> bytes:
+            manifests[version] = AdapterManifest(
                 version=version,
                 parent=parent,
                 base_model=base,
@@ -291,18 +352,6 @@ class AdapterRegistry:
                 metrics={k: float(v) for k, v in metrics.items()},
                 checksum=checksum,
             )
-            (staging / MANIFEST_FILE).write_bytes(manifest.to_bytes())
-            fsync_dir_files(staging)
-            try:
-                os.rename(staging, self.root / version)
-            except OSError:
-                if (self.root / version).exists():
-                    continue  # another publisher took this sequence number: take the next
-                raise
-            fsync_path(self.root)
-            return manifest
-        raise RuntimeError(f"could not claim a version name in {self.root} after 100 attempts")
+            return manifests[version].to_bytes()
 
-    def _next_sequence(self) -> int:
-        versions = self.versions()
-        return parse_version(versions[-1]) + 1 if versions else 1
+        return manifests[commit_version(self.root, staging, checksum, render)]
