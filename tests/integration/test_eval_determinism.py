@@ -56,7 +56,19 @@ def _write_dataset(sample_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def _run(log, seed: int, tmp_path: Path, **overrides):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ONNX exports shared by the session (the serving tests' folder): each version is exported once.
+
+    Versions are named by their weights' checksum, so two runs share an export only when
+    they trained the very same adapter.
+    """
+    path = tmp_path_factory.getbasetemp() / "serving-shared" / "exports"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run(log, seed: int, tmp_path: Path, exports: Path, **overrides):  # type: ignore[no-untyped-def]
     import torch
 
     torch.set_num_threads(2)
@@ -65,36 +77,42 @@ def _run(log, seed: int, tmp_path: Path, **overrides):  # type: ignore[no-untype
         eval_pretrain_days=7.0, eval_pretrain_pairs=16, learner_batch_size=8, learner_eval_window=32,
         **overrides,
     )
+    if not (tmp_path / "exports").exists():
+        (tmp_path / "exports").symlink_to(exports, target_is_directory=True)
     eval_from = parse_date("2011-05-16")
-    methods = build_system_methods(log, settings, eval_from, ["frozen", "full"], "cpu")
+    methods = build_system_methods(log, settings, eval_from, ["frozen", "full"], "cpu", adapter_exports=exports)
     res = evaluate(log, eval_from, methods)
     return {k: v.as_dict() for k, v in res.items()}, methods[1]
 
 
-def test_same_seed_same_figures(sample_dir: Path, tmp_path: Path) -> None:
+def test_same_seed_same_figures(sample_dir: Path, tmp_path: Path, exports: Path) -> None:
     log = _small_log(sample_dir)
-    first, full = _run(log, 7, tmp_path)
-    second, _ = _run(log, 7, tmp_path)
+    first, full = _run(log, 7, tmp_path, exports)
+    second, _ = _run(log, 7, tmp_path, exports)
     assert full.learner.updates >= 2, "the adapter must have been updated in the stream"
     assert first == second
     assert first["full"]["all"]["baskets"] > 50
 
 
-def test_gate_that_never_publishes_leaves_full_equal_to_frozen(sample_dir: Path, tmp_path: Path) -> None:
+def test_gate_that_never_publishes_leaves_full_equal_to_frozen(sample_dir: Path, tmp_path: Path, exports: Path) -> None:
     """A gate that holds every update (too few window pairs) must score with the base vectors."""
-    figures, full = _run(_small_log(sample_dir), 7, tmp_path, learner_min_eval_pairs=10_000)
+    figures, full = _run(_small_log(sample_dir), 7, tmp_path, exports, learner_min_eval_pairs=10_000)
     assert full.learner.updates >= 2 and full.learner.gate.published == 0
     assert all(r.startswith("hold: only") for r in full.learner.gate.decisions)
     assert figures["full"] == figures["frozen"]
 
 
-def test_gate_that_always_publishes_adopts_every_update(sample_dir: Path, tmp_path: Path) -> None:
-    """With a margin of 1 nothing is worse enough to hold: every update goes through the registry."""
-    figures, full = _run(_small_log(sample_dir), 7, tmp_path, learner_publish_margin=1.0)
+def test_gate_that_always_publishes_adopts_every_update(sample_dir: Path, tmp_path: Path, exports: Path) -> None:
+    """With a margin of 1 nothing is worse enough to hold: every update goes through the registry,
+    and baskets are then ranked on that version as serving would serve it (its int8 ONNX export)."""
+    figures, full = _run(_small_log(sample_dir), 7, tmp_path, exports, learner_publish_margin=1.0)
     gate = full.learner.gate
     assert full.learner.updates >= 2 and gate.published == full.learner.updates
-    assert gate.active.version != "base"
-    assert np.array_equal(gate.active_matrix.vectors, full.vectors)
+    assert gate.active.version != "base" and full.space.version == gate.active.version
+    # the gate judged the PyTorch encoding (as the learner does); baskets use the int8 export of the same weights
+    assert not np.array_equal(gate.active_matrix.vectors, full.vectors)
+    cosines = np.einsum("ij,ij->i", gate.active_matrix.vectors, full.vectors)
+    assert cosines.min() > 0.99
     assert figures["full"] != figures["frozen"]
 
 
