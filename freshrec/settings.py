@@ -213,6 +213,20 @@ class Settings(BaseSettings):
         description="Ranker model: LightGBM lambdarank refit on the sliding window, continued with new trees, or a small "
         "torch ranker trained incrementally (chosen by measurement: docs/ranker_family.md)",
     )
+    ranker_update_baskets: int = Field(1000, ge=1, description="Update the ranker after this many new labelled baskets")
+    ranker_update_days: float = Field(
+        14.0, gt=0, description="... or after this many days of event time with any new labelled basket"
+    )
+    ranker_window_baskets: int = Field(3000, ge=10, description="Newest labelled baskets a ranker update trains on")
+    ranker_gate_baskets: int = Field(
+        300, ge=10, description="Newest labelled baskets held back from training to judge a ranker candidate"
+    )
+    ranker_train_negatives: int = Field(
+        50, ge=1, description="Most non-bought candidates per basket in a training set (a seeded sample; all bought ones stay)"
+    )
+    ranker_eval_history_days: float = Field(
+        90.0, ge=0, description="`freshrec eval` ranker: days of history before the first scored basket that make examples"
+    )
 
     # -- learner (add learner settings below this line) ----------------------------------
     learner_temperature: float = Field(0.05, gt=0, description="Softmax temperature of the in-batch contrastive loss")
