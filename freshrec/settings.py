@@ -274,6 +274,9 @@ class Settings(BaseSettings):
     )
     ranker_mlp_hidden: str = Field("64,32", description="Hidden layer widths of the torch ranker, comma-separated")
     ranker_mlp_lr: float = Field(3e-3, gt=0, description="Adam learning rate of the torch ranker")
+    ranker_poll_s: float = Field(
+        2.0, gt=0, description="How often serving re-reads the ranker registry's active version (announcements also wake it)"
+    )
 
     # -- evaluation (add evaluation settings below this line) ----------------------------
     # frozen/full run the system with the system's own settings (blend_mode, blend_log_*,
