@@ -1,4 +1,4 @@
-"""The admin API under /admin: list, activate and roll back adapter versions; status.
+"""The admin API under /admin: list, activate and roll back adapter and ranker versions; status.
 
 Every route needs ``Authorization: Bearer <settings.admin_token>``: no (or a non-Bearer)
 header is 401, a wrong token 403. The router exists only when admin is enabled
@@ -16,12 +16,23 @@ version at once (a corrupt or unknown adapter is refused with 422/404 and the ac
 pair keeps serving), queues the build and answers 202 with the job; ``?wait=true``
 answers when the new pair is live (200) or the build failed (422), up to ``timeout_s``.
 
+Rankers (``/admin/rankers``) swap on their own, synchronously (loading one is
+milliseconds): ``POST /admin/rankers/{version}/activate`` verifies the version
+(checksum, model, and that it was trained on the feature schema serving computes),
+records it active in the ranker registry (every replica follows that record) and
+installs it, answering 200 once it serves; a corrupt one is 422, an unknown one 404,
+and the active ranker keeps serving. ``POST /admin/rankers/rollback`` re-activates the
+version before it in the registry's record (409 when there is none).
+
 Examples::
 
     curl -H "Authorization: Bearer $TOKEN" localhost:8000/admin/adapters
     curl -X POST -H "Authorization: Bearer $TOKEN" "localhost:8000/admin/adapters/v000002-1a2b3c4d/activate?wait=true"
     curl -X POST -H "Authorization: Bearer $TOKEN" localhost:8000/admin/rollback
     curl -H "Authorization: Bearer $TOKEN" localhost:8000/admin/status
+    curl -H "Authorization: Bearer $TOKEN" localhost:8000/admin/rankers
+    curl -X POST -H "Authorization: Bearer $TOKEN" localhost:8000/admin/rankers/v000002-1a2b3c4d/activate
+    curl -X POST -H "Authorization: Bearer $TOKEN" localhost:8000/admin/rankers/rollback
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from models.encoder import BASE_VERSION
 from models.registry import VERSION_FORMAT, is_version_name
 
 from .app import JSON, ApiError, bearer_guard, error_responses, public_body
+from .ranker_slot import RankerRefused
 from .runtime import ServingRuntime
 from .swap import ActivationRefused, BuildJob
 
@@ -92,6 +104,17 @@ def check_version_name(version: str) -> None:
     )
 
 
+def check_ranker_name(version: str) -> None:
+    """Refuse (422) a name that is not a registry version (rankers have no ``base``), before any file is touched."""
+    if is_version_name(version):
+        return
+    shown = repr(version[:40]) + (f"... ({len(version):,} characters)" if len(version) > 40 else "")
+    raise ApiError(422, f"version: {shown} is not a ranker version; expected {VERSION_FORMAT} (see GET /admin/rankers)")
+
+
+RANKER_PATTERN = r"^v[0-9]{6}-[0-9a-f]{8}$"
+
+
 def admin_router(runtime: ServingRuntime) -> APIRouter:
     state_dir = runtime.settings.state_dir
     guard = bearer_guard(runtime.settings.admin_token, "AdminToken", "admin", "admin_token")
@@ -136,6 +159,35 @@ def admin_router(runtime: ServingRuntime) -> APIRouter:
             raise ApiError(409, str(exc)) from None
         return await _finish(job, wait, timeout_s)
 
+    @router.get("/rankers")
+    async def rankers() -> JSON:
+        return JSON(public_body(await anyio.to_thread.run_sync(_rankers, runtime), state_dir))
+
+    @router.post("/rankers/rollback", responses=error_responses(409, 422))
+    async def ranker_rollback() -> JSON:
+        before = runtime.ranker.version
+        try:
+            loaded = await anyio.to_thread.run_sync(runtime.ranker.rollback)
+        except LookupError as exc:
+            raise ApiError(409, f"{exc}; still serving ranker {before}") from None
+        except RankerRefused as exc:
+            raise ApiError(422, f"{exc}; still serving ranker {before}") from None
+        return JSON({"version": loaded.version, "previous": before, "state": "live"})
+
+    @router.post("/rankers/{version}/activate", responses=error_responses(404, 422))
+    async def ranker_activate(
+        version: str = Path(..., json_schema_extra={"pattern": RANKER_PATTERN}, examples=["v000003-1a2b3c4d"]),
+    ) -> JSON:
+        check_ranker_name(version)
+        before = runtime.ranker.version
+        try:
+            loaded = await anyio.to_thread.run_sync(runtime.ranker.activate, version)
+        except RankerRefused as exc:
+            log.warning("admin activation of ranker %s refused: %s", version, exc)
+            status = 404 if "no such version" in str(exc) else 422
+            raise ApiError(status, f"{exc}; still serving ranker {before}") from None
+        return JSON({"version": loaded.version, "previous": before, "state": "live"})
+
     @router.get("/status")
     async def status() -> JSON:
         refreshing = learner.refresh()
@@ -162,6 +214,41 @@ def _adapters(runtime: ServingRuntime) -> dict[str, Any]:
             entry["error"] = str(exc)
         out.append(entry)
     return {"active": active, "building": building, "history": list(runtime.builder.history), "versions": out}
+
+
+def _rankers(runtime: ServingRuntime) -> dict[str, Any]:
+    """Published rankers with their manifests, the registry's record and what this process serves."""
+    from models.ranker_registry import RankerRejected
+
+    slot = runtime.ranker
+    registry = slot.registry
+    serving = slot.version
+    try:
+        history = registry.history()
+    except RankerRejected as exc:
+        history = []
+        log.warning("ranker activation record unreadable: %s", exc)
+    out = []
+    for version in registry.versions():
+        entry: dict[str, Any] = {"version": version, "serving": version == serving,
+                                 "active": bool(history) and history[-1] == version}
+        try:
+            m = registry.manifest(version)
+            entry.update(
+                family=m.family, parent=m.parent, created=m.created, examples_seen=m.examples_seen, size=m.size,
+                metrics=m.metrics, feature_schema=m.feature_schema, schema_ok=m.feature_schema == slot.schema,
+            )
+        except RankerRejected as exc:
+            entry["error"] = str(exc)
+        out.append(entry)
+    return {
+        "serving": serving,
+        "active": history[-1] if history else None,
+        "history": history,
+        "schema": slot.schema,
+        "slot": slot.summary(),
+        "versions": out,
+    }
 
 
 def _learner_lag(runtime: ServingRuntime) -> dict[str, Any]:
@@ -228,6 +315,14 @@ def _status(runtime: ServingRuntime, learner: dict[str, Any] | None) -> dict[str
             "errors": vectors.errors,
             "last_error": vectors.last_error,
         },
+        "ranker": runtime.ranker.summary(),
+        "shop_view": {
+            "ready": runtime.shop.view is not None,
+            "now_ts": None if runtime.shop.view is None else runtime.shop.view.now_ts,
+            "refreshes": runtime.shop.refreshes,
+            "last_error": runtime.shop.last_error,
+        },
+        "shoppers": runtime.shoppers.summary(),
         "redis": {"healthy": runtime.gate.healthy, "failures": runtime.gate.failures, "last_error": runtime.gate.last_error},
         "popularity": {
             "items": len(runtime.popularity.view.ranked),

@@ -13,6 +13,12 @@ plus ``source`` on /recommend (``personal`` or ``popularity``), ``personalised``
 (whether a user vector was blended in), and ``degraded: true`` with a ``reason`` when
 Redis could not be read, or when it answered from an empty state (no applied events, an
 empty catalog, no popularity for a cold user: see :func:`serving.shopper_data.state_gap`).
+/recommend also names the ranker: ``ranker_version`` is the version whose scores ordered
+the answer (the one read from :class:`serving.ranker_slot.RankerSlot` at the request's
+start), or null when the blend or popularity did, and then ``ranker_fallback`` says why
+(a code of :data:`serving.ranked.FALLBACKS`: ``no_ranker``, ``schema_mismatch``,
+``ranker_refused``, ``ranker_error``, ``redis``, ``no_shop_view``, ``no_baskets``,
+``cold``, ``unavailable``); ``ranker_fallback`` is null when the ranker answered.
 Errors are ``{"error": "..."}`` with a 4xx: a missing or bad parameter or k out of range
 422, an empty query 422, a query over ``MAX_QUERY_CHARS`` or a body over
 ``MAX_BODY_BYTES`` 413, an unknown item in /similar 404, and 503 while the first index
@@ -52,6 +58,7 @@ from ranking import scoring
 
 from .metrics import ENDPOINTS, TimingMiddleware
 from .pair import ServingPair
+from .ranked import gather_shopper, try_ranker
 from .runtime import ServingRuntime
 from .shopper_data import RedisUnavailable, state_gap
 
@@ -105,6 +112,8 @@ class Ranked(BaseModel):
     personalised: bool | None = None
     degraded: bool | None = None
     reason: str | None = None
+    ranker_version: str | None = None
+    ranker_fallback: str | None = None
 
 
 class Interaction(BaseModel):
@@ -293,6 +302,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
     ) -> JSON:
         t0 = time.perf_counter()
         pair = _pair()
+        ranker = runtime.ranker.current  # read once: the version named is the one that scored
         popularity = runtime.popularity.view
         space = pair.space()
         try:
@@ -301,7 +311,9 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             runtime.metrics.degraded.labels("recommend").inc()
             ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
             reason = public_message(str(exc), settings.state_dir)
-            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", degraded=True, reason=reason))
+            _count(None, "unavailable")
+            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", degraded=True, reason=reason,
+                              ranker_version=None, ranker_fallback="unavailable"))
         cold = state is None or (not state.history and not state.basket_bits)
         gap = state_gap(popularity, len(pair.index), cold)
         flag: dict[str, Any] = {}
@@ -310,7 +322,18 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             flag = {"degraded": True, "reason": gap}
         if cold:
             ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
-            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", **flag))
+            _count(None, "cold")
+            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", **flag,
+                              ranker_version=None, ranker_fallback="cold"))
+        blocked = runtime.ranker.blocked
+        answer, fallback = try_ranker(
+            ranker, None if blocked is None else blocked.code, state, runtime.shop.view, gather,
+            pair.index, pair.similarity, runtime.feature_rules, k, on_error=ranker_failed,
+        )
+        if answer is not None and ranker is not None:
+            _count(ranker.version, None)
+            return JSON(_body(pair, _items(answer.ranked, runtime.titles), t0, source="personal", **flag,
+                              ranker_version=ranker.version, ranker_fallback=None))
         ranked = scoring.recommend(
             state.history,
             state.basket_scores(basket_decay),
@@ -325,7 +348,33 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             new_items=popularity.new_items,
             similarity_scale=pair.similarity,
         )
-        return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal", **flag))
+        _count(None, fallback)
+        return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal", **flag,
+                          ranker_version=None, ranker_fallback=fallback))
+
+    def gather(state: Any, now_ts: float) -> Any:
+        return gather_shopper(
+            state, now_ts, runtime.feature_rules, runtime.collab_rules, settings.collab_neighbours,
+            runtime.shoppers.search, runtime.read_shopper_inputs,
+        )
+
+    last_logged: dict[str, float] = {}
+
+    def ranker_failed(code: str, exc: BaseException) -> None:
+        """Log a ranker-path failure with its traceback, at most once a minute per kind."""
+        now = time.monotonic()
+        if now - last_logged.get(code, -1e9) >= 60.0:
+            last_logged[code] = now
+            log.warning("ranker path failed (%s), the blend answers: %s: %s", code, type(exc).__name__, exc,
+                        exc_info=code == "ranker_error")
+
+    def _count(ranker_version: str | None, fallback: str | None) -> None:
+        m = runtime.metrics
+        if ranker_version is not None:
+            m.ranked_by.labels("ranker").inc()
+        else:
+            m.ranked_by.labels("popularity" if fallback in ("cold", "unavailable") else "blend").inc()
+            m.ranker_fallbacks.labels(fallback or "unknown").inc()
 
     @app.post(
         "/search",

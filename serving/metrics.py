@@ -41,6 +41,16 @@ class ServingMetrics:
         )
         self.adapter = Gauge("freshrec_adapter_info", "1 for the active adapter version", ["version"], registry=r)
         self._adapter_version: str | None = None
+        # the ranking stage: which ranking answered /recommend, and why the ranker did not
+        self.ranked_by = Counter(
+            "freshrec_recommend_ranked", "/recommend answers by what ordered them (ranker, blend, popularity)", ["by"], registry=r
+        )
+        self.ranker_fallbacks = Counter(
+            "freshrec_ranker_fallbacks", "/recommend answers not ordered by the ranker, by reason", ["reason"], registry=r
+        )
+        self.ranker_swaps = Counter("freshrec_ranker_swaps", "Rankers swapped in (or out, to the blend)", registry=r)
+        self.ranker = Gauge("freshrec_ranker_info", "1 for the active ranker version", ["version"], registry=r)
+        self._ranker_version: str | None = None
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.latency.labels(endpoint).observe(seconds)
@@ -55,6 +65,15 @@ class ServingMetrics:
             self.adapter.remove(self._adapter_version)
         self.adapter.labels(version).set(1)
         self._adapter_version = version
+
+    def set_ranker(self, version: str | None) -> None:
+        """Point ``freshrec_ranker_info`` at ``version`` (None: no ranker, the blend serves)."""
+        if self._ranker_version is not None and self._ranker_version != version:
+            self.ranker.remove(self._ranker_version)
+        if version is not None:
+            self.ranker.labels(version).set(1)
+        self._ranker_version = version
+        self.ranker_swaps.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

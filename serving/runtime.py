@@ -6,6 +6,10 @@ Threads (all daemons; none is on the request path):
 * ``item-vectors``: keeps the active index current (:mod:`serving.vectors`);
 * ``adapters``: activates announced versions when ``settings.auto_activate``;
 * ``popularity``: refreshes the in-memory popularity ranking (:mod:`serving.shopper_data`);
+* ``shop-view``: refreshes the ranker's shop-wide inputs (:mod:`serving.shop_view`);
+* ``shopper-vectors``: keeps the nearest-shopper index current (:mod:`serving.shoppers`);
+* ``rankers`` and ``rankers-sync``: follow ranker announcements and the ranker registry's
+  active version, and swap the ranker (:mod:`serving.ranker_slot`);
 * ``startup``: positions the follower, then queues the first build, so the HTTP server
   answers ``/healthz`` at once and ``/readyz`` once the first pair is live.
 
@@ -27,7 +31,11 @@ from ranking.scoring import DAY_S, BlendWeights, LogBlendWeights, scale_from_set
 
 from .exporter import ExportWorker
 from .metrics import ServingMetrics
+from .collab_data import CollabShop, read_shop, read_shopper_inputs, read_shopper_vectors
 from .pair import ActivePair, ServingPair
+from .ranker_slot import RankerSlot, RankerSync
+from .shop_view import ShopCache
+from .shoppers import ShopperNeighbours
 from .shopper_data import PopularityCache, PopularityReading, RedisGate
 from .swap import ActivationRefused, BuildJob, BuildTools, PairBuilder, default_tools
 from .vectors import VectorApplier, VectorFollower
@@ -94,6 +102,22 @@ class ServingRuntime:
             self._read_popularity, settings.popularity_refresh_s, settings.blend_new_days * DAY_S
         )
         self.announcements: list[dict[str, Any]] = []  # the latest few, newest last
+        # the ranking stage: the ranker (swapped on its own), its shop-wide inputs, nearest shoppers
+        from models.ranker_registry import RankerRegistry
+        from ranking.collab import CollabRules
+        from ranking.features import FeatureRules
+
+        self.feature_rules = FeatureRules.from_settings(settings)
+        self.collab_rules = CollabRules.from_settings(settings)
+        self.ranker = RankerSlot(
+            RankerRegistry(settings.state_dir / "rankers"),
+            on_swap=lambda loaded: self.metrics.set_ranker(None if loaded is None else loaded.version),
+        )
+        self.ranker_sync = RankerSync(self.ranker, settings, settings.ranker_poll_s, follow=follow_topics)
+        self.shop = ShopCache(self._read_collab_shop, self.popularity, self.feature_rules, settings.popularity_refresh_s)
+        self.shoppers = ShopperNeighbours(
+            settings, settings.collab_shopper_dim, self._read_shopper_vectors, follow=follow_topics
+        )
         self.started_at = time.time()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -115,6 +139,9 @@ class ServingRuntime:
             self.exporter.warm()  # import torch in the export worker before the first announcement
         self.builder.start()
         self.popularity.start()
+        self.ranker_sync.start()
+        self.shop.start()
+        self.shoppers.start()
         if self.vectors is not None:
             self.vectors.start()
         self._spawn(self._startup, "startup")
@@ -125,6 +152,9 @@ class ServingRuntime:
         self._stop.set()
         self.builder.stop()
         self.popularity.stop()
+        self.ranker_sync.stop()
+        self.shop.stop()
+        self.shoppers.stop()
         if self.vectors is not None:
             self.vectors.stop()
         for t in self._threads:
@@ -278,6 +308,20 @@ class ServingRuntime:
 
     def _read_items_quietly(self, ids: Any) -> dict[str, Any]:
         return self.tools.read_items(ids)
+
+    def _read_collab_shop(self, previous: CollabShop | None) -> CollabShop:
+        return read_shop(self.background_redis, self.settings, self.collab_rules, previous)
+
+    def _read_shopper_vectors(self) -> dict[str, Any]:
+        return read_shopper_vectors(self.background_redis, self.settings, self.settings.collab_shopper_dim)
+
+    def read_shopper_inputs(
+        self, row_items: Any, neighbour_ids: Any, now_ts: float
+    ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        """One request's co-purchase rows and neighbour states, through the gate (fails fast when Redis is down)."""
+        return self.gate.call(
+            read_shopper_inputs, self.request_redis, self.settings, row_items, neighbour_ids, now_ts, self.collab_rules
+        )
 
     def _read_popularity(self) -> PopularityReading:
         from stores.user_store import read_fresh_popularity
