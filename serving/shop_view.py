@@ -67,10 +67,13 @@ class ShopCache:
         self.last_error: str | None = None
         self.refreshes = 0
         self._built_from: tuple[Any, Any] = (None, None)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        popularity.listeners.append(self.on_popularity)
 
     def refresh(self) -> bool:
+        """Re-read the collaborative state (unchanged state: no large read) and rebuild if anything moved."""
         try:
             collab = self._read(self.collab)
         except Exception as exc:  # keep the last view; say why in /admin/status
@@ -78,13 +81,21 @@ class ShopCache:
             return False
         self.collab = collab
         self.last_error = None
-        pop = self.popularity.view
-        built_collab, built_pop = self._built_from
-        if self.view is None or built_collab is not collab or built_pop is not pop:
-            self.view = shop_view(collab, pop, self.rules)
-            self._built_from = (collab, pop)
-            self.refreshes += 1
+        self._rebuild(collab, self.popularity.view)
         return True
+
+    def on_popularity(self, view: PopularityView) -> None:
+        """A new popularity reading: rebuild at once, so the ranker and the blend see the same one."""
+        if self.collab is not None:
+            self._rebuild(self.collab, view)
+
+    def _rebuild(self, collab: CollabShop, pop: PopularityView) -> None:
+        with self._lock:
+            built_collab, built_pop = self._built_from
+            if self.view is None or built_collab is not collab or built_pop is not pop:
+                self.view = shop_view(collab, pop, self.rules)
+                self._built_from = (collab, pop)
+                self.refreshes += 1
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="shop-view", daemon=True)

@@ -167,6 +167,9 @@ class PopularityCache:
         self.last_error: str | None = None
         self.loaded = threading.Event()  # a ranking was read
         self.attempted = threading.Event()  # the first read finished, well or not
+        # called with each new view, on the refreshing thread (the ranker's shop view
+        # rebuilds from it, so the two never serve different popularity for long)
+        self.listeners: list[Callable[[PopularityView], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -179,10 +182,17 @@ class PopularityCache:
             )
             self.last_error = None
             self.loaded.set()
-            return True
         except Exception as exc:  # keep the last ranking; say why in /admin/status
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self.attempted.set()
             return False
+        try:
+            for listener in self.listeners:
+                listener(self.view)
+            return True
+        except Exception:
+            log.exception("popularity listener failed")
+            return True
         finally:
             self.attempted.set()
 
