@@ -24,6 +24,7 @@ COMPONENT_COMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("streams.cli", "run a Bytewax dataflow: `stream users` or `stream catalog`"),
     "index": ("indexer.cli", "encode changed items and publish item vectors"),
     "serve": ("serving.cli", "run the recommend/search/similar API"),
+    "collect": ("collector.cli", "run the HTTP event collector (POST /events) for producers without Kafka"),
     "learn": ("learner.cli", "train and publish LoRA adapters from train pairs"),
     "eval": ("evaluation.cli", "prequential next-basket evaluation on a dataset"),
     "demo": ("console.demo", "start everything and replay the bundled sample"),

@@ -191,6 +191,25 @@ class Settings(BaseSettings):
     serving_faiss_threads: int = Field(
         1, ge=1, le=64, description="OpenMP threads FAISS may use in serving; one query per search gains nothing from more"
     )
+    # the HTTP collector (collector/: POST /events for producers without a Kafka client)
+    collector_host: str = Field("127.0.0.1", description="Bind address of `freshrec collect`")
+    collector_port: int = Field(8010, ge=1, le=65535, description="Port of `freshrec collect`")
+    collector_token: str | None = Field(
+        None,
+        description="Bearer token producers send to POST /events; the collector refuses to start without one "
+        "unless given --insecure-no-token (a local demo)",
+    )
+    collector_max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest POST /events body; a bigger one is a 413 and nothing is sent"
+    )
+    collector_max_records: int = Field(10_000, ge=1, description="Most records in one POST /events; more is a 413")
+    collector_send_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a batch waits for the broker's confirmation; what is not confirmed by then is a 503"
+    )
+    collector_connect_timeout_s: float = Field(
+        5.0, gt=0, description="Longest the collector's producer tries to reach the bootstrap servers per attempt"
+    )
+    collector_retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) of a 503 while the broker is away")
 
     # -- collaborative state and the ranking stage (ranking.collab, ranking.features) ----
     collab_top_k: int = Field(50, ge=1, description="Co-purchase neighbours read per item")
