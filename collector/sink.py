@@ -104,7 +104,7 @@ class EventSink:
                 request_timeout_ms=max(int(send_ms * 0.8), 100),
                 delivery_timeout_ms=send_ms + _LINGER_MS,
             )
-        except KafkaError as exc:
+        except (KafkaError, OSError) as exc:  # refused, timed out, a name that does not resolve
             raise BrokerUnavailable(f"cannot reach the broker at {self.settings.kafka_bootstrap}: {exc}") from exc
 
     def send_batch(self, checked: Sequence[Checked]) -> list[bool]:
