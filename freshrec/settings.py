@@ -296,6 +296,9 @@ class Settings(BaseSettings):
     ranker_poll_s: float = Field(
         2.0, gt=0, description="How often serving re-reads the ranker registry's active version (announcements also wake it)"
     )
+    ranker_decode_cache: int = Field(
+        5000, ge=1, description="Decoded neighbour states (and, apart, co-purchase rows) serving keeps, keyed by their stored bytes"
+    )
 
     # -- evaluation (add evaluation settings below this line) ----------------------------
     # frozen/full run the system with the system's own settings (blend_mode, blend_log_*,
