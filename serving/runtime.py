@@ -31,7 +31,7 @@ from ranking.scoring import DAY_S, BlendWeights, LogBlendWeights, scale_from_set
 
 from .exporter import ExportWorker
 from .metrics import ServingMetrics
-from .collab_data import CollabShop, read_shop, read_shopper_inputs, read_shopper_vectors
+from .collab_data import CollabShop, DecodeCache, read_shop, read_shopper_inputs, read_shopper_vectors
 from .pair import ActivePair, ServingPair
 from .ranker_slot import RankerSlot, RankerSync
 from .shop_view import ShopCache
@@ -115,6 +115,8 @@ class ServingRuntime:
         )
         self.ranker_sync = RankerSync(self.ranker, settings, settings.ranker_poll_s, follow=follow_topics)
         self.shop = ShopCache(self._read_collab_shop, self.popularity, self.feature_rules, settings.popularity_refresh_s)
+        self.states_cache = DecodeCache(settings.ranker_decode_cache)
+        self.rows_cache = DecodeCache(settings.ranker_decode_cache)
         self.shoppers = ShopperNeighbours(
             settings, settings.collab_shopper_dim, self._read_shopper_vectors, follow=follow_topics
         )
@@ -320,7 +322,8 @@ class ServingRuntime:
     ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         """One request's co-purchase rows and neighbour states, through the gate (fails fast when Redis is down)."""
         return self.gate.call(
-            read_shopper_inputs, self.request_redis, self.settings, row_items, neighbour_ids, now_ts, self.collab_rules
+            read_shopper_inputs, self.request_redis, self.settings, row_items, neighbour_ids, now_ts, self.collab_rules,
+            self.states_cache, self.rows_cache,
         )
 
     def _read_popularity(self) -> PopularityReading:

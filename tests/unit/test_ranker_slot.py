@@ -248,3 +248,21 @@ def test_top_breaks_ties_by_id_and_keeps_every_tie_at_the_cut() -> None:
     scores[[5, 7]] = 2.0
     assert [i for i, _ in top(items, scores, 4)] == ["x05", "x07", "x00", "x01"]
     assert COLUMN["log_pop"] == FEATURE_NAMES.index("log_pop")
+
+
+def test_decode_cache_hits_only_on_identical_bytes_and_stays_bounded() -> None:
+    from serving.collab_data import DecodeCache
+
+    cache = DecodeCache(max_entries=10)
+    decoded: list[bytes] = []
+
+    def decode(raw: bytes) -> str:
+        decoded.append(raw)
+        return raw.decode()
+
+    assert cache.get("u", b"a", decode) == "a" and cache.get("u", b"a", decode) == "a"
+    assert cache.get("u", b"b", decode) == "b"  # the stored state changed: decoded again
+    assert decoded == [b"a", b"b"] and (cache.hits, cache.misses) == (1, 2)
+    for n in range(50):
+        cache.get(n, b"x", decode)
+    assert len(cache._data) <= 10
