@@ -222,6 +222,10 @@ class Settings(BaseSettings):
     collab_pop_long_days: float = Field(60.0, gt=0, description="Half-life of long-horizon popularity (a ranker feature)")
     collab_shopper_dim: int = Field(256, ge=8, description="Buckets of the hashed shopper vector (nearest-shopper search)")
     collab_neighbours: int = Field(50, ge=1, description="Nearest shoppers whose baskets feed a shopper's features")
+    collab_order_log: int = Field(
+        20_000, ge=100, description="Batches whose application order Redis keeps (collab:order) so a restarted collaborative "
+        "flow replays its input partitions in the order it first applied them (streams.collab_partition)"
+    )
     ranker_copurchase_candidates: int = Field(50, ge=0, description="Candidates proposed by co-purchase per ranking")
     ranker_neighbour_candidates: int = Field(50, ge=0, description="Candidates proposed by nearest shoppers per ranking")
     ranker_ann_candidates: int = Field(100, ge=0, description="Candidates proposed by the item index (nearest to the user vector)")
@@ -245,6 +249,19 @@ class Settings(BaseSettings):
     )
     ranker_eval_history_days: float = Field(
         90.0, ge=0, description="`freshrec eval` ranker: days of history before the first scored basket that make examples"
+    )
+    # the ranker in the learner process (learner.rank_intake, learner.rank_loop)
+    ranker_learn: bool = Field(
+        True, description="`freshrec learn` also trains rankers from rank-examples, beside the adapter (a thread)"
+    )
+    ranker_update_seconds: float = Field(
+        300.0, gt=0, description="`freshrec learn`: also update the ranker after this many wall-clock seconds with any new basket"
+    )
+    ranker_dedupe_ids: int = Field(
+        100_000, ge=1, description="Most recent rank-example ids the learner remembers (and checkpoints) to drop duplicates"
+    )
+    learner_metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of the learner's Prometheus /metrics on 127.0.0.1 (None: off; 0: any free port)"
     )
 
     # -- learner (add learner settings below this line) ----------------------------------

@@ -15,7 +15,7 @@ For one relevant item the two shapes agree, which a unit test checks.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -97,3 +97,65 @@ def _dedup(ranked: Sequence[str]) -> list[str]:
             seen.add(item)
             out.append(item)
     return out
+
+
+# -- the learner process's Prometheus figures ------------------------------------------------------
+
+
+class LearnerMetrics:
+    """What the learner process shows on ``/metrics`` (its own registry, so tests can run several).
+
+    The ranker's figures are gauges set from its checkpointed counters, not counters
+    incremented in memory: a restarted learner then shows the same totals it had, rather
+    than starting again from 0 over a stream it resumed.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rank_examples = Gauge(
+            "freshrec_learner_rank_examples", "Rank-examples records consumed, by outcome", ["outcome"], registry=r
+        )
+        self.ranker_updates = Gauge("freshrec_learner_ranker_updates", "Ranker candidates trained and judged", registry=r)
+        self.ranker_published = Gauge("freshrec_learner_ranker_published", "Ranker versions published", registry=r)
+        self.ranker_window = Gauge(
+            "freshrec_learner_ranker_window_baskets", "Baskets held in memory, by part (held back, training)", ["part"],
+            registry=r,
+        )
+        self.ranker_last = Gauge(
+            "freshrec_learner_ranker_last", "Figures of the last ranker update (gate metrics, fit seconds)", ["figure"],
+            registry=r,
+        )
+
+    def ranker(self, counts: Mapping[str, int], windows: Mapping[str, int], figures: Mapping[str, float]) -> None:
+        """Set the ranker's figures: ``counts`` (consumed, duplicates, skipped, updates, published)."""
+        for outcome in ("consumed", "duplicates", "skipped"):
+            self.rank_examples.labels(outcome).set(counts.get(outcome, 0))
+        self.ranker_updates.set(counts.get("updates", 0))
+        self.ranker_published.set(counts.get("published", 0))
+        for part, n in windows.items():
+            self.ranker_window.labels(part).set(n)
+        for name, value in figures.items():
+            self.ranker_last.labels(name).set(value)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """``/metrics`` of a :class:`LearnerMetrics` on a loopback port, in a thread that :meth:`close` ends."""
+
+    def __init__(self, metrics: LearnerMetrics, port: int, host: str = "127.0.0.1") -> None:
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self.port = int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
