@@ -1,4 +1,4 @@
-"""``freshrec learn``: train and publish LoRA adapters from the train-pairs topic.
+"""``freshrec learn``: train and publish LoRA adapters from the train-pairs topic (and rankers from rank-examples).
 
 Settings come from ``FRESHREC_*`` (batch size, flush seconds, eval window and cadence,
 margin, learning rate, LoRA rank: see ``freshrec.settings``). The catalog used to fill
@@ -94,4 +94,8 @@ def main(argv: list[str], settings: Settings) -> int:
         f"learner: {summary.pairs_trained} pairs trained in {summary.steps} steps, "
         f"published {', '.join(summary.published) or 'nothing'} ({summary.reason})"
     )
+    if learner.ranker is not None:
+        r = learner.ranker.state
+        print(f"ranker: {r.consumed} examples consumed, {r.updates} updates, "
+              f"published {', '.join(r.published) or 'nothing'}")
     return 0

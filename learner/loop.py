@@ -7,6 +7,11 @@ One loop, one thread, so the order of effects is simple to reason about::
          ─▶ per due batch: train_step ─▶ training log ─▶ checkpoint (offsets + weights)
             ─▶ every K batches: evaluate candidate vs active on the window ─▶ publish or hold
 
+Beside it, in a thread of the same process, :class:`learner.rank_loop.RankerLoop` trains
+the ranker from ``rank-examples``; this loop starts it, hands it the active adapter's item
+vectors for the ``sim`` column, counts its activity for ``--idle-exit`` and joins it in
+:meth:`Learner.close`.
+
 See :mod:`learner.checkpoint` for why a restarted learner neither re-trains nor skips a
 pair, and :mod:`learner.publish` for the publish rule.
 
@@ -39,6 +44,8 @@ from .checkpoint import TRAINER_FILE, CheckpointStore, LearnerState
 from .evaluate import ActiveEncoder, TargetPopularity, catalog_fingerprint, encode_items
 from .gate import judge_candidate, publish_candidate
 from .intake import Intake
+from .metrics import LearnerMetrics, MetricsServer
+from .rank_loop import RankerLoop
 from .trainer import LoraTrainer
 
 log = logging.getLogger("freshrec.learner")
@@ -132,6 +139,12 @@ class Learner:
         self.published: list[str] = []
         self._recent_losses: deque[float] = deque(maxlen=20)
         self._stop = False
+        # The ranker trains beside the adapter, in a thread of this process (learner.rank_loop).
+        self.metrics = LearnerMetrics()
+        self.ranker = RankerLoop(settings, self.device, self.metrics, clock) if settings.ranker_learn else None
+        self._vectors_tried_at: float | None = None
+        port = settings.learner_metrics_port
+        self.metrics_server = MetricsServer(self.metrics, port) if port is not None else None
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -188,6 +201,8 @@ class Learner:
         started, trained_at_start = self._clock(), self.trainer.pairs_trained
         last_message = last_log = started
         reason = "stopped"
+        if self.ranker is not None:
+            self.ranker.start()
         while True:
             if self._stop or (stop is not None and stop()):
                 break
@@ -207,6 +222,11 @@ class Learner:
             if now - last_log >= self.settings.learner_log_seconds:
                 self._log_progress(started, trained_at_start)
                 last_log = now
+            self._feed_ranker_vectors(now)
+            if self.ranker is not None:  # idle means both topics are quiet and no ranker update runs
+                last_message = max(last_message, self.ranker.last_activity)
+                if self.ranker.busy:
+                    last_message = now
             if idle_exit_s is not None and not messages and now - last_message >= idle_exit_s and not len(self.intake.batcher):
                 reason = f"idle for {idle_exit_s:g} s"
                 break
@@ -216,6 +236,10 @@ class Learner:
         return RunSummary(self.trainer.pairs_trained, self.trainer.step, list(self.published), reason)
 
     def close(self) -> None:
+        if self.ranker is not None:
+            self.ranker.close()  # joins its thread after its checkpoint
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.follower.close()
         self.producer.flush()
         self.producer.close()
@@ -223,6 +247,24 @@ class Learner:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
+
+    def _feed_ranker_vectors(self, now: float, every_s: float = 60.0) -> None:
+        """Hand the active adapter's item vectors to the ranker's ``sim`` column (this thread owns the encoder).
+
+        The matrix is the one the adapter gate caches per version and catalog, so this
+        encodes only when the gate has not yet (at most every ``every_s`` seconds, and only
+        once the ranker has examples to use it on).
+        """
+        r = self.ranker
+        if r is None or r.vectors_version == self.active.version or r.intake.next_seq == 0:
+            return
+        if self._vectors_tried_at is not None and now - self._vectors_tried_at < every_s:
+            return
+        self._vectors_tried_at = now
+        items = self.catalog.all()
+        if items:
+            m = self.active.matrix(items, catalog_fingerprint(items))
+            r.offer_vectors(m.version, m.item_ids, m.vectors)
 
     # -- per message -----------------------------------------------------------------------
 
