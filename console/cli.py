@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # command -> (module with `main(argv, settings) -> int`, one-line help)
 COMPONENT_COMMANDS: dict[str, tuple[str, str]] = {
-    "stream": ("streams.cli", "run a Bytewax dataflow: `stream users` or `stream catalog`"),
+    "stream": ("streams.cli", "run a Bytewax dataflow: `stream users`, `stream catalog` or `stream collab`"),
     "index": ("indexer.cli", "encode changed items and publish item vectors"),
     "serve": ("serving.cli", "run the recommend/search/similar API"),
     "collect": ("collector.cli", "run the HTTP event collector (POST /events) for producers without Kafka"),

@@ -1,4 +1,4 @@
-"""``freshrec stream users|catalog``: run a dataflow with recovery and scaling flags."""
+"""``freshrec stream users|catalog|collab``: run a dataflow with recovery and scaling flags."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from freshrec.settings import Settings
 FLOWS = {
     "users": "events -> user state in Redis, train pairs, dead letters",
     "catalog": "catalog -> item records in Redis, changed-items",
+    "collab": "events -> the shop's collaborative state in Redis, rank-examples, shopper-vectors, dead letters",
 }
 
 
@@ -43,16 +44,24 @@ def main(argv: list[str], settings: Settings) -> int:
 
     recovery = not args.no_recovery
     try:
-        epoch = topic_epoch(settings, flow_topic(settings, args.flow))
-        check_flow_epoch(settings, args.flow, recovery_dir(settings, args.flow) if recovery else None, epoch)
-        if args.flow == "users":
-            from .users_flow import build_users_flow
+        if args.flow == "collab":
+            # Reads events like the users flow but keeps its own offsets (collab:meta).
+            from .collab_flow import build_collab_flow, check_collab_epoch
 
-            flow = build_users_flow(settings, epoch)
+            epoch = topic_epoch(settings, settings.topics.events)
+            check_collab_epoch(settings, recovery_dir(settings, args.flow) if recovery else None, epoch)
+            flow = build_collab_flow(settings, epoch)
         else:
-            from .catalog_flow import build_catalog_flow
+            epoch = topic_epoch(settings, flow_topic(settings, args.flow))
+            check_flow_epoch(settings, args.flow, recovery_dir(settings, args.flow) if recovery else None, epoch)
+            if args.flow == "users":
+                from .users_flow import build_users_flow
 
-            flow = build_catalog_flow(settings, epoch)
+                flow = build_users_flow(settings, epoch)
+            else:
+                from .catalog_flow import build_catalog_flow
+
+                flow = build_catalog_flow(settings, epoch)
         workers = args.workers or settings.stream_workers
         run_flow(flow, settings, args.flow, workers, args.process_id, addresses, recovery=recovery)
     except BaseException as exc:

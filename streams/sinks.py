@@ -1,4 +1,4 @@
-"""Bytewax sinks of the two flows: their Kafka outputs (train pairs, changed items, dead letters).
+"""Bytewax sinks of the flows: their Kafka outputs (train pairs, changed items, rank examples, shopper vectors, dead letters).
 
 The Redis state is written by the stateful step itself (:mod:`streams.partition_writer`:
 it alone holds the full state to rebuild a Redis that lost it). Both sinks are
@@ -29,6 +29,7 @@ from stores.redis_client import connect
 from stores.redis_retry import with_retry
 
 from .catalog_partition import CatalogBatch
+from .collab_partition import CollabBatch
 from .user_partition import UserBatch
 
 # Flush anyway after this long, so outputs move even when no epoch closes (no recovery).
@@ -213,3 +214,45 @@ class CatalogSink(_PerPartitionSink):
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _CatalogSinkPartition:
         return _CatalogSinkPartition(self._settings)
+
+
+class _CollabSinkPartition(_FlushingSinkPartition):
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._kafka = _KafkaOut(settings)
+
+    def write_batch(self, values: list[Any]) -> None:
+        topics = self._settings.topics
+        for value in values:
+            if isinstance(value, DeadLetter):
+                self._kafka.send(topics.dead_letter, None, value.to_bytes())
+                continue
+            batch: CollabBatch = value
+            for dead in batch.dead_letters:
+                self._kafka.send(topics.dead_letter, None, dead.to_bytes())
+            for user_id, record in batch.examples:
+                self._kafka.send(topics.rank_examples, user_id, record)
+            for user_id, vector in batch.vectors.items():
+                if vector is not None:  # a shopper without a vector keeps none in Redis either
+                    self._kafka.send(topics.shopper_vectors, user_id, vector)
+        self._kafka.maybe_flush()
+
+
+class CollabSink(FixedPartitionedSink[Any, None]):
+    """Rank examples, shopper vectors and dead letters of the collaborative flow's batches, to Kafka.
+
+    One sink partition: the flow's state is one partition too (:mod:`streams.collab_partition`),
+    and its records are few next to the events (one example per basket).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def list_parts(self) -> list[str]:
+        return ["shop"]
+
+    def part_fn(self, item_key: str) -> int:
+        return 0
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _CollabSinkPartition:
+        return _CollabSinkPartition(self._settings)
