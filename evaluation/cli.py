@@ -1,8 +1,22 @@
-"""``freshrec eval DATASET_DIR --eval-from DATE [--json PATH] [--plot PATH.png]``.
+"""``freshrec eval DATASET_DIR --eval-from DATE [--json PATH] [--plot PATH.png] [--seeds 7,8,9]``.
 
 Replays the dataset through every method (see :mod:`evaluation.protocol` for the
 protocol and the pre-registered split), prints a table, and writes the figures as
 ``{method: {slice: {"recall@10", "ndcg@10", "baskets"}}}``.
+
+Seeds: a method whose figures depend on a seed (a learner; listed in ``SEEDED``, and a
+built method may say so itself with ``seeded = True``) is run once per seed of
+``--seeds`` (default ``settings.seed`` and the next two: 7, 8, 9); its figures are the
+mean over seeds, and its slices also carry ``"seeds"`` and ``"spread"`` (sample standard
+deviation, min, max, per seed; :func:`evaluation.metrics.seed_figures`). The table shows
+them as ``mean ± sd``. Methods that do not depend on a seed run once. The seed reaches
+``full`` through ``Settings.seed`` (``evaluation.methods`` reads it there): each seed's
+run builds its methods from ``settings.model_copy(update={"seed": seed})``.
+
+Runs: the first run replays every method with the first seed; each further seed is one
+more replay of the seeded methods alone. ``--jobs N`` runs those replays in N worker
+processes (spawned, each with ``2 // N`` torch threads at least 1), for machines where
+one replay does not keep the cores busy; the default is one process.
 """
 
 from __future__ import annotations
@@ -10,6 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -17,10 +33,17 @@ import orjson
 from freshrec.dataset import DatasetError
 from freshrec.settings import Settings
 
-from .data import format_ts, load_log, parse_date
-from .protocol import SLICES, Method, count_baskets, evaluate
+from .data import EventLog, format_ts, load_log, parse_date
+from .metrics import Timeline, seed_figures
+from .protocol import SLICES, Method, MethodResult, count_baskets, evaluate
 
-METHODS = ("popularity", "repeat", "cooccurrence", "frozen", "full")
+METHODS = ("popularity", "repeat", "cooccurrence", "tifuknn", "frozen", "full")
+# Methods whose figures depend on the seed (learners). ``full`` is built by
+# evaluation.methods, whose classes predate the ``seeded`` attribute, so it is named here.
+SEEDED = frozenset({"full"})
+N_DEFAULT_SEEDS = 3
+
+Figures = dict[str, dict[str, dict[str, object]]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,13 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--plot", type=Path, help="write the Recall@10-over-time PNG here")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--seed", type=int, help="seed of the learner and of pair sampling (default: settings.seed)")
+    p.add_argument(
+        "--seeds",
+        help=f"comma-separated seeds for the seeded methods ({', '.join(sorted(SEEDED))}); "
+        f"default: settings.seed and the next {N_DEFAULT_SEEDS - 1}",
+    )
+    p.add_argument("--seed", type=int, help="one seed only (the same as --seeds N)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes for the per-seed replays (default 1)")
     p.add_argument("--device", help="cpu or cuda (default: settings.device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def build_methods(names: list[str], log, settings: Settings, eval_from: float, device: str) -> list[Method]:  # type: ignore[no-untyped-def]
+def parse_seeds(seeds: str | None, seed: int | None, default: int) -> list[int]:
+    """The seeds to run, in order, without repeats; ValueError when unusable."""
+    if seeds is not None and seed is not None:
+        raise ValueError("give --seeds or --seed, not both")
+    if seed is not None:
+        return [seed]
+    if seeds is None:
+        return [default + k for k in range(N_DEFAULT_SEEDS)]
+    out = [int(s) for s in seeds.split(",") if s.strip()]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"--seeds needs distinct integers, got {seeds!r}")
+    return out
+
+
+def build_methods(names: list[str], log: EventLog, settings: Settings, eval_from: float, device: str) -> list[Method]:
+    """The named methods over ``log``; seeded ones take their seed from ``settings.seed``."""
     from .baselines import POPULARITY_HALF_LIFE_DAYS, CooccurrenceMethod, PopularityMethod, RepeatMethod
 
     out: list[Method] = []
@@ -55,6 +99,10 @@ def build_methods(names: list[str], log, settings: Settings, eval_from: float, d
                     popularity_half_life_days=POPULARITY_HALF_LIFE_DAYS,
                 )
             )
+        elif name == "tifuknn":
+            from .tifuknn import build_tifuknn
+
+            out.append(build_tifuknn(log))
     system = [m for m in names if m in ("frozen", "full")]
     if system:
         from .methods import build_system_methods
@@ -64,15 +112,158 @@ def build_methods(names: list[str], log, settings: Settings, eval_from: float, d
     return sorted(out, key=lambda m: order[m.name])
 
 
-def format_table(figures: dict[str, dict[str, dict[str, float | int]]]) -> str:
-    head = f"{'method':14}" + "".join(f"{s + ' R@10':>14}{s + ' N@10':>14}{'n':>7}" for s in SLICES)
+@dataclass(frozen=True)
+class Run:
+    """One replay: these methods, built with this seed."""
+
+    seed: int
+    names: tuple[str, ...]
+
+
+def plan_runs(names: Sequence[str], seeds: Sequence[int]) -> list[Run]:
+    """Every method with the first seed, then one run of the seeded methods per further seed."""
+    seeded = tuple(n for n in names if n in SEEDED)
+    runs = [Run(seeds[0], tuple(names))]
+    if seeded:
+        runs += [Run(s, seeded) for s in seeds[1:]]
+    return runs
+
+
+@dataclass
+class RunOutput:
+    """What one run hands back (picklable: a worker process returns it)."""
+
+    seed: int
+    results: dict[str, MethodResult]
+    notes: dict[str, str]
+
+
+def method_note(m: Method, seconds: float) -> str:
+    """The per-method timing line, with the learner's counts where there is one."""
+    extra = ""
+    learner = getattr(m, "learner", None)
+    if learner is not None:
+        extra = (
+            f" (adapter updates {learner.updates}, pairs trained {learner.pairs_trained:,}, "
+            f"training {learner.train_seconds:.0f} s, re-encoding {learner.encode_seconds:.0f} s"
+        )
+        gate = learner.gate
+        if gate is not None:
+            extra += f", published {gate.published} of {learner.updates} by the gate ({learner.gate_seconds:.0f} s)"
+            for n, reason in enumerate(gate.decisions, 1):
+                extra += f"\n{'':14}   update {n}: {reason}"
+        extra += ")"
+    return f"{seconds:8.1f} s{extra}"
+
+
+def execute_run(
+    run: Run, log: EventLog, settings: Settings, eval_from: float, device: str,
+    progress: Callable[[int], None] | None = None,
+) -> RunOutput:
+    """Build ``run``'s methods with its seed and replay them once."""
+    seeded_settings = settings.model_copy(update={"seed": run.seed})
+    methods = build_methods(list(run.names), log, seeded_settings, eval_from, device)
+    undeclared = [m.name for m in methods if getattr(m, "seeded", False) and m.name not in SEEDED]
+    if undeclared:
+        raise RuntimeError(f"methods {undeclared} declare seeded = True but are not in evaluation.cli.SEEDED")
+    results = evaluate(log, eval_from, methods, progress=progress)
+    return RunOutput(run.seed, results, {m.name: method_note(m, results[m.name].seconds) for m in methods})
+
+
+def _worker(run: Run, log: EventLog, settings: Settings, eval_from: float, device: str, threads: int) -> RunOutput:
+    """A run in a spawned process (its own torch threads)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(threads)
+    return execute_run(run, log, settings, eval_from, device)
+
+
+def execute_runs(
+    runs: Sequence[Run], log: EventLog, settings: Settings, eval_from: float, device: str, jobs: int, quiet: bool,
+) -> list[RunOutput]:
+    """Every run, in order of ``runs``: in this process (with a progress bar) or in ``jobs`` workers."""
+    if jobs <= 1 or len(runs) == 1:
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        out = []
+        for k, run in enumerate(runs):
+            bar = None
+            if not quiet:
+                from tqdm import tqdm
+
+                desc = "replay" if len(runs) == 1 else f"replay {k + 1}/{len(runs)} (seed {run.seed})"
+                bar = tqdm(total=len(log), unit="ev", unit_scale=True, desc=desc, mininterval=1.0)
+            out.append(execute_run(run, log, settings, eval_from, device, bar.update if bar is not None else None))
+            if bar is not None:
+                bar.close()
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, 2 // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker, run, log, settings, eval_from, device, threads) for run in runs]
+        out = []
+        for run, fut in zip(runs, futures, strict=True):
+            out.append(fut.result())
+            if not quiet:
+                print(f"run seed {run.seed} ({', '.join(run.names)}) done", flush=True)
+        return out
+
+
+def combine(outputs: Sequence[RunOutput], names: Sequence[str]) -> tuple[Figures, dict[str, MethodResult]]:
+    """Figures per method (means and spread over seeds for seeded ones) and a per-method result to plot."""
+    figures: Figures = {}
+    merged: dict[str, MethodResult] = {}
+    for name in names:
+        runs = [(o.seed, o.results[name]) for o in outputs if name in o.results]
+        if len(runs) == 1:  # an unseeded method, or a single seed: no spread to report
+            figures[name] = runs[0][1].as_dict()  # type: ignore[assignment]
+            merged[name] = runs[0][1]
+            continue
+        seeds = [s for s, _ in runs]
+        figures[name] = {s: seed_figures([r.slices[s].as_dict() for _, r in runs], seeds) for s in SLICES}
+        merged[name] = MethodResult(
+            timeline=Timeline.merged([r.timeline for _, r in runs]), seconds=sum(r.seconds for _, r in runs)
+        )
+    return figures, merged
+
+
+def format_cell(f: dict[str, object], metric: str) -> str:
+    """``0.3012`` or, for a seeded method, ``0.3012 ± 0.0011`` (mean ± sample sd over seeds)."""
+    mean = float(f[metric])  # type: ignore[arg-type]
+    spread = f.get("spread")
+    if isinstance(spread, dict):
+        return f"{mean:.4f} ± {float(spread[metric]['std']):.4f}"
+    return f"{mean:.4f}"
+
+
+def format_table(figures: Figures) -> str:
+    """One row per method, R@10, N@10 and baskets per slice; seeded methods as mean ± sd."""
+    seeded = any(isinstance(f.get("spread"), dict) for slices in figures.values() for f in slices.values())
+    w = 17 if seeded else 14
+    head = f"{'method':14}" + "".join(f"{s + ' R@10':>{w}}{s + ' N@10':>{w}}{'n':>7}" for s in SLICES)
     lines = [head, "-" * len(head)]
     for name, slices in figures.items():
         row = f"{name:14}"
         for s in SLICES:
             f = slices[s]
-            row += f"{f['recall@10']:>14.4f}{f['ndcg@10']:>14.4f}{f['baskets']:>7}"
+            row += f"{format_cell(f, 'recall@10'):>{w}}{format_cell(f, 'ndcg@10'):>{w}}{f['baskets']:>7}"
         lines.append(row)
+    for name, slices in figures.items():
+        f = slices["all"]
+        spread = f.get("spread")
+        if isinstance(spread, dict):
+            r = spread["recall@10"]
+            lines.append(
+                f"{name}: seeds {','.join(str(s) for s in f['seeds'])}; all R@10 min {r['min']:.4f} max {r['max']:.4f}"  # type: ignore[union-attr]
+            )
     return "\n".join(lines)
 
 
@@ -83,8 +274,14 @@ def main(argv: list[str], settings: Settings) -> int:
     if unknown or not names:
         print(f"freshrec eval: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
-    if args.seed is not None:
-        settings = settings.model_copy(update={"seed": args.seed})
+    try:
+        seeds = parse_seeds(args.seeds, args.seed, settings.seed)
+    except ValueError as exc:
+        print(f"freshrec eval: {exc}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print("freshrec eval: --jobs must be at least 1", file=sys.stderr)
+        return 2
     try:
         eval_from = parse_date(args.eval_from)
         until = parse_date(args.until) if args.until else None
@@ -102,42 +299,23 @@ def main(argv: list[str], settings: Settings) -> int:
         print(f"freshrec eval: no purchase baskets on or after {args.eval_from} in {args.dataset_dir}", file=sys.stderr)
         return 2
     device = args.device or settings.resolved_device()
-    if device == "cpu":
-        import torch
-
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    methods = build_methods(names, log, settings, eval_from, device)
+    runs = plan_runs(names, seeds)
+    seeded = [n for n in names if n in SEEDED]
+    seed_text = f"seeds {','.join(map(str, seeds))} for {', '.join(seeded)}" if seeded else "no seeded method"
     print(
         f"{log.name}: {len(log):,} events, {log.n_items:,} items, {log.n_users:,} users; history < {args.eval_from}, "
-        f"scoring {n_baskets:,} baskets to {format_ts(float(log.ts[-1]))}; methods {', '.join(names)}; seed {settings.seed}",
+        f"scoring {n_baskets:,} baskets to {format_ts(float(log.ts[-1]))}; methods {', '.join(names)}; {seed_text}; "
+        f"{len(runs)} replay(s), {args.jobs} process(es)",
         flush=True,
     )
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(log), unit="ev", unit_scale=True, desc="replay", mininterval=1.0)
-    results = evaluate(log, eval_from, methods, progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
+    outputs = execute_runs(runs, log, settings, eval_from, device, args.jobs, args.quiet)
     wall = time.perf_counter() - t0
-    figures = {name: res.as_dict() for name, res in results.items()}
+    figures, merged = combine(outputs, names)
     print(format_table(figures))
-    for m in methods:
-        extra = ""
-        learner = getattr(m, "learner", None)
-        if learner is not None:
-            extra = (
-                f" (adapter updates {learner.updates}, pairs trained {learner.pairs_trained:,}, "
-                f"training {learner.train_seconds:.0f} s, re-encoding {learner.encode_seconds:.0f} s"
-            )
-            gate = learner.gate
-            if gate is not None:
-                extra += f", published {gate.published} of {learner.updates} by the gate ({learner.gate_seconds:.0f} s)"
-                for n, reason in enumerate(gate.decisions, 1):
-                    extra += f"\n{'':14}   update {n}: {reason}"
-            extra += ")"
-        print(f"{m.name:14} {results[m.name].seconds:8.1f} s{extra}")
+    for o in outputs:
+        for name, note in o.notes.items():
+            label = f"{name}/{o.seed}" if name in SEEDED else name
+            print(f"{label:14} {note}")
     print(f"total {wall:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +323,7 @@ def main(argv: list[str], settings: Settings) -> int:
     if args.plot:
         from .plot import plot_timeline
 
+        labels = {n: f"{n} (mean of {len(seeds)} seeds)" for n in seeded if len(seeds) > 1}
         title = f"{log.name}: weekly Recall@10 from {args.eval_from} (prequential, all baskets)"
-        plot_timeline(results, eval_from, args.plot, title)
+        plot_timeline(merged, eval_from, args.plot, title, labels)
     return 0

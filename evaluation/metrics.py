@@ -6,11 +6,15 @@
 
 Basket items that could not be ranked (never seen before the basket's time) stay in
 ``basket``: they count in the denominators, which is what makes cold start visible.
+
+A method that depends on a seed is run once per seed; :func:`seed_figures` reports the
+mean with the spread (sample standard deviation, min, max, every seed's figure), so a
+difference between methods can be told from seed noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,3 +71,50 @@ class Timeline:
 
     def means(self) -> dict[int, float]:
         return {p: self.recall[p] / self.baskets[p] for p in sorted(self.recall)}
+
+    @classmethod
+    def merged(cls, timelines: Sequence[Timeline]) -> Timeline:
+        """One timeline over several runs (seeds): each period's mean is the mean over runs'
+        baskets, which is the mean of the runs' means when they scored the same baskets."""
+        out = cls()
+        for t in timelines:
+            for p, r in t.recall.items():
+                out.recall[p] = out.recall.get(p, 0.0) + r
+                out.baskets[p] = out.baskets.get(p, 0) + t.baskets[p]
+        return out
+
+
+METRICS = ("recall@10", "ndcg@10")
+
+
+def spread(values: Sequence[float]) -> dict[str, float | list[float]]:
+    """Sample standard deviation (0 for one value), min, max and the values themselves."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("spread of no values")
+    return {
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "per_seed": [float(v) for v in a],
+    }
+
+
+def seed_figures(per_seed: Sequence[Mapping[str, float | int]], seeds: Sequence[int]) -> dict[str, object]:
+    """One slice's figures over seeds: the means under the usual keys, plus ``seeds`` and ``spread``.
+
+    ``{"recall@10": mean, "ndcg@10": mean, "baskets": n, "seeds": [...],
+    "spread": {"recall@10": {"std", "min", "max", "per_seed"}, "ndcg@10": {...}}}``. Every
+    seed scores the same baskets (the protocol does not depend on the seed); a differing
+    count means the runs were not comparable, which is an error, not noise.
+    """
+    if len(per_seed) != len(seeds) or not seeds:
+        raise ValueError("one figure set per seed, at least one")
+    counts = {int(f["baskets"]) for f in per_seed}
+    if len(counts) != 1:
+        raise ValueError(f"seeds scored different basket counts {sorted(counts)}")
+    out: dict[str, object] = {m: float(np.mean([f[m] for f in per_seed])) for m in METRICS}
+    out["baskets"] = counts.pop()
+    out["seeds"] = list(seeds)
+    out["spread"] = {m: spread([float(f[m]) for f in per_seed]) for m in METRICS}
+    return out

@@ -9,8 +9,15 @@ from .data import format_ts
 from .protocol import WEEK_S, MethodResult
 
 
-def plot_timeline(results: Mapping[str, MethodResult], eval_from: float, path: Path, title: str) -> None:
-    """Write a PNG of weekly Recall@10 on the ``all`` slice by method (Agg: no display needed)."""
+def plot_timeline(
+    results: Mapping[str, MethodResult], eval_from: float, path: Path, title: str,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Write a PNG of weekly Recall@10 on the ``all`` slice by method (Agg: no display needed).
+
+    ``labels`` renames lines in the legend (e.g. a seeded method's "mean of 3 seeds", whose
+    timeline is :meth:`evaluation.metrics.Timeline.merged` over its runs).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +29,7 @@ def plot_timeline(results: Mapping[str, MethodResult], eval_from: float, path: P
         if not means:
             continue
         weeks = sorted(means)
-        ax.plot(weeks, [means[w] for w in weeks], marker="o", markersize=3, label=name)
+        ax.plot(weeks, [means[w] for w in weeks], marker="o", markersize=3, label=(labels or {}).get(name, name))
     ticks = sorted({w for res in results.values() for w in res.timeline.means()})
     ax.set_xticks(ticks[::2])
     ax.set_xticklabels([format_ts(eval_from + w * WEEK_S) for w in ticks[::2]], rotation=45, ha="right", fontsize=8)

@@ -12,7 +12,13 @@ Protocol (pre-registered; the figures in the README follow it exactly):
   cannot be recommended but still count in the basket (they lower every method alike).
 - Slices: ``all`` baskets; ``warm``: baskets of users with any event before; ``explore``:
   for warm users, only items the user never purchased are ranked and scored against the
-  basket's items the user never purchased (baskets with none are skipped).
+  basket's items the user never purchased (baskets with none are skipped); ``new``: for
+  warm users, the ranking over all seen items (as ``all``) scored against the basket's
+  items first seen (any event, anyone's) within the ``NEW_ITEM_DAYS`` (30) days before the
+  basket (baskets with none are skipped). ``new`` is where only an item's text can help:
+  new items have little history. An item whose first event is at the basket's own time
+  is not in ``new`` (it was never seen before the basket and cannot be ranked by anyone;
+  it still counts in ``all``).
 - Re-ordered items count as hits in ``all`` and ``warm``.
 - Cancels (returns) are ingested as events: they make an item "seen", and each method
   decides what a return means to it (the system's user state subtracts a purchase from
@@ -38,8 +44,10 @@ import numpy as np
 from .data import PURCHASE, EventLog
 from .metrics import K, SliceStats, Timeline, ndcg_at_k, recall_at_k
 
-SLICES = ("all", "warm", "explore")
+SLICES = ("all", "warm", "explore", "new")
 WEEK_S = 7 * 86400.0
+NEW_ITEM_DAYS = 30.0
+NEW_ITEM_S = NEW_ITEM_DAYS * 86400.0
 
 
 class Method(Protocol):
@@ -122,6 +130,7 @@ def evaluate(
     """
     results = {m.name: MethodResult() for m in methods}
     seen = np.zeros(log.n_items, dtype=bool)
+    first_seen = np.full(log.n_items, np.inf)
     seen_user = np.zeros(log.n_users, dtype=bool)
     bought: dict[int, set[int]] = {}
     bounds = timestamp_groups(log.ts)
@@ -144,13 +153,15 @@ def evaluate(
                 for u in buyers.tolist():
                     sel = (users == u) & (kinds == PURCHASE)
                     basket = set(log.item[start:stop][sel].tolist())
-                    _score_basket(methods, results, int(u), now, basket, seen, seen_user, bought, period)
+                    new_items = {i for i in basket if now - NEW_ITEM_S <= first_seen[i] < now}
+                    _score_basket(methods, results, int(u), now, basket, seen, seen_user, bought, period, new_items)
         for m in methods:
             t0 = time.perf_counter()
             m.observe(log, start, stop)
             results[m.name].seconds += time.perf_counter() - t0
         its = log.item[start:stop]
         seen[its] = True
+        np.minimum.at(first_seen, its, now)
         seen_user[log.user[start:stop]] = True
         for u, i, k in zip(log.user[start:stop].tolist(), its.tolist(), log.kind[start:stop].tolist()):
             if k == PURCHASE:
@@ -170,7 +181,12 @@ def _score_basket(
     seen_user: np.ndarray,
     bought: dict[int, set[int]],
     period: int,
+    new_items: set[int],
 ) -> None:
+    """Score one basket with every method on each slice it belongs to.
+
+    ``new_items``: the basket's items first seen within ``NEW_ITEM_S`` before ``now``.
+    """
     warm = bool(seen_user[user])
     owned = bought.get(user, set())
     novel = basket - owned
@@ -189,6 +205,8 @@ def _score_basket(
         res.timeline.add(period, r)
         if warm:
             res.slices["warm"].add(r, n)
+        if warm and new_items:
+            res.slices["new"].add(recall_at_k(ranked, new_items), ndcg_at_k(ranked, new_items))
         if explore_mask is not None:
             ranked = top_k(s, explore_mask)
             res.slices["explore"].add(recall_at_k(ranked, novel), ndcg_at_k(ranked, novel))

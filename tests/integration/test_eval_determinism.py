@@ -126,7 +126,7 @@ def test_cli_baselines_on_sample(sample_dir: Path, tmp_path: Path, capsys: pytes
     figures = orjson.loads(out.read_bytes())
     assert list(figures) == ["popularity", "repeat", "cooccurrence"]
     for slices in figures.values():
-        assert set(slices) == {"all", "warm", "explore"}
+        assert set(slices) == {"all", "warm", "explore", "new"}
         assert slices["all"]["baskets"] >= slices["warm"]["baskets"] >= slices["explore"]["baskets"] > 0
         assert 0.0 <= slices["all"]["recall@10"] <= 1.0
     # re-orders dominate this shop: the shopper's own frequency beats popularity on `all`
