@@ -47,6 +47,7 @@ class CollabWriter:
         held = self._retry(lambda: collab_store.read_offsets(self._client, self._settings), "reading offsets")
         ahead = {p: o for p, o in held.items() if o > partition.offsets.get(p, -1)}
         if not ahead:
+            _log(f"{STAGE}: starting at offsets {partition.offsets}; Redis holds {held}: nothing to replay")
             return
         log = self._retry(lambda: collab_store.read_order(self._client, self._settings), "reading the order log")
         if partition.follow(log):
