@@ -37,10 +37,9 @@ from .data import EventLog, format_ts, load_log, parse_date
 from .metrics import Timeline, seed_figures
 from .protocol import SLICES, Method, MethodResult, count_baskets, evaluate
 
-METHODS = ("popularity", "repeat", "cooccurrence", "tifuknn", "frozen", "full")
-# Methods whose figures depend on the seed (learners). ``full`` is built by
-# evaluation.methods, whose classes predate the ``seeded`` attribute, so it is named here.
-SEEDED = frozenset({"full"})
+METHODS = ("popularity", "repeat", "cooccurrence", "tifuknn", "frozen", "ranker", "full")
+# Methods whose figures depend on the seed (learners); each built one also says ``seeded = True``.
+SEEDED = frozenset({"ranker", "full"})
 N_DEFAULT_SEEDS = 3
 
 Figures = dict[str, dict[str, dict[str, object]]]
@@ -103,11 +102,22 @@ def build_methods(names: list[str], log: EventLog, settings: Settings, eval_from
             from .tifuknn import build_tifuknn
 
             out.append(build_tifuknn(log))
-    system = [m for m in names if m in ("frozen", "full")]
-    if system:
+    if any(m in names for m in ("frozen", "ranker", "full")):
         from .methods import build_system_methods
+        from .ranker_method import build_full_ranker, build_ranker_methods
 
-        out.extend(build_system_methods(log, settings, eval_from, system, device))
+        # ``ranker`` ranks over the base encoder's vectors and falls back to the blend: it
+        # needs ``frozen`` whether or not ``frozen`` is reported (its observe drives it).
+        need = [m for m in ("frozen", "full") if m in names or (m == "frozen" and "ranker" in names)]
+        built = {m.name: m for m in build_system_methods(log, settings, eval_from, need, device)}
+        if "frozen" in names:
+            out.append(built["frozen"])
+        if "ranker" in names:
+            out.extend(build_ranker_methods(log, settings, eval_from, built["frozen"], [settings.seed]))
+        if "full" in names:
+            # Everything learned in the stream: the ranker over the adapters' vectors, with the
+            # adapter method (blend over its vectors) as the fallback it drives.
+            out.append(build_full_ranker(log, settings, eval_from, built["full"], settings.seed))
     order = {m: k for k, m in enumerate(names)}
     return sorted(out, key=lambda m: order[m.name])
 
@@ -141,7 +151,8 @@ class RunOutput:
 def method_note(m: Method, seconds: float) -> str:
     """The per-method timing line, with the learner's counts where there is one."""
     extra = ""
-    learner = getattr(m, "learner", None)
+    # ``full`` is a ranker whose fallback is the adapter method: its learner sits one level down.
+    learner = getattr(m, "learner", None) or getattr(getattr(m, "fallback", None), "learner", None)
     if learner is not None:
         extra = (
             f" (adapter updates {learner.updates}, pairs trained {learner.pairs_trained:,}, "
@@ -153,6 +164,9 @@ def method_note(m: Method, seconds: float) -> str:
             for n, reason in enumerate(gate.decisions, 1):
                 extra += f"\n{'':14}   update {n}: {reason}"
         extra += ")"
+    report = getattr(m, "report", None)
+    if callable(report):
+        extra += f"\n{'':14}   ranker: {report()}"
     return f"{seconds:8.1f} s{extra}"
 
 

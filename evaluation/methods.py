@@ -470,6 +470,7 @@ class FullMethod(SystemMethod):
     """``full``: :class:`SystemMethod` whose vectors come from the adapter learned in the stream."""
 
     learner: StreamLearner
+    seeded = True
 
     def advance(self, now: float) -> None:
         self.learner.advance(now)

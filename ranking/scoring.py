@@ -270,9 +270,9 @@ def log_blend_terms(
 
     ``repeat`` is already normalised to [0, 1] by the shopper's maximum (0 = never
     bought), ``similarity`` is cosine (negatives count as 0), ``popularity`` is in
-    [0, 1], ``is_new`` is 0/1. :func:`log_blend` (one request, a few hundred candidates)
-    and the evaluation's ``evaluation.blend.log_blend`` (every item of a catalog per
-    basket) both call it, so the two cannot drift apart.
+    [0, 1], ``is_new`` is 0/1. :func:`log_blend` (serving and the evaluation, a few
+    hundred candidates) and the ranker's fallback over feature rows both call it, so
+    they cannot drift apart.
     """
     return (
         weights.repeat * np.log(repeat + weights.repeat_floor)

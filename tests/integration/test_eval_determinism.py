@@ -134,3 +134,19 @@ def test_cli_baselines_on_sample(sample_dir: Path, tmp_path: Path, capsys: pytes
     assert png.stat().st_size > 10_000
     assert main(argv, Settings(state_dir=tmp_path)) == 0
     assert orjson.loads(out.read_bytes()) == figures
+
+
+def test_cli_ranker_runs_per_seed_beside_frozen(sample_dir: Path, tmp_path: Path) -> None:
+    """``ranker`` is registered, seeded, and reported as mean and spread over the seeds; ``frozen`` once."""
+    data = _write_dataset(sample_dir, tmp_path / "slice")
+    out = tmp_path / "eval.json"
+    settings = Settings(state_dir=tmp_path, ranker_update_baskets=40, ranker_window_baskets=200,
+                        ranker_gate_baskets=30, ranker_eval_history_days=10, ranker_trees=20)
+    argv = [str(data), "--eval-from", "2011-05-16", "--json", str(out), "--methods", "frozen,ranker",
+            "--seeds", "7,8", "--quiet"]
+    assert main(argv, settings) == 0
+    figures = orjson.loads(out.read_bytes())
+    assert list(figures) == ["frozen", "ranker"]
+    assert isinstance(figures["ranker"]["all"].get("spread"), dict)
+    assert not isinstance(figures["frozen"]["all"].get("spread"), dict)
+    assert figures["ranker"]["all"]["baskets"] == figures["frozen"]["all"]["baskets"] > 0
