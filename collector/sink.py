@@ -29,6 +29,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from freshrec.contracts import DeadLetter
+from freshrec.kafka_security import kafka_python_options
 from freshrec.settings import Settings
 
 from .batch import Accepted, Checked
@@ -92,7 +93,7 @@ class EventSink:
         send_ms = int(self.send_timeout_s * 1000)
         try:
             return self._factory(
-                bootstrap_servers=self.settings.kafka_servers,
+                **kafka_python_options(self.settings),
                 client_id=self._client_id,
                 acks="all",
                 linger_ms=_LINGER_MS,

@@ -16,6 +16,7 @@ from typing import Literal
 
 from kafka import KafkaConsumer, TopicPartition
 
+from .kafka_security import kafka_python_options
 from .settings import Settings
 
 
@@ -37,7 +38,7 @@ class TopicFollower:
     def __init__(self, settings: Settings, topic: str, start: Start = "beginning", client_id: str = "freshrec") -> None:
         self.topic = topic
         self._consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_servers,
+            **kafka_python_options(settings),
             client_id=client_id,
             enable_auto_commit=False,
             group_id=None,
@@ -261,7 +262,7 @@ def follow_resuming(
 
 def topic_counts(settings: Settings) -> dict[str, int]:
     """Messages held per freshrec topic (sum of end minus beginning offsets)."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_servers, client_id="freshrec-count")
+    consumer = KafkaConsumer(**kafka_python_options(settings), client_id="freshrec-count")
     try:
         out = {}
         for topic in settings.topics.all():

@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from .kafka_security import librdkafka_options
 from .settings import Settings
 
 RESET_HINT = (
@@ -54,7 +55,7 @@ def topic_ids(settings: Settings, topics: list[str], timeout: float = 10.0) -> d
     from confluent_kafka import TopicCollection
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(librdkafka_options(settings))
     out: dict[str, str | None] = {}
     futures = admin.describe_topics(TopicCollection(list(topics)), request_timeout=timeout)
     for topic, future in futures.items():

@@ -35,6 +35,7 @@ from .contracts import (
     parse_catalog,
     parse_event,
 )
+from .kafka_security import kafka_python_options
 from .settings import Settings
 
 
@@ -101,7 +102,7 @@ class RecordProducer:
         # on a full buffer that only the I/O thread drains).
         self._refused: deque[tuple[str, bytes, bool, BaseException]] = deque()
         self._producer = KafkaProducer(
-            bootstrap_servers=settings.kafka_servers,
+            **kafka_python_options(settings),
             client_id=client_id,
             acks="all",
             linger_ms=linger_ms,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FRESHREC_"
@@ -57,6 +57,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated")
+    # TLS and SASL for an existing Kafka (freshrec.kafka_security turns them into each client's options).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol, as Kafka names it"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (needed with SASL_PLAINTEXT / SASL_SSL)"
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle (PEM) to verify the brokers; default: the system's")
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client private key (PEM) for mutual TLS")
+    kafka_ssl_check_hostname: bool = Field(True, description="Check that the broker's certificate names its host")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding user state and the catalog")
     redis_prefix: str = Field("freshrec:", description="Prefix of every Redis key this deployment writes")
     topic_prefix: str = Field("freshrec.", description="Prefix of every topic name")
@@ -341,6 +354,21 @@ class Settings(BaseSettings):
         365.0, gt=0, description="`freshrec eval` repeat and cooccurrence baselines: half-life of the shopper's frequency"
     )
 
+    @model_validator(mode="after")
+    def _kafka_security_complete(self) -> Settings:
+        """SASL without its mechanism or credentials would fail later, on every client, less clearly."""
+        if self.kafka_security_protocol.startswith("SASL_"):
+            missing = [
+                f"FRESHREC_{n.upper()}"
+                for n in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password")
+                if getattr(self, n) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"kafka_security_protocol {self.kafka_security_protocol} needs {', '.join(missing)}"
+                )
+        return self
+
     @cached_property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
@@ -370,6 +398,8 @@ class Settings(BaseSettings):
             key = ENV_PREFIX + name.upper()
             if value is None:
                 env.pop(key, None)
+            elif isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
             else:
                 env[key] = str(value).lower() if isinstance(value, bool) else str(value)
         return env

@@ -11,6 +11,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
 from freshrec.contracts import DeadLetter
+from freshrec.kafka_security import bytewax_source_config
 from freshrec.settings import Settings
 
 from .partition_writer import PartitionWriter
@@ -28,7 +29,7 @@ def kafka_source(settings: Settings, topic: str) -> KafkaSource:
         tail=True,
         batch_size=settings.stream_batch_size,
         raise_on_errors=False,
-        add_config={"fetch.wait.max.ms": str(settings.stream_fetch_wait_ms)},
+        add_config={**bytewax_source_config(settings), "fetch.wait.max.ms": str(settings.stream_fetch_wait_ms)},
     )
 
 

@@ -22,6 +22,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from freshrec.contracts import DeadLetter
+from freshrec.kafka_security import librdkafka_options
 from freshrec.settings import Settings
 from ranking.pairs import PairDraft
 from stores import catalog_store
@@ -38,7 +39,7 @@ _FLUSH_EVERY_S = 1.0
 
 def topic_partitions(settings: Settings, topic: str, timeout: float = 10.0) -> list[int]:
     """Partition ids of ``topic`` (raises with advice if it does not exist)."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(librdkafka_options(settings))
     meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
         raise RuntimeError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap}; run `freshrec up` first")
@@ -50,7 +51,7 @@ class _KafkaOut:
 
     def __init__(self, settings: Settings) -> None:
         self._producer = Producer(
-            {"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5, "acks": "all", "enable.idempotence": False}
+            {**librdkafka_options(settings), "linger.ms": 5, "acks": "all", "enable.idempotence": False}
         )
         self._last_flush = time.monotonic()
         self.errors: list[str] = []
