@@ -130,9 +130,7 @@ def users_reference(settings: Settings, records: list[SourceRecord]) -> UsersRef
 
 
 def _redis_users(client: Any, settings: Settings) -> dict[str, UserState]:
-    prefix = f"{settings.redis_prefix}user:"
-    users = [k.decode()[len(prefix):] for k in client.scan_iter(match=f"{prefix}*", count=2000)]
-    return user_store.read_user_states(client, settings, users)
+    return user_store.read_user_states(client, settings, user_store.scan_user_ids(client, settings))
 
 
 def compare_users(client: Any, settings: Settings, ref: UsersReference) -> dict[str, int]:
@@ -146,7 +144,8 @@ def compare_users(client: Any, settings: Settings, ref: UsersReference) -> dict[
         differ += ref.states.get(user) != got.get(user)
     pop_differ = 0
     for pfield, want in ref.popularity.items():
-        raw = client.hgetall(f"{settings.redis_prefix}popularity:{pfield}")
+        topic, _, part = pfield.rpartition(":")
+        raw = client.hgetall(user_store.partition_key(settings, topic, int(part), user_store.POPULARITY))
         have = {k.decode(): orjson.loads(v) for k, v in raw.items()}
         pop_differ += sum(1 for i in want.keys() | have.keys() if want.get(i) != have.get(i))
     return {"lost": lost, "doubled": doubled, "users_differ": differ, "popularity_differ": pop_differ,

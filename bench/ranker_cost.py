@@ -58,19 +58,15 @@ def _p90_us(times: list[float]) -> float:
 
 def _write_state(settings: Any, replay: Any, client: Any) -> None:
     """The replay's user states, served popularity and collaborative state, in serving's Redis layouts."""
-    import orjson
-
     from ranking.collab import shopper_vector
     from serving.collab_data import write_for_tests
-    from stores.user_store import write_user_states
+    from stores.user_store import write_partition_batch, write_user_states
 
     write_user_states(client, settings, replay.states.values())
-    p = settings.redis_prefix
     served = replay.served
-    client.hset(p + "popularity:newest", "b:0", repr(served.newest_ts))
-    client.hset(p + "popularity:b:0", mapping={i: orjson.dumps(list(v)) for i, v in served.entries.items()})
-    client.hset(p + "first_seen:b:0", mapping={i: repr(v) for i, v in served.first_seen.items()})
-    client.hset(p + "streams:applied:users", "b:0", "1")
+    write_partition_batch(
+        client, settings, settings.topics.events, 0, 1, {}, served.entries, served.newest_ts, served.first_seen
+    )
     collab = replay.collab
     vectors = {u: v for u, s in replay.states.items() if (v := shopper_vector(s, replay.collab_rules)) is not None}
     write_for_tests(

@@ -14,7 +14,10 @@ What it removes (see :func:`stored_positions`):
 * ``state_dir/learner``: the learner's checkpoints (offsets + weights), training log and epoch;
 * ``state_dir/indexer``: the indexer's offsets and epoch;
 * every Redis key under ``settings.redis_prefix`` (user state, catalog, applied offsets,
-  topic epochs), by SCAN + UNLINK in batches: never FLUSHDB, the Redis may be shared.
+  topic epochs), by SCAN + UNLINK in batches: never FLUSHDB, the Redis may be shared. On
+  a Redis Cluster (a ``redis+cluster://`` URL) SCAN visits every primary in turn and
+  UNLINK is split by slot. This is also how a deployment moves to a new key layout (the
+  Redis Cluster hash tags of :mod:`stores.user_store`): reset, then replay.
 
 What it keeps unless ``everything=True``: the adapter registry (``state_dir/adapters``,
 immutable published versions, still valid for any topic) and the ONNX exports derived
@@ -96,9 +99,10 @@ def _key_pattern(prefix: str) -> str:
 
 
 def _client(settings: Settings):  # type: ignore[no-untyped-def]
-    import redis
+    # A cluster client SCANs node by node (every primary) and splits UNLINK by slot.
+    from .redis_url import open_client
 
-    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=30)
+    return open_client(settings.redis_url, socket_connect_timeout=3, socket_timeout=30)
 
 
 def count_keys(settings: Settings) -> int:

@@ -70,10 +70,23 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS")
     kafka_ssl_keyfile: Path | None = Field(None, description="Client private key (PEM) for mutual TLS")
     kafka_ssl_check_hostname: bool = Field(True, description="Check that the broker's certificate names its host")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding user state and the catalog")
-    redis_prefix: str = Field("freshrec:", description="Prefix of every Redis key this deployment writes")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding user state and the catalog: redis://host:port/db (rediss:// for TLS) for one "
+        "server, redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS) for a Redis Cluster, whose "
+        "other nodes the client finds by itself (freshrec.redis_url)",
+    )
+    redis_prefix: str = Field(
+        "freshrec:", description="Prefix of every Redis key this deployment writes (no braces: they are hash tags)"
+    )
     topic_prefix: str = Field("freshrec.", description="Prefix of every topic name")
-    partitions: int = Field(4, ge=1, le=256, description="Partitions per topic created by `freshrec up`")
+    partitions: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Partitions per topic created by `freshrec up`; with an existing Kafka, the events topic's "
+        "partition count: readers find a shopper's Redis keys in murmur2(user id) modulo it (stores.user_store)",
+    )
     state_dir: Path = Field(Path(".freshrec"), description="Snapshots, checkpoints, adapters, exports, pid files")
     data_dir: Path | None = Field(None, description="Dataset for replay/demo; default: the bundled sample")
 

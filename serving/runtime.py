@@ -333,18 +333,19 @@ class ServingRuntime:
 
 
 def redis_client(settings: Settings, timeout_s: float) -> Any:
-    """A Redis client that fails within ``timeout_s``: no retries.
+    """A Redis client (one server or a cluster, :func:`stores.redis_client.connect`) that
+    fails within ``timeout_s``: no retries.
 
     redis-py retries a failed command with backoff by default; against a dead Redis that
     took 4 s per call here, which would stall every request behind the gate's threshold.
     """
-    import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=False,
+    from stores.redis_client import connect
+
+    return connect(
+        settings,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=0,

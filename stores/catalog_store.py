@@ -1,15 +1,22 @@
 """The one Redis adapter for catalog records (the catalog flow writes, everyone reads).
 
-Keys, under ``settings.redis_prefix``:
+Keys, under ``settings.redis_prefix`` and the one hash tag ``{catalog}`` (every
+partition's writes update the one catalog hash, so the catalog's keys share a Redis
+Cluster slot and each batch stays one atomic call; the catalog is one hash of at most a
+few hundred MB even at a million items, which one Redis node holds):
 
-* ``catalog``: hash item_id -> the item's current :class:`CatalogItem` JSON (its wire
-  form). A deleted item is absent.
-* ``streams:applied:catalog``: hash ``<topic>:<partition>`` -> offset of the last catalog
-  record reflected in ``catalog``; :func:`apply_partition_batch` moves it forward in the
-  same atomic call and never backwards, so a replay after a crash writes nothing twice,
-  and notices a Redis behind the flow (restarted empty) so the flow rewrites its items.
-* ``streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
+* ``{catalog}:catalog``: hash item_id -> the item's current :class:`CatalogItem` JSON
+  (its wire form). A deleted item is absent.
+* ``{catalog}:streams:applied:catalog``: hash ``<topic>:<partition>`` -> offset of the
+  last catalog record reflected in ``catalog``; :func:`apply_partition_batch` moves it
+  forward in the same atomic call and never backwards, so a replay after a crash writes
+  nothing twice, and notices a Redis behind the flow (restarted empty) so the flow
+  rewrites its items.
+* ``{catalog}:streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
   (:mod:`stores.redis_client`).
+
+The keys had no ``{catalog}`` part before; see :mod:`stores.user_store` on moving a
+deployment of that layout (``freshrec reset`` and a replay).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .redis_client import EPOCH_LUA, EPOCHS, Outcome, outcome_of, run_script
 
 CATALOG = "catalog"
 APPLIED_CATALOG = "streams:applied:catalog"
+TAG = "{catalog}:"
 
 # KEYS: applied hash, catalog hash, epoch hash. ARGV: partition field, offset, upsert
 # count, previous offset, epoch field, epoch, then upsert id/value pairs, then ids to
@@ -56,7 +64,17 @@ _FULL_APPLY_SHA = hashlib.sha1(_FULL_APPLY.encode()).hexdigest()
 
 
 def _catalog_key(settings: Settings) -> str:
-    return settings.redis_prefix + CATALOG
+    return catalog_key(settings, CATALOG)
+
+
+def catalog_key(settings: Settings, name: str) -> str:
+    """The catalog key ``name``: ``<prefix>{catalog}:<name>`` (one Redis Cluster slot for all of them)."""
+    return settings.redis_prefix + TAG + name
+
+
+def epoch_slots(settings: Settings) -> list[tuple[str, str]]:
+    """``(epoch hash, applied-offsets hash)`` of the catalog flow (one pair: one slot)."""
+    return [(catalog_key(settings, EPOCHS), catalog_key(settings, APPLIED_CATALOG))]
 
 
 def read_items(client: redis.Redis, settings: Settings, ids: Iterable[str]) -> dict[str, CatalogItem]:
@@ -129,17 +147,18 @@ def apply_partition_batch(
         args.append(item_id)
         args.append(raw)
     args.extend(deletes)
-    keys = [settings.redis_prefix + APPLIED_CATALOG, _catalog_key(settings), settings.redis_prefix + EPOCHS]
+    keys = [catalog_key(settings, APPLIED_CATALOG), _catalog_key(settings), catalog_key(settings, EPOCHS)]
     script, sha = (_FULL_APPLY, _FULL_APPLY_SHA) if full else (_GUARDED_APPLY, _GUARDED_APPLY_SHA)
-    return outcome_of(run_script(client, script, sha, keys, args), "streams.catalog", settings, topic, epoch)
+    reply = run_script(client, script, sha, keys, args)
+    return outcome_of(reply, "streams.catalog", settings, topic, epoch, keys[2])
 
 
 def read_applied_offsets(client: redis.Redis, settings: Settings) -> dict[str, int]:
-    raw = client.hgetall(settings.redis_prefix + APPLIED_CATALOG)
+    raw = client.hgetall(catalog_key(settings, APPLIED_CATALOG))
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
 def read_applied_offset(client: redis.Redis, settings: Settings, field: str) -> int | None:
     """The offset of the partition's last record reflected in ``catalog``; None if Redis has none."""
-    raw = client.hget(settings.redis_prefix + APPLIED_CATALOG, field)
+    raw = client.hget(catalog_key(settings, APPLIED_CATALOG), field)
     return None if raw is None else int(raw)

@@ -20,9 +20,14 @@ import redis
 from redis.exceptions import NoScriptError
 
 from freshrec.epochs import EpochMismatch
+from freshrec.redis_url import open_client
+from freshrec.reset import safe_url
 from freshrec.settings import Settings
 
-# hash: topic -> Kafka topic id whose offsets the streams:applied:* hashes hold.
+# hash: topic -> Kafka topic id whose offsets the streams:applied:* hashes hold. One
+# such hash per hash tag (per events partition, one for the catalog), so that it lies in
+# the slot of the keys each guarded write touches (Redis Cluster runs a script only over
+# keys of one slot).
 EPOCHS = "streams:epoch"
 EPOCH_MISMATCH = -1
 
@@ -58,9 +63,12 @@ class Outcome(enum.Enum):
         return self is Outcome.WRITTEN
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client for ``settings.redis_url`` (bytes in, bytes out)."""
-    return redis.Redis.from_url(settings.redis_url, decode_responses=False)
+def connect(settings: Settings, **options: Any) -> redis.Redis:
+    """A client for ``settings.redis_url`` (bytes in, bytes out): a :class:`redis.Redis`, or
+    for a ``redis+cluster://`` URL a :class:`redis.cluster.RedisCluster` whose ``mget`` and
+    pipelined ``mget`` work across slots (:mod:`freshrec.redis_url`). ``options`` go to
+    the client (timeouts, ``retry``)."""
+    return open_client(settings.redis_url, **options)  # type: ignore[no-any-return]
 
 
 def run_script(client: redis.Redis, script: str, sha: str, keys: list[str], args: list[Any]) -> Any:
@@ -71,12 +79,14 @@ def run_script(client: redis.Redis, script: str, sha: str, keys: list[str], args
         return client.eval(script, len(keys), *keys, *args)
 
 
-def outcome_of(reply: Any, owner: str, settings: Settings, topic: str, epoch: str | None) -> Outcome:
+def outcome_of(
+    reply: Any, owner: str, settings: Settings, topic: str, epoch: str | None, epoch_key: str | None = None
+) -> Outcome:
     """A guarded script's ``{code, stored_epoch}`` reply as an :class:`Outcome`; raises
-    :class:`EpochMismatch` when Redis holds another epoch of ``topic``."""
+    :class:`EpochMismatch` when Redis holds another epoch of ``topic`` (in the hash ``epoch_key``)."""
     code = int(reply[0])
     if code == EPOCH_MISMATCH:
         stored = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        where = f"Redis {settings.redis_url}, hash {settings.redis_prefix}{EPOCHS}"
+        where = f"Redis {safe_url(settings.redis_url)}, hash {epoch_key or settings.redis_prefix + EPOCHS}"
         raise EpochMismatch(owner, topic, stored, epoch, where)
     return Outcome(code)

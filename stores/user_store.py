@@ -1,23 +1,43 @@
 """The one Redis adapter for user state and popularity (serving, learner and eval read here).
 
-Keys, all under ``settings.redis_prefix``:
+Keys, all under ``settings.redis_prefix`` and the hash tag ``{<topic>:<partition>}`` of
+the events partition they belong to (say ``freshrec:{events:3}:...``), so that the
+flow's one atomic write per batch touches keys of one Redis Cluster slot:
 
-* ``user:<user_id>``: one :class:`~ranking.user_state.UserState` in its wire format
-  (documented in :mod:`ranking.user_state`).
-* ``popularity:<topic>:<partition>``: hash item_id -> orjson ``[count, as_of_ts]``, the
-  decayed purchase counts of the events of one Kafka partition; partial counters add
-  exactly (:meth:`Popularity.merge`). ``popularity:newest`` maps the same
-  ``<topic>:<partition>`` to the newest event time seen there.
-* ``first_seen:<topic>:<partition>``: hash item_id -> the earliest event time of the
-  item among that partition's events (a float in ``repr``); the item's first-seen time
-  is the minimum over partitions (:func:`read_item_first_seen`).
-* ``streams:applied:users``: hash ``<topic>:<partition>`` -> the offset of the last
+* ``{events:P}:user:<user_id>``: one :class:`~ranking.user_state.UserState` in its wire
+  format (documented in :mod:`ranking.user_state`). P is the partition the user's events
+  are produced to: murmur2 of the user id's UTF-8 bytes, positive, modulo the events
+  topic's partition count (``settings.partitions``), the Java client's and kafka-python's
+  default partitioner (:func:`user_partition`). A producer must key events by user id
+  with that partitioner (librdkafka: ``partitioner=murmur2_random``; its own default,
+  crc32, puts users elsewhere) and ``settings.partitions`` must be the topic's partition
+  count, or readers look users up in the wrong partition and do not find them.
+* ``{events:P}:popularity``: hash item_id -> orjson ``[count, as_of_ts]``, the decayed
+  purchase counts of the events of one Kafka partition; partial counters add exactly
+  (:meth:`Popularity.merge`). ``{events:P}:popularity:newest`` maps ``events:P`` to
+  the newest event time seen there.
+* ``{events:P}:first_seen``: hash item_id -> the earliest event time of the item among
+  that partition's events (a float in ``repr``); the item's first-seen time is the
+  minimum over partitions (:func:`read_item_first_seen`).
+* ``{events:P}:streams:applied:users``: hash ``events:P`` -> the offset of the last
   event whose effects are in Redis. :func:`write_partition_batch` moves it forward in the
   same atomic Lua call that writes the states, and refuses to move it backwards: that is
   the guard that makes the flow's writes idempotent under replay. The same call notices
   a Redis that is *behind* the flow (restarted empty) so the flow rewrites its full state.
-* ``streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
+* ``{events:P}:streams:epoch``: hash topic -> the Kafka topic id those offsets belong to
   (:mod:`stores.redis_client`); a write for another id is refused.
+
+Readers of everyone's data (applied offsets, popularity, first-seen times) read each
+partition's keys, pipelined: one command per partition and so per slot, for partitions
+``0 .. settings.partitions - 1``.
+
+**Layout migration.** Before the hash tags these keys had no ``{events:P}`` part
+(``freshrec:user:<id>``, ``freshrec:streams:applied:users``, ...). A deployment of the
+old layout should run ``freshrec reset`` and replay its events. Nothing mixes silently if
+it does not: the new applied-offset hashes start empty, so a flow resuming from a
+snapshot finds Redis *behind* it (:data:`Outcome.BEHIND`) and rewrites its whole state
+under the new keys, and a flow without one replays the topic; the old keys are never
+read again and only take memory until ``freshrec reset`` removes them.
 """
 
 from __future__ import annotations
@@ -28,6 +48,7 @@ from dataclasses import dataclass
 
 import orjson
 import redis
+from kafka.partitioner.default import murmur2
 
 from freshrec.settings import Settings
 from ranking.user_state import DAY_S, Popularity, UserState, merge_first_seen
@@ -37,11 +58,15 @@ from .redis_client import EPOCH_LUA, EPOCHS, Outcome, connect, outcome_of, run_s
 __all__ = [
     "connect", "read_user_state", "read_user_states", "write_user_states", "write_partition_batch",
     "read_applied_offsets", "read_popularity", "read_item_first_seen", "read_fresh_popularity",
-    "FreshPopularity", "user_key", "read_applied_offset", "Outcome",
+    "FreshPopularity", "user_key", "user_partition", "partition_key", "scan_user_ids", "read_applied_offset",
+    "epoch_slots", "Outcome",
 ]
 
 APPLIED_USERS = "streams:applied:users"
+POPULARITY = "popularity"
 POPULARITY_NEWEST = "popularity:newest"
+FIRST_SEEN = "first_seen"
+USER = "user:"
 
 # KEYS: applied hash, popularity hash, popularity-newest hash, first-seen hash, epoch
 #       hash, then one key per user.
@@ -89,12 +114,53 @@ assert _FULL_WRITE != _GUARDED_WRITE
 _FULL_WRITE_SHA = hashlib.sha1(_FULL_WRITE.encode()).hexdigest()
 
 
+def user_partition(settings: Settings, user_id: str) -> int:
+    """The events partition a user's events are produced to, so the one whose keys hold
+    the user: murmur2 of the id's UTF-8 bytes, made positive, modulo ``settings.partitions``
+    (the Java client's default partitioner, which kafka-python's producer follows)."""
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % settings.partitions
+
+
+def partition_key(settings: Settings, topic: str, partition: int, name: str) -> str:
+    """The key ``name`` of one events partition: ``<prefix>{<topic>:<partition>}:<name>``.
+
+    The braces are Redis Cluster's hash tag: every key of a partition lies in one slot.
+    """
+    if "{" in settings.redis_prefix or "}" in settings.redis_prefix:
+        raise ValueError(
+            f"redis_prefix {settings.redis_prefix!r} must not contain braces: they would become the Redis Cluster "
+            "hash tag and put every key in one slot"
+        )
+    return f"{settings.redis_prefix}{{{topic}:{partition}}}:{name}"
+
+
 def user_key(settings: Settings, user_id: str) -> str:
-    return f"{settings.redis_prefix}user:{user_id}"
+    """The key of a user's state, in the partition :func:`user_partition` names."""
+    return partition_key(settings, settings.topics.events, user_partition(settings, user_id), USER + user_id)
 
 
 def partition_field(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
+
+
+def scan_user_ids(client: redis.Redis, settings: Settings, count: int = 2000) -> list[str]:
+    """Every user with a state in Redis (SCAN, on a cluster node by node). For tools and tests."""
+    marker = f"}}:{USER}"
+    pattern = _glob_escape(settings.redis_prefix) + "{*}:" + USER + "*"
+    return sorted({k.decode().split(marker, 1)[1] for k in client.scan_iter(match=pattern, count=count)})
+
+
+def epoch_slots(settings: Settings, topic: str | None = None) -> list[tuple[str, str]]:
+    """``(epoch hash, applied-offsets hash)`` of each partition of the events topic (or ``topic``)."""
+    topic = topic or settings.topics.events
+    return [
+        (partition_key(settings, topic, p, EPOCHS), partition_key(settings, topic, p, APPLIED_USERS))
+        for p in range(settings.partitions)
+    ]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def read_user_state(client: redis.Redis, settings: Settings, user_id: str) -> UserState | None:
@@ -160,12 +226,13 @@ def write_partition_batch(
     """
     seen = first_seen or {}
     field = partition_field(topic, partition)
-    prefix = settings.redis_prefix
     keys = [
-        prefix + APPLIED_USERS, f"{prefix}popularity:{field}", prefix + POPULARITY_NEWEST,
-        f"{prefix}first_seen:{field}", prefix + EPOCHS,
+        partition_key(settings, topic, partition, name)
+        for name in (APPLIED_USERS, POPULARITY, POPULARITY_NEWEST, FIRST_SEEN, EPOCHS)
     ]
-    keys.extend(user_key(settings, u) for u in users)
+    # The users of this partition, under its tag: the partition the events came from is
+    # the one readers compute (user_partition) when producers follow the keying rule.
+    keys.extend(partition_key(settings, topic, partition, USER + u) for u in users)
     args: list[bytes | str | int | float] = [
         field, offset, repr(newest_ts), len(users), len(popularity), len(seen), prev_offset, topic, epoch or "",
     ]
@@ -177,13 +244,19 @@ def write_partition_batch(
         args.append(item)
         args.append(repr(float(ts)))
     script, sha = (_FULL_WRITE, _FULL_WRITE_SHA) if full else (_GUARDED_WRITE, _GUARDED_WRITE_SHA)
-    return outcome_of(run_script(client, script, sha, keys, args), "streams.users", settings, topic, epoch)
+    reply = run_script(client, script, sha, keys, args)
+    return outcome_of(reply, "streams.users", settings, topic, epoch, keys[4])
 
 
-def read_applied_offsets(client: redis.Redis, settings: Settings) -> dict[str, int]:
-    """``<topic>:<partition>`` -> offset of the last event reflected in Redis."""
-    raw = client.hgetall(settings.redis_prefix + APPLIED_USERS)
-    return {k.decode(): int(v) for k, v in raw.items()}
+def read_applied_offsets(client: redis.Redis, settings: Settings, topic: str | None = None) -> dict[str, int]:
+    """``<topic>:<partition>`` -> offset of the last event reflected in Redis, for each
+    partition of the events topic (or ``topic``) that has one; one pipelined HGET per partition."""
+    topic = topic or settings.topics.events
+    fields = [partition_field(topic, p) for p in range(settings.partitions)]
+    pipe = client.pipeline(transaction=False)
+    for p, field in enumerate(fields):
+        pipe.hget(partition_key(settings, topic, p, APPLIED_USERS), field)
+    return {field: int(raw) for field, raw in zip(fields, pipe.execute(), strict=True) if raw is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,37 +291,39 @@ def read_fresh_popularity(client: redis.Redis, settings: Settings) -> FreshPopul
 def _read_popularity(
     client: redis.Redis, settings: Settings, with_first_seen: bool, with_scores: bool = True
 ) -> FreshPopularity:
-    prefix = settings.redis_prefix
-    newest = client.hgetall(prefix + POPULARITY_NEWEST)
-    if not newest:
-        return FreshPopularity({}, {}, 0.0)
-    # A fixed merge order makes the float sums, and so the result, identical whatever the
-    # order Redis returns the partitions in.
-    fields = sorted(newest)
+    topic = settings.topics.events
+    hashes = ([POPULARITY] if with_scores else []) + ([FIRST_SEEN] if with_first_seen else [])
+    # One round trip: per partition its newest time and the wanted hashes (commands of
+    # one slot each); a partition without a newest time has seen nothing yet.
     pipe = client.pipeline(transaction=False)
-    if with_scores:
-        for field in fields:
-            pipe.hgetall(f"{prefix}popularity:".encode() + field)
-    if with_first_seen:
-        for field in fields:
-            pipe.hgetall(f"{prefix}first_seen:".encode() + field)
+    for p in range(settings.partitions):
+        pipe.hget(partition_key(settings, topic, p, POPULARITY_NEWEST), partition_field(topic, p))
+        for name in hashes:
+            pipe.hgetall(partition_key(settings, topic, p, name))
     replies = pipe.execute()
-    now = max(float(v) for v in newest.values())
+    width = 1 + len(hashes)
+    # A fixed merge order (by field, like the sorted hash fields of the old layout) makes
+    # the float sums, and so the result, identical whatever the order of the replies.
+    parts = sorted(
+        (partition_field(topic, p), replies[width * p : width * (p + 1)])
+        for p in range(settings.partitions)
+        if replies[width * p] is not None
+    )
+    if not parts:
+        return FreshPopularity({}, {}, 0.0)
+    now = max(float(row[0]) for _, row in parts)
     scores: dict[str, float] = {}
     if with_scores:
-        parts = [
-            {item.decode(): tuple(orjson.loads(v)) for item, v in part.items()} for part in replies[: len(fields)]
-        ]
-        merged = Popularity.merge(parts, settings.popularity_half_life_days * DAY_S, newest_ts=now)  # type: ignore[arg-type]
+        counts = [{item.decode(): tuple(orjson.loads(v)) for item, v in row[1].items()} for _, row in parts]
+        merged = Popularity.merge(counts, settings.popularity_half_life_days * DAY_S, newest_ts=now)  # type: ignore[arg-type]
         scores = merged.scores()
     first_seen: dict[str, float] = {}
     if with_first_seen:
-        seen_parts = replies[len(fields) :] if with_scores else replies
-        first_seen = merge_first_seen({item.decode(): float(v) for item, v in part.items()} for part in seen_parts)
+        first_seen = merge_first_seen({item.decode(): float(v) for item, v in row[-1].items()} for _, row in parts)
     return FreshPopularity(scores, first_seen, now)
 
 
 def read_applied_offset(client: redis.Redis, settings: Settings, topic: str, partition: int) -> int | None:
     """The offset of the partition's last event reflected in Redis; None if Redis has none."""
-    raw = client.hget(settings.redis_prefix + APPLIED_USERS, partition_field(topic, partition))
+    raw = client.hget(partition_key(settings, topic, partition, APPLIED_USERS), partition_field(topic, partition))
     return None if raw is None else int(raw)

@@ -2,7 +2,8 @@
 
 Both places a flow keeps positions hold offsets of one incarnation of its input topic
 (:mod:`freshrec.epochs`): the Bytewax snapshots in ``state_dir/streams/<flow>`` (with
-``epoch.json`` beside them) and the applied offsets in Redis (with ``streams:epoch``).
+``epoch.json`` beside them) and the applied offsets in Redis (with a ``streams:epoch``
+hash beside each applied-offsets hash: one per events partition, one for the catalog).
 If the topic was recreated (the embedded broker restarted, which empties it), resuming
 from either would skip every new event without a word; :func:`check_flow_epoch` stops
 the flow first with :class:`~freshrec.epochs.EpochMismatch`, which names the fix. A
@@ -23,10 +24,10 @@ from pathlib import Path
 from freshrec.epochs import EpochMismatch, check_epoch_file, topic_ids
 from freshrec.settings import Settings
 
-from stores.catalog_store import APPLIED_CATALOG
-from stores.redis_client import EPOCHS, UNKNOWN_EPOCH, connect
+from freshrec.reset import safe_url
+from stores import catalog_store, user_store
+from stores.redis_client import UNKNOWN_EPOCH, connect
 from stores.redis_retry import with_retry
-from stores.user_store import APPLIED_USERS
 
 EPOCH_FILE = "epoch.json"
 
@@ -56,38 +57,42 @@ def topic_epoch(settings: Settings, topic: str) -> str | None:
     return epoch
 
 
-def check_redis_epoch(settings: Settings, owner: str, topic: str, epoch: str | None, applied: str) -> None:
-    """Record ``epoch`` for ``topic`` in a Redis that has none; raise
-    :class:`EpochMismatch` if Redis holds another one, or holds offsets of ``topic`` in
-    the hash ``applied`` without any epoch (written before epochs existed: unverifiable)."""
+def check_redis_epoch(
+    settings: Settings, owner: str, topic: str, epoch: str | None, slots: list[tuple[str, str]]
+) -> None:
+    """Record ``epoch`` for ``topic`` in each ``(epoch hash, applied-offsets hash)`` pair of
+    ``slots`` that has none; raise :class:`EpochMismatch` if one holds another, or its
+    applied hash holds offsets of ``topic`` without any epoch (written before epochs
+    existed: unverifiable)."""
     if epoch is None:
         return
     client = connect(settings)
-    key = settings.redis_prefix + EPOCHS
-
-    def read() -> tuple[bytes | None, list[bytes]]:
-        return client.hget(key, topic), client.hkeys(settings.redis_prefix + applied)  # type: ignore[return-value]
-
-    def record() -> None:
-        client.hsetnx(key, topic, epoch)
-
     what = f"{owner}: checking the topic epoch"
-    stored, fields = with_retry(read, what, settings.stream_redis_backoff_max_s)
-    where = f"Redis {settings.redis_url}, hash {key}"
-    if stored is None:
-        if any(f.decode().rsplit(":", 1)[0] == topic for f in fields):
-            raise EpochMismatch(owner, topic, UNKNOWN_EPOCH, epoch, where)
-        with_retry(record, what, settings.stream_redis_backoff_max_s)
-        stored = with_retry(read, what, settings.stream_redis_backoff_max_s)[0]
-    if stored is not None and stored.decode() != epoch:
-        raise EpochMismatch(owner, topic, stored.decode(), epoch, where)
+    for key, applied in slots:
+
+        def read(key: str = key, applied: str = applied) -> tuple[bytes | None, list[bytes]]:
+            return client.hget(key, topic), client.hkeys(applied)  # type: ignore[return-value]
+
+        def record(key: str = key) -> None:
+            client.hsetnx(key, topic, epoch)
+
+        stored, fields = with_retry(read, what, settings.stream_redis_backoff_max_s)
+        where = f"Redis {safe_url(settings.redis_url)}, hash {key}"
+        if stored is None:
+            if any(f.decode().rsplit(":", 1)[0] == topic for f in fields):
+                raise EpochMismatch(owner, topic, UNKNOWN_EPOCH, epoch, where)
+            with_retry(record, what, settings.stream_redis_backoff_max_s)
+            stored = with_retry(read, what, settings.stream_redis_backoff_max_s)[0]
+        if stored is not None and stored.decode() != epoch:
+            raise EpochMismatch(owner, topic, stored.decode(), epoch, where)
 
 
 def check_flow_epoch(settings: Settings, flow: str, recovery: Path | None, epoch: str | None) -> None:
-    """Check (or record) ``epoch`` against the flow's recovery directory and Redis."""
+    """Check (or record) ``epoch`` against the flow's recovery directory and Redis (every
+    partition's epoch hash for the users flow, the catalog's for the catalog flow)."""
     owner = f"streams.{flow}"
     topic = flow_topic(settings, flow)
     if recovery is not None:
         check_epoch_file(recovery / EPOCH_FILE, owner, topic, epoch)
-    applied = APPLIED_USERS if flow == "users" else APPLIED_CATALOG
-    check_redis_epoch(settings, owner, topic, epoch, applied)
+    slots = user_store.epoch_slots(settings, topic) if flow == "users" else catalog_store.epoch_slots(settings)
+    check_redis_epoch(settings, owner, topic, epoch, slots)

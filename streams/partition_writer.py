@@ -138,8 +138,11 @@ class UserStateWriter(_Writer):
     """Writes :class:`UserBatch` es of a :class:`UserPartition` (:func:`user_store.write_partition_batch`)."""
 
     stage = "streams.users"
+    _misplaced_said = False
 
     def _store(self, batch: UserBatch, prev_offset: int, full: bool) -> Outcome:
+        if not self._misplaced_said and batch.topic == self._settings.topics.events:
+            self._say_misplaced(batch)
         return user_store.write_partition_batch(
             self._client, self._settings, batch.topic, batch.partition, batch.last_offset,
             batch.users, batch.popularity, batch.newest_ts, batch.first_seen,
@@ -148,6 +151,22 @@ class UserStateWriter(_Writer):
 
     def _applied(self, topic: str, partition: int) -> int | None:
         return user_store.read_applied_offset(self._client, self._settings, topic, partition)
+
+    def _say_misplaced(self, batch: UserBatch) -> None:
+        """Say once if a user's events came from another partition than the keying rule gives:
+        the state is written under the partition it came from, where readers will not look."""
+        for user in batch.users:
+            expected = user_store.user_partition(self._settings, user)
+            if expected != batch.partition:
+                self._misplaced_said = True
+                _log(
+                    f"{self.stage}: user {user!r} arrived in partition {batch.partition} of {batch.topic!r}, but "
+                    f"murmur2 of the key modulo FRESHREC_PARTITIONS={self._settings.partitions} gives {expected}: "
+                    "readers will not find such users. Key events by user id with the Java-default murmur2 "
+                    "partitioner (librdkafka: partitioner=murmur2_random) and set FRESHREC_PARTITIONS to the "
+                    "topic's partition count"
+                )
+                return
 
     def _describe(self, batch: UserBatch) -> str:
         return f"{len(batch.users)} users, {len(batch.popularity)} popularity entries, {len(batch.first_seen)} first-seen times"

@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
 import pytest
 
 from freshrec.contracts import Event
@@ -70,7 +69,7 @@ class World:
     """The state written to Redis and the orders each ranker must produce over it."""
 
     def __init__(self, settings: Settings, items: list[str]) -> None:
-        from stores.user_store import connect, write_user_states
+        from stores.user_store import connect, write_partition_batch, write_user_states
 
         client = connect(settings)
         self.items = items
@@ -84,10 +83,9 @@ class World:
             "u3": _purchases("u3", [(items[3], T0 + DAY_S)]),
         }
         write_user_states(client, settings, self.users.values())
-        p = settings.redis_prefix
-        client.hset(p + "popularity:newest", "t:0", repr(self.now))
-        client.hset(p + "popularity:t:0", mapping={i: orjson.dumps([v, self.now]) for i, v in served.items()})
-        client.hset(p + "streams:applied:users", "t:0", "7")
+        write_partition_batch(
+            client, settings, settings.topics.events, 0, 7, {}, {i: (v, self.now) for i, v in served.items()}, self.now
+        )
         rules = CollabRules.from_settings(settings)
         write_for_tests(
             client, settings,

@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 from freshrec.epochs import topic_ids
 from freshrec.infra import create_topics
 from freshrec.settings import Settings
-from stores import user_store
+from stores import catalog_store, user_store
 from streams.flow_process import FlowProcess, wait_applied
 from stores.redis_client import EPOCHS, connect
 from tests.integration.test_streams_users import _produce, _sample_events
@@ -77,7 +77,8 @@ def test_a_recreated_topic_stops_the_restarted_flow_instead_of_skipping(settings
 @pytest.mark.parametrize("flow_name", ["users", "catalog"])
 def test_a_redis_of_another_epoch_stops_the_flow(settings: Settings, flow_name: str) -> None:
     topic = settings.topics.events if flow_name == "users" else settings.topics.catalog
-    connect(settings).hset(settings.redis_prefix + EPOCHS, topic, "an-older-topic-id")
+    slots = user_store.epoch_slots(settings) if flow_name == "users" else catalog_store.epoch_slots(settings)
+    connect(settings).hset(slots[-1][0], topic, "an-older-topic-id")
     rc, log = _exit_of(FlowProcess(settings, flow_name).start())
     _assert_stopped_with_the_fix(rc, log, EPOCHS)
     assert "an-older-topic-id" in log
@@ -92,7 +93,8 @@ def test_redis_switching_epoch_while_running_stops_the_flow_at_its_next_write(se
         wait_applied(settings, "users", 1, timeout=60, procs=[flow])
         # Another deployment's Redis now answers at this address (or someone recreated the
         # topic and reset Redis only): the flow's next write must not land in it.
-        client.hset(settings.redis_prefix + EPOCHS, settings.topics.events, "someone-elses-topic-id")
+        for key, _ in user_store.epoch_slots(settings):
+            client.hset(key, settings.topics.events, "someone-elses-topic-id")
         _produce(settings, [event | {"event_id": "e1", "ts": 1_300_000_001.0}])
         rc, log = _exit_of(flow)
     finally:
@@ -104,7 +106,8 @@ def test_redis_switching_epoch_while_running_stops_the_flow_at_its_next_write(se
 
 def test_redis_offsets_stored_without_an_epoch_stop_the_flow(settings: Settings) -> None:
     # What a Redis written before epochs existed holds: offsets nobody can vouch for.
-    connect(settings).hset(settings.redis_prefix + user_store.APPLIED_USERS, f"{settings.topics.events}:0", 17_000)
+    applied = user_store.partition_key(settings, settings.topics.events, 0, user_store.APPLIED_USERS)
+    connect(settings).hset(applied, f"{settings.topics.events}:0", 17_000)
     rc, log = _exit_of(FlowProcess(settings, "users").start())
     _assert_stopped_with_the_fix(rc, log, EPOCHS)
     assert "unknown" in log

@@ -20,7 +20,7 @@ from freshrec.infra import free_port, redis_binary
 from freshrec.settings import Settings
 from stores import catalog_store, user_store
 from streams.flow_process import FlowProcess, applied_count, wait_applied
-from stores.redis_client import EPOCHS, connect
+from stores.redis_client import connect
 from tests.integration.helpers import sample_items
 from tests.integration.test_streams_users import (
     _assert_states_equal, _produce, _produce_paced, _redis_states, _reference, _sample_events,
@@ -146,7 +146,7 @@ def test_an_idle_flow_rebuilds_an_emptied_redis_without_new_events(
         wait_applied(settings, "users", sent, timeout=90, procs=[users])
         wait_applied(settings, "catalog", len(items), timeout=90, procs=[catalog])
         before = _redis_snapshot(settings)
-        assert connect(settings).hexists(settings.redis_prefix + EPOCHS, settings.topics.events)
+        assert all(connect(settings).hexists(key, settings.topics.events) for key, _ in user_store.epoch_slots(settings))
 
         own_redis.kill()
         time.sleep(1.0)

@@ -85,9 +85,7 @@ def _reference(settings: Settings, events: list[dict[str, Any]]) -> tuple[dict[s
 
 def _redis_states(settings: Settings) -> dict[str, UserState]:
     client = connect(settings)
-    keys = list(client.scan_iter(match=f"{settings.redis_prefix}user:*", count=2000))
-    users = [k.decode()[len(f"{settings.redis_prefix}user:") :] for k in keys]
-    return user_store.read_user_states(client, settings, users)
+    return user_store.read_user_states(client, settings, user_store.scan_user_ids(client, settings))
 
 
 def _assert_states_equal(got: dict[str, UserState], want: dict[str, UserState]) -> None:
