@@ -7,6 +7,7 @@ Floor 1 (see tests/unit/test_layers.py): imports only :mod:`freshrec`.
 - :mod:`models.merge`: merging a LoRA adapter into the base model.
 - :mod:`models.export`: ONNX export (fp32, int8) of a merged version.
 - :mod:`models.onnx_encoder`: the ONNX Runtime back end (what serves).
+- :mod:`models.backends`: ONNX Runtime and FAISS come from the ``cpu`` or ``gpu`` extra; the error when neither is there.
 - :mod:`models.registry`: immutable, verified adapter versions (and the helpers every registry shares).
 - :mod:`models.ranker`: the ranking model, LightGBM lambdarank or a small MLP, scored with numpy.
 - :mod:`models.ranker_registry`: immutable, verified ranker versions and which one is active.

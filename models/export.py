@@ -177,10 +177,12 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> None:
 
 def parity(model, onnx_path: Path, texts: tuple[str, ...] = PROBE_TEXTS) -> np.ndarray:  # type: ignore[no-untyped-def]
     """Cosine of the ONNX embedding against PyTorch for each text, all in one padded batch."""
-    import onnxruntime as ort
     import torch
 
+    from .backends import onnxruntime
     from .encoder import TorchEncoder
+
+    ort = onnxruntime()
 
     with torch.inference_mode():
         ref = TorchEncoder(model=model.to("cpu").eval()).encode(list(texts))
@@ -264,8 +266,9 @@ def _export_version(root: Path, version: str, adapter_dir: Path | None) -> None:
                 f"texts, need >= {MIN_PARITY_COSINE} (is the attention mask traced? see models/export.py)"
             )
         quantize_int8(fp32, model_file(tmp, "int8"))
-        import onnxruntime
         import torch
+
+        from .backends import onnxruntime
 
         meta = {
             "format": EXPORT_FORMAT,
@@ -276,7 +279,7 @@ def _export_version(root: Path, version: str, adapter_dir: Path | None) -> None:
             "max_tokens": MAX_TOKENS,
             "parity_min_cosine": float(cos.min()),
             "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
+            "onnxruntime": onnxruntime().__version__,
             "created": time.time(),
             "export_seconds": round(time.perf_counter() - started, 2),
             "sha256": {p: file_sha256(model_file(tmp, p)) for p in ("fp32", "int8")},

@@ -22,11 +22,16 @@ number of excluded items actually in the index, then filtering, so an exact inde
 returns ``k`` results when it holds that many eligible items.
 
 GPU: when FAISS sees a GPU (``faiss.get_num_gpus() > 0``) exact searches run on a GPU
-copy of the vectors, refreshed lazily after a change; the CPU index stays the source of
-truth (it removes in place and is what snapshots write). HNSW stays on the CPU.
+copy of the vectors (:class:`_GpuMirror`), kept current change by change; the CPU index
+stays the source of truth (it removes in place and is what snapshots write). FAISS GPU
+indexes cannot remove a vector (facebookresearch/faiss#584), so the copy appends and
+tombstones, and once tombstones pass :data:`_GPU_MAX_DEAD` the writer rebuilds it from
+the CPU index *outside* the lock while searches go on against the old copy. HNSW stays
+on the CPU.
 
 Every public method takes one lock: FAISS indexes are not safe to search while another
-thread adds or removes, and serving searches while it applies item vectors.
+thread adds or removes, and serving searches while it applies item vectors. The one slow
+GPU step (uploading a rebuilt copy) runs without it.
 
 Example::
 
@@ -38,17 +43,23 @@ Example::
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import faiss
 import numpy as np
 import orjson
 
 from freshrec.contracts import ItemVector
+
+from .backends import backend_import_error
+
+try:
+    import faiss
+except ImportError as exc:  # neither faiss-cpu nor faiss-gpu, or one that cannot load
+    raise backend_import_error("faiss", exc) from exc
 
 from .snapshot import SnapshotError, read_snapshot, write_snapshot
 
@@ -62,6 +73,11 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 64
 _GPU_MAX_K = 2048  # FAISS GPU k-selection limit; deeper searches use the CPU index
+# Tombstones in the GPU copy before the writer rebuilds it. Each search over-fetches by
+# this many, so it bounds the wasted work and keeps k + tombstones under _GPU_MAX_K; a
+# rebuild uploads the whole copy (100k x 384 floats = 150 MB), so it is amortised over
+# this many changes.
+_GPU_MAX_DEAD = 512
 
 
 def choose_kind(expected_items: int) -> IndexKind:
@@ -111,7 +127,7 @@ class LiveIndex:
         self._params: faiss.SearchParametersHNSW | None = None
         self._params_keep: tuple[object, ...] = ()
         want_gpu = _gpu_count() > 0 if use_gpu is None else use_gpu
-        self._gpu = _GpuMirror() if want_gpu and self.kind == "flat" else None
+        self._gpu = _GpuMirror(dim) if want_gpu and self.kind == "flat" else None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -193,41 +209,58 @@ class LiveIndex:
         items = list(last)
         mat = np.ascontiguousarray(mat[list(last.values())])
         with self._lock:
-            existing = [self._fid[i] for i in items if i in self._fid]
-            if self.kind == "flat":
-                # Exact index: remove in place and reuse each item's FAISS id.
-                if existing:
-                    self._index.remove_ids(np.asarray(existing, dtype=np.int64))
-                fids = [self._fid[i] if i in self._fid else self._allocate() for i in items]
-            else:
-                # HNSW cannot remove a node: tombstone the old one, give the item a new id.
-                for i in items:
-                    old = self._fid.pop(i, None)
-                    if old is not None:
-                        self._tombstones.add(old)
-                        del self._item[old]
-                fids = [self._allocate() for _ in items]
-            self._index.add_with_ids(mat, np.asarray(fids, dtype=np.int64))
-            for i, f in zip(items, fids):
-                self._fid[i] = f
-                self._item[f] = i
-            self._changed()
-            return len(items)
+            n = self._upsert_locked(items, mat)
+        self._refresh_gpu()
+        return n
+
+    def _upsert_locked(self, items: list[str], mat: np.ndarray) -> int:
+        existing = [self._fid[i] for i in items if i in self._fid]
+        if self.kind == "flat":
+            # Exact index: remove in place and reuse each item's FAISS id.
+            if existing:
+                self._index.remove_ids(np.asarray(existing, dtype=np.int64))
+                if self._gpu is not None:
+                    self._gpu.remove(existing)
+            fids = [self._fid[i] if i in self._fid else self._allocate() for i in items]
+        else:
+            # HNSW cannot remove a node: tombstone the old one, give the item a new id.
+            for i in items:
+                old = self._fid.pop(i, None)
+                if old is not None:
+                    self._tombstones.add(old)
+                    del self._item[old]
+            fids = [self._allocate() for _ in items]
+        fid_arr = np.asarray(fids, dtype=np.int64)
+        self._index.add_with_ids(mat, fid_arr)
+        if self._gpu is not None:
+            self._gpu.add(fid_arr, mat)
+        for i, f in zip(items, fids):
+            self._fid[i] = f
+            self._item[f] = i
+        self._changed()
+        return len(items)
 
     def delete(self, ids: Iterable[str]) -> int:
         """Remove ``ids``; unknown ids are ignored. Returns how many were removed."""
         with self._lock:
-            gone = [self._fid.pop(i) for i in set(ids) if i in self._fid]
-            if not gone:
-                return 0
-            for f in gone:
-                del self._item[f]
-            if self.kind == "flat":
-                self._index.remove_ids(np.asarray(gone, dtype=np.int64))
-            else:
-                self._tombstones.update(gone)
-            self._changed()
-            return len(gone)
+            n = self._delete_locked(ids)
+        self._refresh_gpu()
+        return n
+
+    def _delete_locked(self, ids: Iterable[str]) -> int:
+        gone = [self._fid.pop(i) for i in set(ids) if i in self._fid]
+        if not gone:
+            return 0
+        for f in gone:
+            del self._item[f]
+        if self.kind == "flat":
+            self._index.remove_ids(np.asarray(gone, dtype=np.int64))
+            if self._gpu is not None:
+                self._gpu.remove(gone)
+        else:
+            self._tombstones.update(gone)
+        self._changed()
+        return len(gone)
 
     def apply(self, records: Iterable[ItemVector]) -> ApplyReport:
         """Apply item-vector records in order: a vector upserts, None deletes.
@@ -243,11 +276,15 @@ class LiveIndex:
             pending[rec.item_id] = rec.vector  # later records of an item win
         ups = [(i, v) for i, v in pending.items() if v is not None]
         dels = [i for i, v in pending.items() if v is None]
-        with self._lock:
+        mat = _as_matrix(np.stack([v for _, v in ups]), self.dim, "vectors") if ups else None
+        if mat is not None and not np.isfinite(mat).all():
+            raise ValueError("apply got a vector with NaN or infinite values")
+        with self._lock:  # one lock for the whole batch: no search sees half of it
             if dels:
-                deleted = self.delete(dels)
-            if ups:
-                upserted = self.upsert([i for i, _ in ups], np.stack([v for _, v in ups]))
+                deleted = self._delete_locked(dels)
+            if mat is not None:
+                upserted = self._upsert_locked([i for i, _ in ups], mat)
+        self._refresh_gpu()
         return ApplyReport(upserted, deleted, skipped)
 
     def compact(self) -> None:
@@ -310,6 +347,7 @@ class LiveIndex:
         out._tombstones = set(tombs)
         out._next_id = int(ids["next_id"])
         out._changed()
+        out._refresh_gpu()  # the GPU copy, if any, is built here, before anyone searches
         return out
 
     # -- internals -----------------------------------------------------------------------
@@ -336,37 +374,150 @@ class LiveIndex:
 
     def _changed(self) -> None:
         self._params = None
-        if self._gpu is not None:
-            self._gpu.dirty = True
         if self.kind == "hnsw" and len(self._tombstones) > self.compact_ratio * max(len(self._fid), 1):
             self.compact()
 
+    def _refresh_gpu(self) -> None:
+        """Rebuild the GPU copy from the CPU index once it holds too many tombstones (or
+        was never built); called by writers after they let go of the lock.
+
+        The copy of the vectors is taken under the lock (a memcpy), the upload runs
+        without it while searches use the old copy, and changes made meanwhile are
+        replayed onto the new copy when it is swapped in under the lock.
+        """
+        gpu = self._gpu
+        if gpu is None:
+            return
+        with self._lock:
+            if not gpu.needs_rebuild():
+                return
+            inner = self._index.index  # IndexIDMap2 over IndexFlatIP: every row is live
+            ntotal = int(inner.ntotal)
+            vectors = inner.reconstruct_n(0, ntotal) if ntotal else np.zeros((0, self.dim), dtype=np.float32)
+            fids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            gpu.begin_rebuild()
+        try:
+            staged = gpu.upload(np.ascontiguousarray(vectors, dtype=np.float32))
+        except BaseException:
+            with self._lock:
+                gpu.abort_rebuild()
+            raise
+        with self._lock:
+            gpu.install(staged, fids)
+
     def _search_faiss(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._gpu is not None and fetch <= _GPU_MAX_K:
-            return self._gpu.search(self._index, q, fetch)
+        if self._gpu is not None and self._gpu.can_search(fetch):
+            return self._gpu.search(q, fetch)
         if self.kind == "hnsw":
             return self._index.search(q, fetch, params=self._hnsw_params(fetch))
         return self._index.search(q, fetch)
 
 
 class _GpuMirror:
-    """A GPU copy of an exact index's vectors, re-uploaded on the first search after a change."""
+    """A GPU copy of an exact index's vectors, kept current change by change.
 
-    def __init__(self) -> None:
-        self.res = faiss.StandardGpuResources()
-        self.dirty = True
-        self.flat = None
-        self.positions = np.zeros(0, dtype=np.int64)
+    Slots are positions in the GPU index; ``slot_fid[slot]`` is the FAISS id there, or -1
+    for a tombstone (a removed or replaced vector: the GPU index cannot drop it). A search
+    fetches ``k`` plus the tombstones, so ``k`` live hits survive the filtering. While a
+    rebuild is uploading (``journal`` is not None) every change is also journaled, and
+    :meth:`install` replays the journal onto the new copy. All methods but :meth:`upload`
+    run under the owner's lock.
 
-    def search(self, idmap: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.dirty:
-            # Mirror the inner flat index (certain to have a GPU twin); map positions to ids.
-            self.flat = faiss.index_cpu_to_gpu(self.res, 0, idmap.index)
-            self.positions = faiss.vector_to_array(idmap.id_map).astype(np.int64)
-            self.dirty = False
-        scores, pos = self.flat.search(q, k)
-        fids = np.where(pos >= 0, self.positions[np.clip(pos, 0, None)], -1)
+    ``upload`` turns an (n, dim) float32 array into a searchable GPU index holding those
+    rows in order; the default uses ``faiss.index_cpu_to_gpu``. Tests pass a CPU one.
+    """
+
+    def __init__(self, dim: int, upload: Callable[[np.ndarray], Any] | None = None) -> None:
+        self.dim = dim
+        self._upload = upload or self._upload_to_gpu
+        self._resources: list[Any] = []
+        self.index: Any = None  # None until the first upload is installed
+        self.slot_fid = np.zeros(0, dtype=np.int64)
+        self.used = 0
+        self.slot_of: dict[int, int] = {}
+        self.dead = 0
+        self.journal: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+        self.uploads = 0
+
+    # -- under the owner's lock ----------------------------------------------------------
+
+    def add(self, fids: np.ndarray, vectors: np.ndarray) -> None:
+        """Append ``vectors`` for FAISS ids ``fids`` (none of them live in the copy)."""
+        if self.journal is not None:
+            self.journal.append((np.array(fids, dtype=np.int64), np.array(vectors, dtype=np.float32)))
+        if self.index is None:
+            return
+        self.index.add(vectors)
+        n = len(fids)
+        if self.used + n > len(self.slot_fid):
+            grown = np.full(max(2 * len(self.slot_fid), self.used + n, 64), -1, dtype=np.int64)
+            grown[: self.used] = self.slot_fid[: self.used]
+            self.slot_fid = grown
+        self.slot_fid[self.used : self.used + n] = fids
+        for slot, f in enumerate(fids.tolist(), start=self.used):
+            self.slot_of[f] = slot
+        self.used += n
+
+    def remove(self, fids: Sequence[int]) -> None:
+        """Tombstone the slots of ``fids`` (ids the copy lacks are ignored)."""
+        if self.journal is not None:
+            self.journal.append((np.array(fids, dtype=np.int64), None))
+        for f in fids:
+            slot = self.slot_of.pop(int(f), None)
+            if slot is not None:
+                self.slot_fid[slot] = -1
+                self.dead += 1
+
+    def can_search(self, fetch: int) -> bool:
+        return self.index is not None and fetch + self.dead <= _GPU_MAX_K
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and FAISS ids (-1 for tombstones and missing hits), k + tombstones wide."""
+        kk = max(1, min(k + self.dead, self.used))
+        scores, pos = self.index.search(q, kk)
+        fids = np.where(pos >= 0, self.slot_fid[np.clip(pos, 0, None)], -1)
         return scores, fids
+
+    def needs_rebuild(self) -> bool:
+        return self.journal is None and (self.index is None or self.dead > _GPU_MAX_DEAD)
+
+    def begin_rebuild(self) -> None:
+        self.journal = []
+
+    def abort_rebuild(self) -> None:
+        self.journal = None
+
+    def install(self, staged: Any, fids: np.ndarray) -> None:
+        """Swap in a copy uploaded from the CPU index's rows ``fids``, then replay the journal."""
+        journal, self.journal = self.journal or [], None
+        self.index = staged
+        self.slot_fid = np.array(fids, dtype=np.int64)
+        self.used = len(fids)
+        self.slot_of = {f: slot for slot, f in enumerate(self.slot_fid.tolist())}
+        self.dead = 0
+        for ids, vectors in journal:
+            if vectors is None:
+                self.remove(ids.tolist())
+            else:
+                self.remove(ids.tolist())  # an id re-added after the copy was taken
+                self.add(ids, vectors)
+
+    # -- without the lock ----------------------------------------------------------------
+
+    def upload(self, vectors: np.ndarray) -> Any:
+        self.uploads += 1
+        return self._upload(vectors)
+
+    def _upload_to_gpu(self, vectors: np.ndarray) -> Any:
+        # Two GPU resource objects, used in turn: FAISS's are not thread-safe, and the new
+        # copy uploads while searches still run on the old one.
+        if len(self._resources) < 2:
+            self._resources.append(faiss.StandardGpuResources())
+        res = self._resources[self.uploads % len(self._resources)]
+        cpu = faiss.IndexFlatIP(self.dim)
+        if len(vectors):
+            cpu.add(vectors)
+        return faiss.index_cpu_to_gpu(res, 0, cpu)
 
 
 def _new_faiss_index(kind: IndexKind, dim: int) -> faiss.Index:

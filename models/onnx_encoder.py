@@ -18,28 +18,86 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .backends import cuda_device_visible, onnxruntime
 from .encoder import BASE_VERSION, DIM
 from .export import PRECISIONS, ensure_export
 from .tokenize import FastTokenizer
+
+log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def cuda_available() -> bool:
-    import onnxruntime as ort
+class EncoderDeviceError(RuntimeError):
+    """An encoder session asked for CUDA and did not get it (it would run on the CPU)."""
 
-    return CUDA in ort.get_available_providers()
+
+def cuda_available() -> bool:
+    """ONNX Runtime was built with CUDA (onnxruntime-gpu) and the host shows a GPU.
+
+    Whether the CUDA libraries then load is known only once a session is made: see
+    :func:`check_providers`, which fails loudly if they do not.
+    """
+    return CUDA in onnxruntime().get_available_providers() and cuda_device_visible()
+
+
+_preloaded = False
+_preload_lock = threading.Lock()
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu needs, once per process.
+
+    ``onnxruntime.preload_dlls()`` (ONNX Runtime >= 1.21) finds them in the ``nvidia-*``
+    wheels or PyTorch's CUDA build; without it a CUDA session whose libraries are not on
+    the loader's path quietly falls back to the CPU. Older versions lack the function and
+    rely on the system's libraries. A failure here is logged, not raised: the provider
+    check after the session is made is what decides.
+    """
+    global _preloaded
+    with _preload_lock:
+        if _preloaded:
+            return
+        _preloaded = True
+        preload = getattr(onnxruntime(), "preload_dlls", None)
+        if preload is None:
+            return
+        try:
+            preload()
+        except Exception as exc:  # e.g. no nvidia-* wheels and no torch CUDA build
+            log.warning("onnxruntime.preload_dlls() failed (%s); relying on the system's CUDA libraries", exc)
+
+
+def check_providers(session: Any, requested: Sequence[str], model_path: Path | str = "") -> list[str]:
+    """The providers ``session`` really runs on; raises :class:`EncoderDeviceError` if
+    CUDA was requested and the session did not get it.
+
+    ONNX Runtime does not fail when the CUDA provider cannot start (missing or mismatched
+    CUDA/cuDNN libraries): it logs a warning and runs everything on the CPU, where fp16 is
+    slower than the int8 CPU model. Failing here makes that misconfiguration visible.
+    """
+    got = list(session.get_providers())
+    if CUDA in requested and CUDA not in got:
+        raise EncoderDeviceError(
+            f"encoder session for {model_path or 'the model'} asked for {CUDA} but runs on {got}: "
+            "ONNX Runtime could not start CUDA (onnxruntime-gpu needs the CUDA and cuDNN libraries it was "
+            "built for, e.g. from torch's CUDA build or the nvidia-* wheels; see the warning above). Fix the "
+            "CUDA install, or run on the CPU with FRESHREC_ENCODER_PRECISION=int8"
+        )
+    return got
 
 
 def resolve_precision(precision: str) -> str:
-    """``auto`` means fp16 where ONNX Runtime has CUDA, int8 otherwise."""
+    """``auto`` means fp16 where ONNX Runtime has CUDA and the host a GPU, int8 otherwise."""
     if precision == "auto":
         return "fp16" if cuda_available() else "int8"
     if precision not in PRECISIONS:
@@ -52,7 +110,9 @@ class OnnxEncoder:
 
     ``precision`` says what the file holds (``fp32``, ``int8`` or ``fp16``). fp16 runs on
     CUDA when ONNX Runtime has it (on the CPU it runs, exactly enough, but slower than
-    fp32); the others run on the CPU unless ``providers`` says otherwise.
+    fp32); the others run on the CPU unless ``providers`` says otherwise. A session that
+    asked for CUDA and did not get it raises :class:`EncoderDeviceError` rather than
+    serve from the CPU unnoticed.
     """
 
     dim = DIM
@@ -65,8 +125,7 @@ class OnnxEncoder:
         threads: int = 1,
         providers: Sequence[str] | None = None,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         self.version = version
         self.precision = precision
         self.model_path = Path(model_path)
@@ -78,8 +137,10 @@ class OnnxEncoder:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if providers is None:
             providers = [CUDA, CPU] if precision == "fp16" and cuda_available() else [CPU]
+        if CUDA in providers:
+            preload_cuda_libraries()
         self._session: Any = ort.InferenceSession(str(self.model_path), opts, providers=list(providers))
-        self.providers: list[str] = self._session.get_providers()
+        self.providers: list[str] = check_providers(self._session, providers, self.model_path)
         self._tokenizer = FastTokenizer.shared()
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -24,9 +24,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import orjson
+
+from .backends import backend_import_error
+
+try:
+    import faiss
+except ImportError as exc:  # neither faiss-cpu nor faiss-gpu, or one that cannot load
+    raise backend_import_error("faiss", exc) from exc
 
 SNAPSHOT_FORMAT = 1
 _META = "meta.json"

@@ -226,9 +226,10 @@ def test_restore_refuses_inconsistent_metadata(tmp_path: Path) -> None:
         LiveIndex.restore(path)
 
 
-def test_gpu_mirror_maps_positions_and_refreshes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU path's own logic (id mapping, refresh after changes), with FAISS's GPU copy
-    stood in by a CPU clone: this machine has no GPU; FAISS's GPU search itself is FAISS's."""
+def _fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """FAISS's GPU copy stood in by a CPU clone: this machine has no GPU, and FAISS's GPU
+    search itself is FAISS's; what is tested is the mirror's own logic. Returns the sizes
+    of the uploads, in order."""
     import faiss
 
     uploads: list[int] = []
@@ -240,15 +241,103 @@ def test_gpu_mirror_maps_positions_and_refreshes(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_to_gpu, raising=False)
+    return uploads
+
+
+def test_gpu_mirror_maps_positions_and_updates_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upserts, replacements and deletes reach the GPU copy one by one: one upload in all
+    (the first build), and every search matches the CPU index's."""
+    uploads = _fake_gpu(monkeypatch)
     gpu = LiveIndex(DIM, "v1", kind="flat")
     cpu, ids, vecs = _filled("flat", n=50)
     assert gpu._gpu is not None
     gpu.upsert(ids, vecs)
-    gpu.delete(["item-1", "item-2"])
-    cpu.delete(["item-1", "item-2"])
-    gpu.upsert(["item-4"], -vecs[4:5])
-    cpu.upsert(["item-4"], -vecs[4:5])
+    assert uploads == [50]
     q = _unit(np.random.default_rng(4), 5)
-    assert gpu.search(q, k=8, exclude={"item-9"}) == cpu.search(q, k=8, exclude={"item-9"})
     assert gpu.search(q, k=8) == cpu.search(q, k=8)
-    assert uploads == [48]  # one upload after the changes, reused by the second search
+    for index in (gpu, cpu):
+        index.delete(["item-1", "item-2"])
+        index.upsert(["item-4", "new-1"], np.vstack([-vecs[4:5], vecs[9:10]]))
+        index.apply([ItemVector(item_id="item-7", adapter_version="v1", vector=None)])
+    assert gpu.search(q, k=8, exclude={"item-9"}) == cpu.search(q, k=8, exclude={"item-9"})
+    assert gpu.search(q, k=60) == cpu.search(q, k=60)  # all of it, tombstones skipped
+    assert gpu._gpu.dead == 4 and gpu._gpu.used == 52
+    assert uploads == [50]  # no re-upload after the changes
+
+
+def test_gpu_mirror_rebuilds_off_the_lock_and_replays_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the tombstone limit the writer rebuilds the copy: the upload runs while another
+    thread can take the index lock, and a change made during the upload is not lost."""
+    import threading
+
+    import faiss
+
+    import models.live_index as live_index
+
+    monkeypatch.setattr(live_index, "_GPU_MAX_DEAD", 3)
+    uploads = _fake_gpu(monkeypatch)
+    gpu = LiveIndex(DIM, "v1", kind="flat")
+    cpu, ids, vecs = _filled("flat", n=40)
+    gpu.upsert(ids, vecs)
+    mid = _unit(np.random.default_rng(6), 2)
+    lock_free_during_upload: list[bool] = []
+    real_to_gpu = faiss.index_cpu_to_gpu
+
+    def slow_upload(res: object, device: int, index: faiss.Index) -> faiss.Index:
+        other = threading.Thread(target=lambda: lock_free_during_upload.append(_try_lock(gpu)))
+        other.start()
+        other.join()
+        # a writer that comes in meanwhile (its own refresh sees a rebuild under way)
+        for target in (gpu, cpu):
+            target.upsert(["mid-upload", "item-0"], mid)
+        return real_to_gpu(res, device, index)
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", slow_upload)
+    for index in (gpu, cpu):
+        index.delete(["item-1", "item-2", "item-3"])
+    assert lock_free_during_upload == []  # 3 tombstones: at the limit, no rebuild yet
+    for index in (gpu, cpu):
+        index.delete(["item-5"])
+    assert lock_free_during_upload == [True]
+    assert len(uploads) == 2 and uploads[1] == 36  # the live rows at the time of the copy
+    assert gpu._gpu is not None and gpu._gpu.journal is None
+    assert gpu._gpu.dead == 1  # item-0 replaced during the upload
+    q = _unit(np.random.default_rng(7), 5)
+    assert gpu.search(q, k=10) == cpu.search(q, k=10)
+    assert gpu.search(q, k=50) == cpu.search(q, k=50)
+    assert [h[0] for h in gpu.search(mid[:1], k=1)[0]] == ["mid-upload"]
+
+
+def _try_lock(index: LiveIndex) -> bool:
+    got = index._lock.acquire(timeout=2)
+    if got:
+        index._lock.release()
+    return got
+
+
+def test_gpu_mirror_restore_builds_before_the_first_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, _, _ = _filled("flat", n=30)
+    path = cpu.snapshot(tmp_path / "snap")
+    uploads = _fake_gpu(monkeypatch)
+    restored = LiveIndex.restore(path)
+    assert uploads == [30]
+    q = _unit(np.random.default_rng(8), 3)
+    assert restored.search(q, k=5) == cpu.search(q, k=5)
+
+
+def test_gpu_mirror_deep_search_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.live_index as live_index
+
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(live_index, "_GPU_MAX_K", 8)
+    gpu = LiveIndex(DIM, "v1", kind="flat")
+    cpu, ids, vecs = _filled("flat", n=20)
+    gpu.upsert(ids, vecs)
+    assert gpu._gpu is not None
+    calls: list[int] = []
+    real = gpu._gpu.search
+    monkeypatch.setattr(gpu._gpu, "search", lambda q, k: calls.append(k) or real(q, k))
+    q = _unit(np.random.default_rng(9), 2)
+    assert gpu.search(q, k=5) == cpu.search(q, k=5)
+    assert gpu.search(q, k=12) == cpu.search(q, k=12)
+    assert calls == [5]
