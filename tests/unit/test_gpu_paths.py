@@ -144,3 +144,16 @@ def test_gpu_requirements_come_from_pyproject() -> None:
     reqs = gpu.extra_requirements("gpu")
     assert any(r.startswith("onnxruntime-gpu") for r in reqs) and any(r.startswith("faiss-gpu") for r in reqs)
     assert not any(r.startswith(("onnxruntime>", "faiss-cpu")) for r in gpu.base_requirements())
+
+
+def test_gpu_compose_override_reserves_a_gpu_for_real_services() -> None:
+    """docker-compose.gpu.yml layers over docker-compose.yml: every service it gives a GPU
+    must exist there (a rename would otherwise add a service with no image)."""
+    yaml = pytest.importorskip("yaml")
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    assert {"learner", "indexer", "serving"} <= set(gpu)
+    for name, service in gpu.items():
+        assert name in base, f"docker-compose.gpu.yml names {name!r}, which docker-compose.yml lacks"
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
