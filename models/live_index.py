@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -64,6 +65,8 @@ except ImportError as exc:  # neither faiss-cpu nor faiss-gpu, or one that canno
 from .snapshot import SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["ApplyReport", "LiveIndex", "SnapshotError", "choose_kind", "FLAT_MAX_ITEMS"]
+
+log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "hnsw"]
 
@@ -398,6 +401,14 @@ class LiveIndex:
             gpu.begin_rebuild()
         try:
             staged = gpu.upload(np.ascontiguousarray(vectors, dtype=np.float32))
+        except Exception as exc:
+            # The CPU index already holds the change and answers every search: a GPU that
+            # fails (out of memory, say) costs speed, never a write or a request.
+            with self._lock:
+                gpu.abort_rebuild()
+                self._gpu = None
+            log.error("FAISS GPU copy of index %s failed (%r); searching on the CPU from now on", self.version, exc)
+            return
         except BaseException:
             with self._lock:
                 gpu.abort_rebuild()
@@ -511,9 +522,9 @@ class _GpuMirror:
     def _upload_to_gpu(self, vectors: np.ndarray) -> Any:
         # Two GPU resource objects, used in turn: FAISS's are not thread-safe, and the new
         # copy uploads while searches still run on the old one.
-        if len(self._resources) < 2:
+        while len(self._resources) < 2:
             self._resources.append(faiss.StandardGpuResources())
-        res = self._resources[self.uploads % len(self._resources)]
+        res = self._resources[self.uploads % 2]  # the other one than the live copy's
         cpu = faiss.IndexFlatIP(self.dim)
         if len(vectors):
             cpu.add(vectors)

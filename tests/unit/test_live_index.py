@@ -341,3 +341,53 @@ def test_gpu_mirror_deep_search_falls_back_to_the_cpu(monkeypatch: pytest.Monkey
     assert gpu.search(q, k=5) == cpu.search(q, k=5)
     assert gpu.search(q, k=12) == cpu.search(q, k=12)
     assert calls == [5]
+
+
+def test_gpu_failure_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU copy that cannot be made (out of memory, say) never fails the write: the CPU
+    index has the change, searches run there, and the log says why."""
+    import faiss
+
+    _fake_gpu(monkeypatch)
+
+    def no_memory(res: object, device: int, index: faiss.Index) -> faiss.Index:
+        raise RuntimeError("cudaMalloc error out of memory")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", no_memory)
+    gpu = LiveIndex(DIM, "v1", kind="flat")
+    cpu, ids, vecs = _filled("flat", n=20)
+    assert gpu.upsert(ids, vecs) == 20
+    assert gpu._gpu is None
+    q = _unit(np.random.default_rng(10), 3)
+    assert gpu.search(q, k=5) == cpu.search(q, k=5)
+    assert any("searching on the CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_gpu_rebuild_uploads_with_the_other_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAISS GPU resources are not thread-safe: a rebuild uploads (off the lock) with the
+    resources object that the live copy, still searched meanwhile, does not use."""
+    import faiss
+
+    import models.live_index as live_index
+
+    made: list[object] = []
+    used: list[object] = []
+
+    def resources() -> object:
+        made.append(object())
+        return made[-1]
+
+    def to_gpu(res: object, device: int, index: faiss.Index) -> faiss.Index:
+        used.append(res)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", resources, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(live_index, "_GPU_MAX_DEAD", 0)
+    gpu = LiveIndex(DIM, "v1", kind="flat", use_gpu=True)
+    _, ids, vecs = _filled("flat", n=10)
+    gpu.upsert(ids, vecs)  # first build
+    gpu.delete(["item-1"])  # one tombstone > 0: rebuild
+    gpu.delete(["item-2"])  # and again
+    assert len(made) == 2 and len(used) == 3
+    assert used[0] is not used[1] and used[1] is not used[2]
