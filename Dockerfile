@@ -10,6 +10,8 @@ COPY streams streams
 COPY learner learner
 COPY indexer indexer
 COPY serving serving
+COPY collector collector
+COPY monitor monitor
 COPY evaluation evaluation
 COPY console console
 # Production images target GPU hosts: PyPI's Linux torch wheel is the CUDA build, and the

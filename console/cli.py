@@ -25,6 +25,7 @@ COMPONENT_COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("indexer.cli", "encode changed items and publish item vectors"),
     "serve": ("serving.cli", "run the recommend/search/similar API"),
     "collect": ("collector.cli", "run the HTTP event collector (POST /events) for producers without Kafka"),
+    "monitor": ("monitor.cli", "serve the flows' progress (lag, freshness, topic sizes) on a Prometheus /metrics"),
     "learn": ("learner.cli", "train and publish LoRA adapters from train pairs"),
     "eval": ("evaluation.cli", "prequential next-basket evaluation on a dataset"),
     "demo": ("console.demo", "start everything and replay the bundled sample"),
@@ -67,6 +68,29 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         what = [str(p) for p in cleared.paths]
         print("clean slate for the new topics: "
               + (f"removed {', '.join(what)}" if what else "no stored positions in " + str(settings.state_dir)))
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from freshrec.topics import TopicError, ensure_topics
+
+    try:
+        report = ensure_topics(settings, args.replication_factor, args.timeout)
+    except TopicError as exc:
+        print(f"freshrec topics: {exc}", file=sys.stderr)
+        return 1
+    for name in report.created:
+        print(f"created {name} ({settings.partitions} partitions, replication factor {args.replication_factor})")
+    for name, n in report.existing.items():
+        print(f"exists  {name} ({n} partitions)")
+    mismatched = report.mismatched(settings.partitions)
+    if mismatched:
+        print(
+            f"freshrec topics: {', '.join(f'{t} has {n}' for t, n in mismatched.items())} partitions, not "
+            f"FRESHREC_PARTITIONS={settings.partitions}: set FRESHREC_PARTITIONS to the topics' count in every process",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -181,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=UP_HELP,
     ).set_defaults(func=_cmd_up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=_cmd_down)
+    p = sub.add_parser(
+        "topics",
+        help="create the missing topics on an existing Kafka (names and partitions from the settings)",
+        description="Create every topic of FRESHREC_TOPIC_PREFIX that is missing, with FRESHREC_PARTITIONS "
+        "partitions, through the FRESHREC_KAFKA_* security settings; existing topics stay as they are, and a "
+        "partition count other than FRESHREC_PARTITIONS exits 1 naming them.",
+    )
+    p.add_argument("--replication-factor", type=int, default=1, help="replicas per partition (default 1)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the broker (default 60)")
+    p.set_defaults(func=_cmd_topics)
     p = sub.add_parser(
         "reset",
         help="forget every stored Kafka position: the fix for a topic-epoch mismatch",

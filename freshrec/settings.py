@@ -236,6 +236,9 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Longest the collector's producer tries to reach the bootstrap servers per attempt"
     )
     collector_retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) of a 503 while the broker is away")
+    # the flows' progress exporter (monitor/: `freshrec monitor`, scraped by Prometheus)
+    monitor_host: str = Field("127.0.0.1", description="Bind address of `freshrec monitor`'s /metrics")
+    monitor_port: int = Field(8020, ge=0, le=65535, description="Port of `freshrec monitor`'s /metrics (0: any free port)")
 
     # -- collaborative state and the ranking stage (ranking.collab, ranking.features) ----
     collab_top_k: int = Field(50, ge=1, description="Co-purchase neighbours read per item")
@@ -287,7 +290,10 @@ class Settings(BaseSettings):
         100_000, ge=1, description="Most recent rank-example ids the learner remembers (and checkpoints) to drop duplicates"
     )
     learner_metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="Port of the learner's Prometheus /metrics on 127.0.0.1 (None: off; 0: any free port)"
+        None, ge=0, le=65535, description="Port of the learner's Prometheus /metrics (None: off; 0: any free port)"
+    )
+    learner_metrics_host: str = Field(
+        "127.0.0.1", description="Bind address of the learner's /metrics (0.0.0.0 in a container Prometheus scrapes)"
     )
 
     # -- learner (add learner settings below this line) ----------------------------------

@@ -144,7 +144,10 @@ class Learner:
         self.ranker = RankerLoop(settings, self.device, self.metrics, clock) if settings.ranker_learn else None
         self._vectors_tried_at: float | None = None
         port = settings.learner_metrics_port
-        self.metrics_server = MetricsServer(self.metrics, port) if port is not None else None
+        self.metrics_server = (
+            MetricsServer(self.metrics, port, settings.learner_metrics_host) if port is not None else None
+        )
+        self._show_adapter()
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -319,6 +322,12 @@ class Learner:
         s.duplicates = self.intake.duplicates
         s.target_popularity = self.popularity.entries
         self.store.write(self.trainer, s)
+        self._show_adapter()
+
+    def _show_adapter(self) -> None:
+        losses = self._recent_losses
+        loss = sum(losses) / len(losses) if losses else None
+        self.metrics.adapter(self.trainer.pairs_trained, self.trainer.step, loss, self.active.version)
 
     def _evaluate_and_maybe_publish(self) -> None:
         self.state.batches_since_eval = 0
@@ -347,6 +356,7 @@ class Learner:
         self.state.active_version = manifest.version
         self.state.trained_since_publish = 0
         self.published.append(manifest.version)
+        self._show_adapter()
         self._announce(manifest.version)
         log.info("published %s (parent %s, %d pairs trained)", manifest.version, manifest.parent or BASE_VERSION,
                  manifest.pairs_seen)

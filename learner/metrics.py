@@ -129,6 +129,29 @@ class LearnerMetrics:
             registry=r,
         )
 
+        # the adapter (learner.loop): set from its checkpointed state after each micro-batch
+        self.adapter_pairs = Gauge("freshrec_learner_adapter_pairs_trained", "Train pairs the adapter has trained on", registry=r)
+        self.adapter_steps = Gauge("freshrec_learner_adapter_steps", "Adapter micro-batches trained", registry=r)
+        self.adapter_loss = Gauge(
+            "freshrec_learner_adapter_loss", "Mean contrastive loss of the adapter's recent micro-batches", registry=r
+        )
+        self.adapter_active = Gauge(
+            "freshrec_learner_adapter_info", "1 for the active adapter version the learner judges candidates against",
+            ["version"], registry=r,
+        )
+        self._adapter_version: str | None = None
+
+    def adapter(self, pairs_trained: int, steps: int, loss: float | None, active_version: str) -> None:
+        """Set the adapter's figures (``loss`` None: no micro-batch trained by this process yet)."""
+        self.adapter_pairs.set(pairs_trained)
+        self.adapter_steps.set(steps)
+        if loss is not None:
+            self.adapter_loss.set(loss)
+        if self._adapter_version is not None and self._adapter_version != active_version:
+            self.adapter_active.remove(self._adapter_version)
+        self.adapter_active.labels(active_version).set(1)
+        self._adapter_version = active_version
+
     def ranker(self, counts: Mapping[str, int], windows: Mapping[str, int], figures: Mapping[str, float]) -> None:
         """Set the ranker's figures: ``counts`` (consumed, duplicates, skipped, updates, published)."""
         for outcome in ("consumed", "duplicates", "skipped"):

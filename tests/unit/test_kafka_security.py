@@ -12,7 +12,7 @@ from freshrec.kafka_security import bytewax_source_config, kafka_python_options,
 from freshrec.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("freshrec", "streams", "learner", "indexer", "serving", "collector", "console", "stores", "models", "ranking")
+PACKAGES = ("freshrec", "streams", "learner", "indexer", "serving", "collector", "monitor", "console", "stores", "models", "ranking")
 CLIENTS = {"KafkaProducer", "KafkaConsumer", "KafkaAdminClient", "Producer", "Consumer", "AdminClient", "KafkaSource"}
 
 

@@ -9,7 +9,7 @@ CLI and the services import heavy modules lazily) and checked against the floors
   rules, blends, similarity scale, candidates), ``models`` (encoder back ends, tokenize, merge,
   export, registry, live index and its build), ``stores`` (the Redis adapters). Each imports
   floor 0 and only the floor-1 packages listed in ``SIDEWAYS``.
-* floor 2, the services ``streams``, ``learner``, ``indexer``, ``serving``, ``collector``: import floors 0
+* floor 2, the services ``streams``, ``learner``, ``indexer``, ``serving``, ``collector``, ``monitor``: import floors 0
   and 1, never each other (a function two services need moves down a floor).
 * floor 3, on top: ``console`` (the ``freshrec`` command, demo, replay), ``evaluation``, ``bench``.
   Nothing below imports them.
@@ -34,7 +34,7 @@ ROOT = Path(os.environ.get("FRESHREC_LAYERS_ROOT") or Path(__file__).resolve().p
 FLOORS: dict[str, int] = {
     "freshrec": 0,
     "ranking": 1, "models": 1, "stores": 1,
-    "streams": 2, "learner": 2, "indexer": 2, "serving": 2, "collector": 2,
+    "streams": 2, "learner": 2, "indexer": 2, "serving": 2, "collector": 2, "monitor": 2,
     "console": 3, "evaluation": 3, "bench": 3,
 }
 # Imports allowed between packages on the same floor (importer -> imported); acyclic.

@@ -59,3 +59,17 @@ def test_list_and_rank_shapes_agree_for_one_target() -> None:
         ranked = [f"o{i}" for i in range(rank)] + ["t"] + [f"p{i}" for i in range(20)]
         assert recall_at_k(ranked, {"t"}) == recall_from_ranks(np.array([rank]))
         assert ndcg_at_k(ranked, {"t"}) == pytest.approx(ndcg_from_ranks(np.array([rank])))
+
+
+def test_learner_metrics_show_the_adapter_and_follow_its_active_version() -> None:
+    from learner.metrics import LearnerMetrics
+
+    m = LearnerMetrics()
+    m.adapter(pairs_trained=64, steps=2, loss=None, active_version="base")
+    text = m.render().decode()
+    assert "freshrec_learner_adapter_pairs_trained 64.0" in text and "freshrec_learner_adapter_steps 2.0" in text
+    assert 'freshrec_learner_adapter_info{version="base"} 1.0' in text
+    m.adapter(pairs_trained=96, steps=3, loss=0.5, active_version="v000001-0123abcd")
+    text = m.render().decode()
+    assert "freshrec_learner_adapter_loss 0.5" in text
+    assert 'version="base"' not in text and 'freshrec_learner_adapter_info{version="v000001-0123abcd"} 1.0' in text
