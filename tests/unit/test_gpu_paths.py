@@ -157,3 +157,19 @@ def test_gpu_compose_override_reserves_a_gpu_for_real_services() -> None:
         assert name in base, f"docker-compose.gpu.yml names {name!r}, which docker-compose.yml lacks"
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # what `docker compose -f docker-compose.yml -f docker-compose.gpu.yml` merges still
+    # validates against the compose spec (the schema that tests/unit/test_deploy.py uses)
+    jsonschema = pytest.importorskip("jsonschema")
+    vendor = pytest.importorskip("importlib.resources").files("check_jsonschema.builtin_schemas.vendor")
+    schema = json.loads((vendor / "compose-spec.json").read_text())
+    merged = _merge(yaml.safe_load((ROOT / "docker-compose.yml").read_text()), yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text()))
+    errors = [e.message for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(merged)]
+    assert errors == []
+    assert merged["services"]["serving"]["deploy"]["replicas"] >= 1  # kept from the base file
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """Compose's merge of an override file: mappings merge key by key, the rest is replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {k: _merge(base[k], v) if k in base else v for k, v in over.items()} | {k: v for k, v in base.items() if k not in over}
+    return over
