@@ -49,11 +49,14 @@ class TopicOffsets:
     """Read-only Kafka access of the monitor: partitions, first and end offsets, and the
     timestamp of the record at an offset. One consumer, no group, nothing committed."""
 
-    def __init__(self, settings: Settings, timeout_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, timeout_s: float = 3.0) -> None:
         self._timeout_ms = int(timeout_s * 1000)
+        # A scrape must answer within Prometheus's scrape timeout (10 s) when the broker is
+        # gone, not wait out kafka-python's 30 s bootstrap (its option since 2.1; older ones refuse it).
+        bounded = {"bootstrap_timeout_ms": self._timeout_ms} if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG else {}
         self._consumer = KafkaConsumer(
             **kafka_python_options(settings), client_id="freshrec-monitor", group_id=None, enable_auto_commit=False,
-            request_timeout_ms=max(self._timeout_ms, 6000),
+            request_timeout_ms=6000, **bounded,
         )
 
     def partitions(self, topic: str) -> list[TopicPartition]:
@@ -124,8 +127,9 @@ class FlowMonitor(Collector):
             "freshrec_flow_lag_seconds", "Age of the oldest input message the flow has not applied (0: caught up)",
             labels=["flow"],
         )
+        stamps: dict[tuple[str, int, int], int | None] = {}  # users and collab often wait on the same record
         for flow, (topic_of, _) in FLOWS.items():
-            progress = self._progress(topic_of(self.settings), ends, begins, applied[flow])
+            progress = self._progress(topic_of(self.settings), ends, begins, applied[flow], stamps)
             if progress is None:
                 continue
             position.add_metric([flow], float(progress.position))
@@ -160,7 +164,8 @@ class FlowMonitor(Collector):
             return None
 
     def _progress(
-        self, topic: str, ends: dict[TopicPartition, int], begins: dict[TopicPartition, int], applied: dict[int, int]
+        self, topic: str, ends: dict[TopicPartition, int], begins: dict[TopicPartition, int], applied: dict[int, int],
+        stamps: dict[tuple[str, int, int], int | None],
     ) -> FlowProgress | None:
         end = {tp.partition: o for tp, o in ends.items() if tp.topic == topic}
         if not end:
@@ -170,11 +175,14 @@ class FlowMonitor(Collector):
         oldest: dict[int, int] = {}
         for p in parts:
             if p.lag > 0 and self._kafka is not None:
-                try:
-                    ts = self._kafka.timestamp_ms(TopicPartition(topic, p.partition), p.position)
-                except Exception as exc:  # noqa: BLE001 - the age is left out, the counts stay
-                    log.warning("reading the oldest waiting record of %s[%d]: %s", topic, p.partition, exc)
-                    continue
+                key = (topic, p.partition, p.position)
+                if key not in stamps:
+                    try:
+                        stamps[key] = self._kafka.timestamp_ms(TopicPartition(topic, p.partition), p.position)
+                    except Exception as exc:  # noqa: BLE001 - the age is left out, the counts stay
+                        log.warning("reading the oldest waiting record of %s[%d]: %s", topic, p.partition, exc)
+                        stamps[key] = None
+                ts = stamps[key]
                 if ts is not None:
                     oldest[p.partition] = ts
         return flow_progress(parts, oldest, self._clock())

@@ -32,3 +32,23 @@ def test_freshness_is_the_age_of_the_oldest_waiting_message_over_partitions() ->
 
 def test_partition_of_a_store_field() -> None:
     assert partition_of("freshrec.events:3") == 3 and partition_of("a:b:12") == 12
+
+
+def test_the_monitor_shows_an_unreachable_source_as_down_and_leaves_its_figures_out() -> None:
+    import time
+
+    from prometheus_client import generate_latest
+
+    from freshrec.infra import free_port
+    from freshrec.settings import Settings
+    from monitor.exporter import monitor_registry
+
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    registry, monitor = monitor_registry(settings)
+    t0 = time.monotonic()
+    text = generate_latest(registry).decode()
+    monitor.close()
+    assert time.monotonic() - t0 < 10  # within Prometheus's scrape timeout, not kafka-python's 30 s bootstrap
+    assert 'freshrec_monitor_up{source="kafka"} 0.0' in text and 'freshrec_monitor_up{source="redis"} 0.0' in text
+    assert 'freshrec_monitor_read_errors_total{source="kafka"} 1.0' in text
+    assert "freshrec_flow_lag_messages" not in text and "freshrec_topic_messages" not in text  # a gap, not a false 0
