@@ -174,6 +174,11 @@ class Settings(BaseSettings):
         description="Bearer token for /users/{user_id} (a shopper's history); the endpoint is off without one. "
         "Separate from admin_token because the demo page carries it into a browser",
     )
+    demo_actions: bool = Field(
+        False,
+        description="Serve the demo's write path (POST /demo/act: the page acts as a shopper, sending events "
+        "to Kafka; GET /demo/stats). Demo only: anyone who reaches the API can then send events",
+    )
     admin_enabled: bool | None = Field(
         None,
         description="Serve /admin: None = on exactly when admin_token is set; True without a token refuses to start",

@@ -9,6 +9,16 @@ Response shape::
     {"items": [{"item_id": "85123A", "title": "WHITE HANGING HEART T-LIGHT HOLDER", "score": 0.93}, ...],
      "adapter_version": "v000003-1a2b3c4d", "index_version": "v000003-1a2b3c4d@4", "server_ms": 1.2}
 
+On /recommend each item also has ``reasons``, short phrases saying why it is there
+(:mod:`serving.reasons`): ``"bought before"``, ``"you looked at it"``, ``"bought together
+with <title>"`` (or ``"often bought together with your items"``), ``"shoppers like you
+bought it"``, ``"similar to what you viewed"``, ``"popular now"``, ``"new arrival"``; from
+the ranker's candidate sources, or from the blend's terms, or ``["popular now"]`` for a
+cold shopper::
+
+    {"item_id": "22423", "title": "REGENCY CAKESTAND 3 TIER", "score": 0.41,
+     "reasons": ["bought together with ROSES REGENCY TEACUP AND SAUCER", "popular now"]}
+
 plus ``source`` on /recommend (``personal`` or ``popularity``), ``personalised`` on /search
 (whether a user vector was blended in), and ``degraded: true`` with a ``reason`` when
 Redis could not be read, or when it answered from an empty state (no applied events, an
@@ -28,6 +38,10 @@ detail goes to the log.
 ``/users/{user_id}`` is a shopper's history, so it needs ``Authorization: Bearer
 <settings.users_token>`` (401 without, 403 wrong) and is off (404) when no token is set.
 It has its own token, not the admin one, because the demo page carries it into a browser.
+
+With ``settings.demo_actions`` (``FRESHREC_DEMO_ACTIONS=1``; off by default) the demo's
+write path is mounted too: ``POST /demo/act``, ``GET /demo/applied``, ``GET /demo/stats``
+(:mod:`serving.demo_api`).
 
 An unknown user is not an error: for /recommend they are a cold user (popularity,
 ``source: popularity``), for /search the query is used alone. A recommender cannot
@@ -59,6 +73,7 @@ from ranking import scoring
 from .metrics import ENDPOINTS, TimingMiddleware
 from .pair import ServingPair
 from .ranked import gather_shopper, try_ranker
+from .reasons import POPULAR_NOW, explain_blend, explain_ranked, ranked_flags
 from .runtime import ServingRuntime
 from .shopper_data import RedisUnavailable, state_gap
 
@@ -99,6 +114,7 @@ class RankedItem(BaseModel):
     item_id: str
     title: str
     score: float
+    reasons: list[str] | None = None  # /recommend only (serving.reasons)
 
 
 class Ranked(BaseModel):
@@ -235,6 +251,12 @@ def _items(pair_results: list[tuple[str, float]], titles: dict[str, str]) -> lis
     return [{"item_id": i, "title": titles.get(i, ""), "score": s} for i, s in pair_results]
 
 
+def _with_reasons(items: list[dict[str, Any]], reasons: list[list[str]] | None) -> list[dict[str, Any]]:
+    for item, why in zip(items, reasons or [[POPULAR_NOW]] * len(items), strict=True):
+        item["reasons"] = why
+    return items
+
+
 def _body(pair: ServingPair, items: list[dict[str, Any]], t0: float, **extra: Any) -> dict[str, Any]:
     return {
         "items": items,
@@ -252,6 +274,8 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
     half_life_user_s = settings.user_vector_half_life_days * DAY_S
     basket_decay = settings.repeat_basket_decay
 
+    closers: list[Any] = []  # run at shutdown (the demo router's producer)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         if manage_runtime:
@@ -259,6 +283,8 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         try:
             yield
         finally:
+            for close in closers:
+                close()
             if manage_runtime:
                 runtime.stop()
 
@@ -312,8 +338,8 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
             reason = public_message(str(exc), settings.state_dir)
             _count(None, "unavailable")
-            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", degraded=True, reason=reason,
-                              ranker_version=None, ranker_fallback="unavailable"))
+            return JSON(_body(pair, _with_reasons(_items(ranked, runtime.titles), None), t0, source="popularity",
+                              degraded=True, reason=reason, ranker_version=None, ranker_fallback="unavailable"))
         cold = state is None or (not state.history and not state.basket_bits)
         gap = state_gap(popularity, len(pair.index), cold)
         flag: dict[str, Any] = {}
@@ -323,16 +349,32 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         if cold:
             ranked = scoring.popular(popularity.scores, popularity.ranked, k, space)
             _count(None, "cold")
-            return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="popularity", **flag,
-                              ranker_version=None, ranker_fallback="cold"))
+            return JSON(_body(pair, _with_reasons(_items(ranked, runtime.titles), None), t0, source="popularity",
+                              **flag, ranker_version=None, ranker_fallback="cold"))
         blocked = runtime.ranker.blocked
+        shop = runtime.shop.view
+        views: list[Any] = []  # the ShopperView the ranker was given: its co-purchase rows name reasons
+
+        def gather_kept(st: Any, now_ts: float) -> Any:
+            views.append(gather(st, now_ts))
+            return views[-1]
+
         answer, fallback = try_ranker(
-            ranker, None if blocked is None else blocked.code, state, runtime.shop.view, gather,
+            ranker, None if blocked is None else blocked.code, state, shop, gather_kept,
             pair.index, pair.similarity, runtime.feature_rules, k, on_error=ranker_failed,
         )
         if answer is not None and ranker is not None:
             _count(ranker.version, None)
-            return JSON(_body(pair, _items(answer.ranked, runtime.titles), t0, source="personal", **flag,
+            items = _items(answer.ranked, runtime.titles)
+            rules = runtime.feature_rules
+            why = explain_ranked(
+                [i for i, _ in answer.ranked], state, views[-1] if views else None,
+                sources=ranked_flags([i for i, _ in answer.ranked], getattr(answer, "scored", None)),
+                popular_top=[] if shop is None else list(shop.popular_top)[: rules.popular],
+                new_items=[] if shop is None else list(shop.new_items)[: rules.new],
+                titles=runtime.titles, shrink=rules.shrink,
+            )
+            return JSON(_body(pair, _with_reasons(items, why), t0, source="personal", **flag,
                               ranker_version=ranker.version, ranker_fallback=None))
         ranked = scoring.recommend(
             state.history,
@@ -349,7 +391,15 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             similarity_scale=pair.similarity,
         )
         _count(None, fallback)
-        return JSON(_body(pair, _items(ranked, runtime.titles), t0, source="personal", **flag,
+        ids = [i for i, _ in ranked]
+        why = explain_blend(
+            ids, state,
+            vectors=pair.index.reconstruct_many(list(dict.fromkeys([*(h.item_id for h in state.history), *ids]))),
+            half_life_s=half_life_user_s, scale=pair.similarity, basket_decay=basket_decay,
+            popular_top=popularity.ranked,
+            new_items=popularity.new_items if isinstance(runtime.weights, scoring.LogBlendWeights) else (),
+        )
+        return JSON(_body(pair, _with_reasons(_items(ranked, runtime.titles), why), t0, source="personal", **flag,
                           ranker_version=None, ranker_fallback=fallback))
 
     def gather(state: Any, now_ts: float) -> Any:
@@ -501,6 +551,15 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         from .admin import admin_router
 
         app.include_router(admin_router(runtime))
+
+    if settings.demo_actions:
+        # Before the static mount at "/", which would otherwise take these paths.
+        from .demo_api import demo_router
+
+        router, close_demo = demo_router(runtime)
+        app.include_router(router)
+        closers.append(close_demo)
+        log.warning("demo actions are on (FRESHREC_DEMO_ACTIONS): POST /demo/act sends events for any shopper")
 
     if STATIC_DIR.is_dir() and any(STATIC_DIR.iterdir()):
         # The demo page lives here (the lead's); the API needs nothing from it.

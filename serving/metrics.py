@@ -9,12 +9,16 @@ consumer lag) are read at scrape time through callbacks.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ENDPOINTS = frozenset({"recommend", "search", "similar", "users", "admin", "healthz", "readyz", "metrics"})
+# Latencies kept per endpoint for exact recent percentiles (the demo's /demo/stats); the
+# histogram's buckets are too coarse for a p99 of the last minute.
+RECENT_REQUESTS = 1000
 # Fine below 10 ms, where the targets are.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -51,10 +55,16 @@ class ServingMetrics:
         self.ranker_swaps = Counter("freshrec_ranker_swaps", "Rankers swapped in (or out, to the blend)", registry=r)
         self.ranker = Gauge("freshrec_ranker_info", "1 for the active ranker version", ["version"], registry=r)
         self._ranker_version: str | None = None
+        # endpoint -> (monotonic end time, seconds) of its latest RECENT_REQUESTS requests
+        self.recent: dict[str, deque[tuple[float, float]]] = {}
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.latency.labels(endpoint).observe(seconds)
         self.responses.labels(endpoint, str(status)).inc()
+        recent = self.recent.get(endpoint)
+        if recent is None:  # a fixed label set (endpoint_of), so this dict stays small
+            recent = self.recent.setdefault(endpoint, deque(maxlen=RECENT_REQUESTS))
+        recent.append((time.monotonic(), seconds))
 
     def bind(self, index_items: Callable[[], float], consumer_lag: Callable[[], float]) -> None:
         self.index_items.set_function(index_items)
