@@ -255,6 +255,7 @@ class RankerMethod:
         seed: int,
         family: str | None = None,
         drive_fallback: bool = False,
+        train_from: float | None = None,
     ) -> None:
         self.name = name
         self.stream = stream
@@ -262,6 +263,9 @@ class RankerMethod:
         self.seed = seed
         self.family = family or settings.ranker_family
         self.drive_fallback = drive_fallback  # ``full``: advancing the adapter's learner is ours to do
+        # a stream shared with rankers of a longer history records earlier examples than this
+        # one's own ranker_eval_history_days would: they are not this ranker's to train on
+        self.train_from = train_from
         if self.family not in FAMILIES:
             raise ValueError(f"unknown ranker family {self.family!r}; choose from {', '.join(FAMILIES)}")
         self.settings = settings.model_copy(update={"ranker_family": self.family})
@@ -335,6 +339,8 @@ class RankerMethod:
         self._last_update = now
         self._seen_seq = self.stream.next_seq
         examples = list(self.stream.examples)
+        if self.train_from is not None:
+            examples = [ex for ex in examples if ex.ts >= self.train_from]
         if len(examples) <= self.held:
             return
         held, trainable = examples[-self.held :], examples[: -self.held]

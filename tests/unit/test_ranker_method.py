@@ -16,7 +16,7 @@ import pytest
 from evaluation.data import build_log
 from evaluation.methods import SystemMethod, SystemReplay
 from evaluation.protocol import evaluate
-from evaluation.ranker_method import FAMILIES, build_ranker_methods
+from evaluation.ranker_method import FAMILIES, RankerMethod, build_ranker_methods, example_stream
 from freshrec.settings import Settings
 from ranking.features import FEATURE_SCHEMA
 from ranking.scoring import weights_from_settings
@@ -64,13 +64,17 @@ def settings() -> Settings:
     )
 
 
-def run(seed: int, family: str = "lgbm"):  # type: ignore[no-untyped-def]
-    log = shop_log()
-    s = settings()
+def frozen_method(log, s: Settings) -> SystemMethod:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(log.n_items, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    frozen = SystemMethod("frozen", SystemReplay(log, s), vectors, weights_from_settings(s), s.recommend_candidates)
+    return SystemMethod("frozen", SystemReplay(log, s), vectors, weights_from_settings(s), s.recommend_candidates)
+
+
+def run(seed: int, family: str = "lgbm", s: Settings | None = None):  # type: ignore[no-untyped-def]
+    log = shop_log()
+    s = s or settings()
+    frozen = frozen_method(log, s)
     (ranker,) = build_ranker_methods(log, s, EVAL_FROM, frozen, [seed], [family])
     results = evaluate(log, EVAL_FROM, [frozen, ranker])
     return results, ranker
@@ -97,3 +101,18 @@ def test_unknown_family_is_refused() -> None:
     assert "lgbm" in FAMILIES
     with pytest.raises(ValueError, match="unknown ranker family"):
         run(1, "xgboost")
+
+
+def test_a_ranker_on_a_longer_shared_stream_trains_only_on_its_own_history() -> None:
+    """bench.ranker_tuning shares one stream built with the longest history: a shorter variant must not see more."""
+    short = settings().model_copy(update={"ranker_eval_history_days": 6.0, "ranker_window_baskets": 300})
+    _, alone = run(7, s=short)
+    log = shop_log()
+    frozen = frozen_method(log, short)
+    stream = example_stream(log, settings(), frozen, EVAL_FROM)  # 21 days of history, window 1000
+    shared = RankerMethod("ranker", stream, frozen, short, 7, train_from=EVAL_FROM - 6.0 * DAY_S)
+    evaluate(log, EVAL_FROM, [frozen, shared])
+    assert alone.log.decisions and [d.split("fit")[0] for d in alone.log.decisions] == [
+        d.split("fit")[0] for d in shared.log.decisions
+    ]
+    assert stream.next_seq > alone.stream.next_seq, "the shared stream recorded examples the short variant may not train on"
