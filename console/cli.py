@@ -36,7 +36,7 @@ UP_HELP = (
     "start the embedded broker and Redis, create the topics. The broker keeps topics in memory, so every "
     "`up` starts new, empty topics, and `up` therefore starts from a clean slate: it runs `freshrec reset` "
     "(flow snapshots, learner and indexer positions, freshrec's Redis keys, in a reused Redis too; the "
-    "adapter registry stays) and prints what it cleared"
+    "adapter and ranker registries stay) and prints what it cleared"
 )
 COUNTS_NOTE = (
     "note: the embedded broker (Tansu) under-reports end offsets (README, \"Known broker quirk\"), "
@@ -120,7 +120,7 @@ def _cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
             for line in plan.lines():
                 print(f"  {line}")
             if not args.all:
-                print("  (the adapter registry stays; --all removes it too)")
+                print("  (the adapter and ranker registries stay; --all removes them too)")
             if not _confirm("proceed? [y/N] "):
                 print("freshrec reset: nothing removed (pass --yes to skip this question)", file=sys.stderr)
                 return 1
@@ -218,13 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reset",
         help="forget every stored Kafka position: the fix for a topic-epoch mismatch",
-        description="Remove the flows' recovery snapshots (state_dir/streams/*), the learner's checkpoints "
-        "(state_dir/learner), the indexer's offsets (state_dir/indexer) and every Redis key under "
-        "FRESHREC_REDIS_PREFIX (SCAN + UNLINK, never FLUSHDB), so every consumer starts over from the "
-        "topics' beginning. Stop the flows, learner and indexer first. The adapter registry stays.",
+        description="Remove the flows' recovery snapshots (state_dir/streams/*: users, catalog, collab), the "
+        "learner's checkpoints, the ranker's included (state_dir/learner), the indexer's offsets (state_dir/indexer) "
+        "and every Redis key under FRESHREC_REDIS_PREFIX (SCAN + UNLINK, never FLUSHDB), so every consumer starts "
+        "over from the topics' beginning. Stop the flows, learner and indexer first. The adapter and ranker "
+        "registries stay.",
     )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--all", action="store_true", help="also remove the adapter registry and its ONNX exports")
+    p.add_argument("--all", action="store_true",
+                   help="also remove the adapter and ranker registries and the adapters' ONNX exports")
     p.set_defaults(func=_cmd_reset)
     p = sub.add_parser(
         "status",

@@ -10,19 +10,23 @@ starts with new, empty topics.
 
 What it removes (see :func:`stored_positions`):
 
-* ``state_dir/streams/*``: the Bytewax flows' recovery snapshots (with their Kafka offsets);
-* ``state_dir/learner``: the learner's checkpoints (offsets + weights), training log and epoch;
+* ``state_dir/streams/*``: the Bytewax flows' recovery snapshots (with their Kafka offsets),
+  the collaborative flow's (``streams/collab``) among them;
+* ``state_dir/learner``: the learner's checkpoints (offsets + weights), training log and
+  epoch, and the ranker loop's checkpoints (``learner/ranker``: offsets, held examples);
 * ``state_dir/indexer``: the indexer's offsets and epoch;
 * every Redis key under ``settings.redis_prefix`` (user state, catalog, applied offsets,
-  topic epochs), by SCAN + UNLINK in batches: never FLUSHDB, the Redis may be shared. On
-  a Redis Cluster (a ``redis+cluster://`` URL) SCAN visits every primary in turn and
-  UNLINK is split by slot. This is also how a deployment moves to a new key layout (the
+  topic epochs, and the collaborative flow's keys of :mod:`stores.collab_store`:
+  ``cop:*``, ``collab:*``, ``shopvec``), by SCAN + UNLINK in batches: never FLUSHDB, the
+  Redis may be shared. On a Redis Cluster (a ``redis+cluster://`` URL) SCAN visits every
+  primary in turn and UNLINK is split by slot. This is also how a deployment moves to a new key layout (the
   Redis Cluster hash tags of :mod:`stores.user_store`): reset, then replay.
 
-What it keeps unless ``everything=True``: the adapter registry (``state_dir/adapters``,
-immutable published versions, still valid for any topic) and the ONNX exports derived
-from them (``state_dir/exports``). Logs, ``infra.json`` and the embedded Redis's own
-data directory are never touched.
+What it keeps unless ``everything=True``: the adapter and ranker registries
+(``state_dir/adapters``, ``state_dir/rankers``: immutable published versions, still valid
+for any topic; a ranker is checked against the feature schema when loaded, not against a
+topic) and the ONNX exports derived from the adapters (``state_dir/exports``). Logs,
+``infra.json`` and the embedded Redis's own data directory are never touched.
 
 Stop the flows, the learner and the indexer first: a consumer still running would write
 its old positions back.
@@ -41,6 +45,9 @@ from .settings import Settings
 # Keys per SCAN page and per UNLINK call: large enough to be quick, small enough that a
 # shared Redis never blocks on one command (UNLINK frees memory in the background).
 SCAN_BATCH = 1000
+
+# What only ``reset --all`` removes: the published versions and what is derived from them.
+REGISTRIES = ("adapters", "rankers", "exports")
 
 
 @dataclass
@@ -69,8 +76,8 @@ class ResetError(RuntimeError):
 
 def stored_positions(settings: Settings, everything: bool = False) -> list[Path]:
     """The existing files and folders under ``state_dir`` that hold Kafka positions or
-    state derived from a topic's log (plus the adapter registry and exports with
-    ``everything``), sorted."""
+    state derived from a topic's log (plus the registries and exports with ``everything``),
+    sorted."""
     state = Path(settings.state_dir)
     found: list[Path] = []
     streams = state / "streams"
@@ -80,7 +87,7 @@ def stored_positions(settings: Settings, everything: bool = False) -> list[Path]
         if (state / name).exists():
             found.append(state / name)
     if everything:
-        found.extend(state / name for name in ("adapters", "exports") if (state / name).exists())
+        found.extend(state / name for name in REGISTRIES if (state / name).exists())
     return found
 
 

@@ -13,11 +13,13 @@ from console.cli import main
 from freshrec.infra import free_port
 from freshrec.reset import ResetError, reset
 from freshrec.settings import Settings
+from stores import collab_store
 
 pytestmark = pytest.mark.integration
 
-POSITIONS = ["streams/users", "streams/catalog", "learner", "indexer"]
-KEPT = ["adapters", "exports", "logs", "redis", "infra.json"]
+POSITIONS = ["streams/users", "streams/catalog", "streams/collab", "learner", "indexer"]
+REGISTRIES = ["adapters", "rankers", "exports"]
+KEPT = [*REGISTRIES, "logs", "redis", "infra.json"]
 
 
 def _populate(state: Path) -> None:
@@ -26,12 +28,18 @@ def _populate(state: Path) -> None:
         "streams/users/part-0.sqlite3": "snapshot",
         "streams/users/epoch.json": "{}",
         "streams/catalog/part-0.sqlite3": "snapshot",
+        "streams/collab/part-0.sqlite3": "snapshot",
+        "streams/collab/epoch.json": "{}",
         "learner/checkpoints/ckpt-000000001/state.json": "{}",
         "learner/trained.log": "{}\n",
         "learner/epoch.json": "{}",
+        "learner/ranker/checkpoints/ckpt-000000001/state.json": "{}",
+        "learner/ranker/epoch.json": "{}",
         "indexer/offsets.json": "{}",
         "indexer/epoch.json": "{}",
         "adapters/v000001-abc/manifest.json": "{}",
+        "rankers/v000001-abc/manifest.json": "{}",
+        "rankers/active.json": "{}",
         "exports/base/encoder.int8.onnx": "x",
         "logs/tansu.log": "log",
         "redis/appendonly.aof": "",
@@ -40,6 +48,23 @@ def _populate(state: Path) -> None:
     for rel, text in files.items():
         (state / rel).parent.mkdir(parents=True, exist_ok=True)
         (state / rel).write_text(text)
+
+
+def _write_collab_state(client: redis.Redis, s: Settings) -> int:
+    """The collaborative flow's keys as :func:`stores.collab_store.write_batch` lays them out; returns how many."""
+    p = s.redis_prefix
+    with client.pipeline(transaction=False) as pipe:
+        for item in ("A", "B"):
+            pipe.set(collab_store.cop_key(s, item), b"{}")
+        pipe.hset(p + collab_store.META, mapping={"epoch": "id", "newest_ts": "1.0", "offsets": '{"0":4}'})
+        pipe.hset(p + collab_store.ITEMS, "A", b"[1,1]")
+        for key in collab_store.POP.values():
+            pipe.hset(p + key, "A", b"[1.0,1.0]")
+        pipe.hset(p + collab_store.FIRST_SEEN, "A", b"1.0")
+        pipe.hset(p + collab_store.SHOPVEC, "u1", b"\0" * 16)
+        pipe.rpush(p + collab_store.ORDER, b"[{},[[0,4]]]")
+        pipe.execute()
+    return 2 + 1 + 1 + len(collab_store.POP) + 1 + 1 + 1
 
 
 def _with(settings: Settings, **changes: object) -> Settings:
@@ -58,10 +83,12 @@ def test_reset_removes_exactly_the_prefix_keys_and_the_stored_positions(fresh_se
             pipe.set(key, b"1")
         pipe.hset(f"{s.redis_prefix}streams:epoch", "topic", "id")
         pipe.execute()
+    collab = _write_collab_state(client, s)
 
     report = reset(s)
 
-    assert report.redis_keys == len(mine) + 1
+    assert report.redis_keys == len(mine) + 1 + collab
+    assert collab_store.read_offsets(client, s) == {} and not collab_store.read_order(client, s)
     assert sorted(report.paths) == sorted(s.state_dir / p for p in POSITIONS)
     assert not any(client.scan_iter(match=f"{s.redis_prefix}*"))
     assert all(client.exists(k) for k in others)
@@ -72,7 +99,9 @@ def test_reset_removes_exactly_the_prefix_keys_and_the_stored_positions(fresh_se
     assert (s.state_dir / "streams").is_dir()
 
     everything = reset(s, everything=True)
-    assert sorted(everything.paths) == [s.state_dir / "adapters", s.state_dir / "exports"]
+    assert sorted(everything.paths) == sorted(s.state_dir / p for p in REGISTRIES)
+    for rel in REGISTRIES:
+        assert not (s.state_dir / rel).exists(), rel
     assert everything.redis_keys == 0
     assert all(client.exists(k) for k in others)
     client.delete(*others)
@@ -127,11 +156,12 @@ def test_reset_command_asks_then_prints_exactly_what_it_removed(
     assert main(["reset", "--yes"]) == 0
     out, _ = capsys.readouterr()
     removed = out.strip().splitlines()
-    in_order = ["streams/catalog", "streams/users", "learner", "indexer"]
+    in_order = ["streams/catalog", "streams/collab", "streams/users", "learner", "indexer"]
     assert removed == [f"removed {s.state_dir / p}" for p in in_order] + [
         f"removed 1 Redis keys under {s.redis_prefix!r} at {s.redis_url}"
     ]
-    assert not client.exists(f"{s.redis_prefix}user:1") and (s.state_dir / "adapters").exists()
+    assert not client.exists(f"{s.redis_prefix}user:1")
+    assert (s.state_dir / "adapters").exists() and (s.state_dir / "rankers").exists()
 
     assert main(["reset", "--yes"]) == 0
     assert "nothing to reset" in capsys.readouterr().out
