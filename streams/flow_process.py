@@ -20,7 +20,7 @@ from typing import Any
 from freshrec.children import popen
 from freshrec.settings import Settings
 
-from stores import catalog_store, user_store
+from stores import catalog_store, collab_store, user_store
 from stores.redis_client import connect
 
 
@@ -100,11 +100,23 @@ class FlowProcess:
         self.stop()
 
 
+def applied_offsets(settings: Settings, flow: str, client: Any = None) -> dict[str, int]:
+    """Per partition of the flow's input topic, the last offset whose effects are in Redis.
+
+    ``flow`` is ``users``, ``catalog`` or ``collab`` (which reads the events topic like
+    ``users`` but keeps its own offsets, in ``collab:meta``).
+    """
+    client = client or connect(settings)
+    if flow == "collab":
+        return collab_store.read_offsets(client, settings)
+    if flow not in ("users", "catalog"):
+        raise ValueError(f"flow {flow!r} is not one of users, catalog, collab")
+    return (user_store if flow == "users" else catalog_store).read_applied_offsets(client, settings)
+
+
 def applied_count(settings: Settings, flow: str, client: Any = None) -> int:
     """Messages whose effects are in Redis, summed over partitions (offsets start at 0)."""
-    client = client or connect(settings)
-    offsets = (user_store if flow == "users" else catalog_store).read_applied_offsets(client, settings)
-    return sum(o + 1 for o in offsets.values())
+    return sum(o + 1 for o in applied_offsets(settings, flow, client).values())
 
 
 def wait_applied(

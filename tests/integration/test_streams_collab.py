@@ -325,3 +325,19 @@ def test_store_guard_held_written_behind_full_and_epoch(settings: Settings) -> N
     collab_store.check_epoch(client, settings, "events", "e1")
     with pytest.raises(EpochMismatch):
         collab_store.check_epoch(client, settings, "events", "e2")
+
+
+def test_wait_applied_reads_the_collab_flows_own_offsets(settings: Settings) -> None:
+    # The collab flow reads the events topic like the users flow but records its offsets in
+    # collab:meta: applied_count and wait_applied once counted the catalog flow's offsets for it.
+    from streams.flow_process import applied_count, wait_applied
+
+    assert applied_count(settings, "collab") == 0
+    assert _batch(settings, {}, {"0": 3, "2": 0}, {"a": b"{}"}) is Outcome.WRITTEN
+    assert applied_count(settings, "collab") == 5
+    assert applied_count(settings, "users") == 0 and applied_count(settings, "catalog") == 0
+    assert wait_applied(settings, "collab", 5, timeout=2.0) < 2.0
+    with pytest.raises(TimeoutError, match="collab flow applied 5 of 6"):
+        wait_applied(settings, "collab", 6, timeout=0.2)
+    with pytest.raises(ValueError, match="'colab'"):
+        applied_count(settings, "colab")
