@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-w", "--workers", type=int, default=None, help="workers in this process (default: FRESHREC_STREAM_WORKERS)")
     parser.add_argument("-i", "--process-id", type=int, default=None, help="this process's index in a cluster")
     parser.add_argument("-a", "--addresses", default=None, help='all processes\' host:port, ";"-separated')
-    parser.add_argument("--no-recovery", action="store_true", help="no snapshots: a restart reprocesses the topic")
+    parser.add_argument(
+        "--no-recovery", action="store_true",
+        help="no snapshots: a restart reprocesses the topic (also FRESHREC_STREAM_RECOVERY=false)",
+    )
     return parser
 
 
@@ -42,7 +45,7 @@ def main(argv: list[str], settings: Settings) -> int:
     from .flow_epoch import check_flow_epoch, flow_topic, topic_epoch
     from .runner import recovery_dir, run_flow
 
-    recovery = not args.no_recovery
+    recovery = settings.stream_recovery and not args.no_recovery
     try:
         if args.flow == "collab":
             # Reads events like the users flow but keeps its own offsets (collab:meta).
