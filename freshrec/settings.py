@@ -222,6 +222,19 @@ class Settings(BaseSettings):
     serving_faiss_threads: int = Field(
         1, ge=1, le=64, description="OpenMP threads FAISS may use in serving; one query per search gains nothing from more"
     )
+    serving_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Processes `freshrec serve` answers with (uvicorn workers on one port), each with its own pair "
+        "and topic followers: one per core is the measured best (bench.serving); 1 when admin is on (activation "
+        "through /admin is per process)",
+    )
+    serving_threadpool: bool = Field(
+        True,
+        description="Run the Redis reads, ranking and encoding of a request in a worker thread, off the event loop; "
+        "false runs them on the loop (as before issue 15; kept to measure against)",
+    )
     # the HTTP collector (collector/: POST /events for producers without a Kafka client)
     collector_host: str = Field("127.0.0.1", description="Bind address of `freshrec collect`")
     collector_port: int = Field(8010, ge=1, le=65535, description="Port of `freshrec collect`")

@@ -50,6 +50,7 @@ tell a new shopper from a mistyped id, and a new shopper must get an answer.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import re
@@ -322,7 +323,8 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
     # -- ranking -------------------------------------------------------------------------
 
     @app.get("/recommend", response_model=Ranked, responses=error_responses(422, 503))
-    async def recommend(
+    @_off_loop(settings.serving_threadpool)
+    def recommend(
         user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS, examples=["17841"]),
         k: int = Query(10, ge=1, le=max_k),
     ) -> JSON:
@@ -436,7 +438,14 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         t0 = time.perf_counter()
         query, user_id, k = await _search_request(request, max_k)
         pair = _pair()
+        if settings.serving_threadpool:  # the encoder, Redis and FAISS in one hop to a worker thread
+            return await anyio.to_thread.run_sync(lambda: _search_answer(pair, query, user_id, k, t0, None))
         qvec = (await anyio.to_thread.run_sync(pair.encoder.encode, [query]))[0]
+        return _search_answer(pair, query, user_id, k, t0, qvec)
+
+    def _search_answer(pair: ServingPair, query: str, user_id: str | None, k: int, t0: float, qvec: Any) -> JSON:
+        if qvec is None:
+            qvec = pair.encoder.encode([query])[0]
         extra: dict[str, Any] = {}
         uvec = None
         if user_id is not None and settings.search_user_weight > 0:
@@ -483,7 +492,8 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         responses=error_responses(401, 403, 404, 422, 503),
         dependencies=[Depends(users_allowed), Depends(users_guard)],
     )
-    async def user_history(user_id: str = Path(..., examples=["17841"]), n: int = Query(10, ge=1, le=max_k)) -> JSON:
+    @_off_loop(settings.serving_threadpool)
+    def user_history(user_id: str = Path(..., examples=["17841"]), n: int = Query(10, ge=1, le=max_k)) -> JSON:
         """A shopper's latest interactions, newest first (personal data: token only; see the module doc)."""
         t0 = time.perf_counter()
         if len(user_id) > MAX_ID_CHARS:
@@ -581,6 +591,24 @@ def _search_body_schema(max_k: int) -> dict[str, Any]:
     schema = {"type": "object", "properties": props, "required": ["query"], "additionalProperties": False}
     example = {"query": "red lunch bag", "user_id": "17841", "k": 10}
     return {"required": True, "content": {"application/json": {"schema": schema, "example": example}}}
+
+
+def _off_loop(threadpool: bool) -> Any:
+    """A plain ``def`` handler as it is (Starlette runs it in its threadpool, off the event
+    loop: its Redis reads and Python ranking then overlap other requests' I/O), or, with
+    ``threadpool`` false, wrapped to run on the event loop (one request at a time)."""
+
+    def wrap(handler: Any) -> Any:
+        if threadpool:
+            return handler
+
+        @functools.wraps(handler)
+        async def on_loop(*args: Any, **kwargs: Any) -> Any:
+            return handler(*args, **kwargs)
+
+        return on_loop
+
+    return wrap
 
 
 def _read_state(runtime: ServingRuntime, user_id: str) -> Any:

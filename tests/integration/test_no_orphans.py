@@ -186,16 +186,32 @@ def ensure_gone(proc: subprocess.Popen[bytes], tag: str) -> None:
 # -- the services -----------------------------------------------------------------------------
 
 
+def export_workers_of_workers(procs: dict[int, str], root: int) -> int:
+    """How many export workers run under uvicorn's workers (spawned grandchildren of ``root``)."""
+    return sum(
+        1 for what in procs.values()
+        if "multiprocessing.spawn" in what and "resource_tracker" not in what and not what.startswith(f"ppid {root}:")
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=lambda w: f"workers{w}")
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: signal.Signals(s).name)
-def test_serve_leaves_no_export_worker(sig: int, fresh_settings: Settings, tmp_path: Path) -> None:
+def test_serve_leaves_no_export_worker(sig: int, workers: int, fresh_settings: Settings, tmp_path: Path) -> None:
+    # With workers > 1 the parent is uvicorn's supervisor; each worker has its own export
+    # worker, and a SIGKILLed supervisor must still take the workers (and theirs) with it.
     tag, log = uuid.uuid4().hex, tmp_path / "serve.log"
     proc = start(
-        [sys.executable, "-m", "freshrec", "serve", "--port", str(free_port()), "--log-level", "warning"],
+        [sys.executable, "-m", "freshrec", "serve", "--port", str(free_port()), "--log-level", "warning",
+         "--workers", str(workers)],
         tagged_env(fresh_settings, tag), log,
     )
     try:
         # The export worker is spawned at start-up (it imports torch before the first swap).
-        wait_for(lambda: export_worker(descendants(tag, proc.pid)), "the export worker was spawned", 120, proc, log)
+        if workers == 1:
+            wait_for(lambda: export_worker(descendants(tag, proc.pid)), "the export worker was spawned", 120, proc, log)
+        else:
+            wait_for(lambda: export_workers_of_workers(descendants(tag, proc.pid), proc.pid) >= workers,
+                     f"each of {workers} workers spawned its export worker", 180, proc, log)
         signal_and_check(proc, sig, tag, log)
     finally:
         ensure_gone(proc, tag)
