@@ -1,13 +1,15 @@
 """``freshrec demo``: the whole system on one machine, replaying the bundled sample.
 
 It starts its own broker and Redis on free loopback ports (so it never touches a Redis
-you run), then the five processes exactly as production runs them (``freshrec stream
-users``, ``stream catalog``, ``index``, ``learn``, ``serve``), sends the catalog, waits
-until serving is ready, and replays the events at a speed-up while printing a live
-summary. The page at ``/`` follows one shopper. Ctrl-C, SIGTERM or ``--minutes`` stops
-everything it started, and only that; a SIGKILLed demo leaves nothing either (its
-children get SIGTERM from the kernel, and a :class:`freshrec.children.Guard` stops the
-broker and Redis). A child that crashes is restarted, with a backoff and at most
+you run), then the six processes exactly as production runs them (``freshrec stream
+catalog``, ``stream users``, ``stream collab``, ``index``, ``learn``, ``serve``), sends
+the catalog, waits until serving is ready, and replays the events at a speed-up while
+printing a live summary: freshness, the adapter and the ranker serving uses, how far the
+collaborative flow trails the replay, and the share of /recommend answers the ranker
+ordered (serving's ``/metrics``). The page at ``/`` follows one shopper. Ctrl-C, SIGTERM
+or ``--minutes`` stops everything it started, and only that; a SIGKILLed demo leaves
+nothing either (its children get SIGTERM from the kernel, and a
+:class:`freshrec.children.Guard` stops the broker and Redis). A child that crashes is restarted, with a backoff and at most
 ``RESTART_LIMIT`` times a minute, and the console and the live line say so.
 """
 
@@ -41,10 +43,39 @@ from .replay import Pace, replay
 COMPONENTS = [
     ("catalog", ["stream", "catalog"]),
     ("users", ["stream", "users"]),
+    ("collab", ["stream", "collab"]),  # co-purchase state, shopper vectors, rank-examples for the ranker
     ("indexer", ["index"]),
     ("learner", ["learn"]),
     ("serving", ["serve"]),
 ]
+
+
+# The ranker's cadence, for the demo only (a FRESHREC_* variable the user sets still wins).
+# The sample yields 1,994 labelled baskets over its three months, and on two shared cores
+# the collaborative flow trails the replay (it applies ~700 events/s alone, far fewer beside
+# the learner). Replayed through the learner's RankIntake and RankerUpdater with this cadence
+# (2026-12-03, sim column 0), the gate held every candidate trained on under ~950 baskets
+# (worse than the blend) and published the first at example 1,200, then two more by the end.
+# With the production cadence (300 held back, then 1,000 new baskets or 300 s) there would
+# be one candidate, at example 1,300, and at most one more (the 300 s rule) before the
+# sample ends: likely no ranker in the demo.
+# So: 150 held back (the gate still needs 30 with a bought candidate and a gain above 1 s.e.
+# over the blend: its rule is unchanged), an update every 150 baskets or 30 s. And 50 trees
+# instead of 200: in a 5-minute demo beside the learner's adapter training a 200-tree fit on
+# ~600 baskets took 67 s, so updates fell behind the examples; in the same replay 50 trees
+# fitted in a third of the time and the gate published the first version at the same example.
+DEMO_RANKING: dict[str, Any] = {
+    "ranker_learn": True,
+    "ranker_gate_baskets": 150,
+    "ranker_update_baskets": 150,
+    "ranker_update_seconds": 30.0,
+    "ranker_trees": 50,
+}
+
+
+def demo_ranking(settings: Settings) -> dict[str, Any]:
+    """:data:`DEMO_RANKING` less the fields the user set (``FRESHREC_*``), which stay as set."""
+    return {name: value for name, value in DEMO_RANKING.items() if name not in settings.model_fields_set}
 
 
 # A crash loop (a bad setting, a port taken) must end the demo rather than spin: at most
@@ -204,6 +235,12 @@ class Live:
     swaps: int = 0
     last_event: dict | None = None
     last_event_wall: float = 0.0
+    # the ranking stage, from serving's /metrics (every /recommend, the page's too) and Redis
+    ranker: str = "none"  # the version serving ranks with; "none" while the blend answers
+    rankers_seen: set[str] = field(default_factory=set)
+    answered_by: dict[str, float] = field(default_factory=dict)  # "ranker" / "blend" / "popularity" -> answers
+    fallbacks: dict[str, float] = field(default_factory=dict)  # why the ranker did not answer -> answers
+    collab_applied: int = 0  # events whose effects the collaborative flow has in Redis
 
 
 def _p(values: collections.deque[float], q: float) -> float:
@@ -264,6 +301,46 @@ def _probe_requests(url: str, user: str, live: Live, stop: threading.Event) -> N
             stop.wait(0.25)
 
 
+def read_ranking(metrics_text: str) -> tuple[str | None, dict[str, float], dict[str, float]]:
+    """(active ranker version or None, answers by what ordered them, fallbacks by reason) from serving's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    version: str | None = None
+    by: dict[str, float] = {}
+    reasons: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "freshrec_ranker_info" and sample.value == 1:
+                version = sample.labels["version"]
+            elif sample.name == "freshrec_recommend_ranked_total":
+                by[sample.labels["by"]] = sample.value
+            elif sample.name == "freshrec_ranker_fallbacks_total":
+                reasons[sample.labels["reason"]] = sample.value
+    return version, by, reasons
+
+
+def _probe_ranking(url: str, settings: Settings, live: Live, stop: threading.Event) -> None:
+    """Serving's ranker and answer counts (its /metrics), and the collaborative flow's progress (Redis)."""
+    import redis
+
+    from streams.flow_process import applied_count
+
+    client = redis.Redis.from_url(settings.redis_url)
+    with httpx.Client(base_url=url, timeout=5.0) as http:
+        while not stop.wait(1.0):
+            try:
+                version, live.answered_by, live.fallbacks = read_ranking(http.get("/metrics").text)
+                live.ranker = version or "none"
+                if version:
+                    live.rankers_seen.add(version)
+            except httpx.HTTPError:
+                pass
+            try:
+                live.collab_applied = applied_count(settings, "collab", client)
+            except redis.RedisError:
+                pass
+
+
 def _probe_freshness(settings: Settings, live: Live, stop: threading.Event) -> None:
     """Time from sending an event until its user's Redis state holds it."""
     import redis
@@ -316,6 +393,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
             "api_port": api_port,
             "admin_token": token,
             "users_token": users_token,
+            **demo_ranking(settings),
         }
     )
     env = demo.child_env(os.environ)
@@ -351,6 +429,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
 
         threading.Thread(target=_probe_requests, args=(url, shopper, live, stop), daemon=True).start()
         threading.Thread(target=_probe_freshness, args=(demo, live, stop), daemon=True).start()
+        threading.Thread(target=_probe_ranking, args=(url, demo, live, stop), daemon=True).start()
         threading.Thread(target=_print_summary, args=(live, stop, children), daemon=True).start()
 
         def on_event(event: dict) -> None:
@@ -413,23 +492,37 @@ def _restarts(restarts: dict[str, int]) -> str:
     return ", ".join(f"{name}×{n}" for name, n in restarts.items())
 
 
-def _summary_line(live: Live, rate: float, restarts: dict[str, int] | None = None) -> str:
+def _summary_line(
+    live: Live, rate: float, restarts: dict[str, int] | None = None, answered_since: dict[str, float] | None = None
+) -> str:
+    """The live line; the ranker's share is of the answers since ``answered_since`` (the previous line's counts)."""
     return (
         f"events/s {rate:7.0f} · freshness p99 {_p(live.freshness_ms, 99):6.1f} ms · "
         f"adapter {live.adapter} ({len(live.adapters_seen - {'base', '-'})} learned, {live.swaps} swaps) · "
+        f"collab lag {max(live.sent - live.collab_applied, 0):,} events · "
+        f"ranker {live.ranker} (ordered {_share(live.answered_by, 'ranker', answered_since)} of /recommend) · "
         f"/recommend p50 {_p(live.request_ms, 50):5.1f} ms p99 {_p(live.request_ms, 99):5.1f} ms · "
         f"errors {live.request_errors}"
         + (f" · restarts {_restarts(restarts)}" if restarts else "")
     )
 
 
+def _share(answered_by: dict[str, float], by: str, since: dict[str, float] | None = None) -> str:
+    """``by``'s share of the /recommend answers counted in ``answered_by`` (less those in ``since``)."""
+    since = since or {}
+    counts = {name: n - since.get(name, 0) for name, n in answered_by.items()}
+    total = sum(counts.values())
+    return f"{counts.get(by, 0) / total:.0%}" if total else "-"
+
+
 def _print_summary(live: Live, stop: threading.Event, children: Children) -> None:
-    last_sent, last_t = 0, time.monotonic()
+    last_sent, last_t, last_answered = 0, time.monotonic(), dict(live.answered_by)
     while not stop.wait(2.0):
         now = time.monotonic()
         rate = (live.sent - last_sent) / (now - last_t)
-        last_sent, last_t = live.sent, now
-        tqdm.write(_summary_line(live, rate, children.restarts()))
+        answered = dict(live.answered_by)
+        tqdm.write(_summary_line(live, rate, children.restarts(), last_answered))
+        last_sent, last_t, last_answered = live.sent, now, answered
 
 
 def _final_summary(live: Live, children: Children) -> None:
@@ -441,6 +534,12 @@ def _final_summary(live: Live, children: Children) -> None:
     )
     print(f"  /recommend p50/p99    {_p(live.request_ms, 50):.1f} / {_p(live.request_ms, 99):.1f} ms")
     print(f"  adapter versions      {sorted(live.adapters_seen)} ({live.swaps} swaps)")
+    print(f"  ranker versions       {sorted(live.rankers_seen)} (active at the end: {live.ranker})")
+    answers = int(sum(live.answered_by.values()))
+    reasons = ", ".join(f"{r} {int(n)}" for r, n in sorted(live.fallbacks.items(), key=lambda rn: -rn[1]))
+    shares = " · ".join(f"{by} {_share(live.answered_by, by)}" for by in ("ranker", "blend", "popularity"))
+    print(f"  /recommend ordered by {shares} of {answers:,} answers (not by the ranker: {reasons or 'none'})")
+    print(f"  collab flow applied   {live.collab_applied:,} of {live.sent:,} events")
     print(f"  request errors        {live.request_errors}")
     print(f"  restarts              {_restarts(children.restarts()) or 'none'}")
 
