@@ -21,12 +21,17 @@ per-event rule (``evaluation.collab_replay.CollabReplay``) and written to Redis 
 users flow's and the contract's layouts (``serving.collab_data``); the item index holds
 the whole catalog with 384-dimensional vectors (the encoder's width; a toy encoder: the
 encoder is not on /recommend's path). Rankers: LightGBM lambdarank at the settings'
-``ranker_trees`` (the default family) and the MLP, trained on features of real requests.
+``ranker_trees`` (the default family) and the MLP, trained on features of real requests;
+LightGBM's scoring cost alone at 25/50/100/200 trees on the same rows.
+
+Where a ranked request's time goes (cProfile), what was made faster and what remains:
+docs/ranker_cost.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import statistics
@@ -81,7 +86,7 @@ def _write_state(settings: Any, replay: Any, client: Any) -> None:
     )
 
 
-def _train(x_groups: list[np.ndarray], sim_col: int, family: str, settings: Any) -> Any:
+def _train(x_groups: list[np.ndarray], sim_col: int, family: str, settings: Any, trees: int | None = None) -> Any:
     """A ranker of ``family`` on request features, labelled by a noisy function of them (cost, not quality)."""
     from models.ranker import RankerParams, fit_ranker
     from ranking.features import COLUMN, FEATURE_NAMES, FEATURE_SCHEMA
@@ -96,6 +101,8 @@ def _train(x_groups: list[np.ndarray], sim_col: int, family: str, settings: Any)
         ys.append(y)
         groups.append(len(x))
     params = RankerParams.from_settings(settings)
+    if trees is not None:
+        params = dataclasses.replace(params, trees=trees)
     if family == "mlp":
         params = RankerParams(family="mlp", hidden=params.hidden, device="cpu")
     return fit_ranker(np.concatenate(xs), np.concatenate(ys), groups, 0, FEATURE_NAMES, FEATURE_SCHEMA, params)
@@ -245,6 +252,16 @@ def run(data_dir: Path, n_events: int, n_requests: int, block: int = 25) -> dict
                 fig["candidates_p50"] = int(statistics.median(cands_n))
                 fig["candidates_max"] = max(cands_n)
                 out[family] = fig
+
+            # the model alone: LightGBM's scoring cost per tree count, on the same request rows
+            x_score = x_groups[: min(len(x_groups), 100)]
+            per_trees: dict[str, float] = {}
+            for trees in (25, 50, 100, 200):
+                model = _train(x_groups, COLUMN["sim"], "lightgbm", settings, trees)
+                times = [t for x in x_score for t in timed(lambda x=x: model.score(x, schema=FEATURE_SCHEMA), 3)]
+                per_trees[str(trees)] = _p50_us(times)
+            out["lightgbm_score_p50_us_by_trees"] = per_trees
+            out["score_rows_p50"] = int(statistics.median(len(x) for x in x_score))
     return out
 
 
@@ -259,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     for family in ("lightgbm", "mlp"):
         f = figures[family]
         print_table(f"/recommend with the {family} ranker ({f['size']}) vs the blend, one core", [(k, v) for k, v in f.items()])
+    print_table("LightGBM scoring p50 (us) by trees", list(figures["lightgbm_score_p50_us_by_trees"].items()))
     print_table("state", [(k, v) for k, v in figures.items() if not isinstance(v, dict)])
     write_json(args.json, figures)
     return 0

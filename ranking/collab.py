@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,17 +230,39 @@ class ShopperIndex:
         self.matrix[row] = 0.0 if vector is None else vector
 
     def search(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[tuple[str, float]]:
-        """The ``k`` shoppers with the largest positive inner product with ``vector``, best first."""
+        """The ``k`` shoppers with the largest positive inner product with ``vector``, best first
+        (found in float32, reported as :func:`rescored_neighbours` reports them)."""
         n = len(self.ids)
-        if n == 0:
+        if n == 0 or k <= 0:
             return []
         sims = self.matrix[:n] @ vector
         if exclude is not None and exclude in self.rows:
             sims[self.rows[exclude]] = -np.inf
         take = min(k, n)
         top = np.argpartition(-sims, take - 1)[:take] if take < n else np.arange(n)
-        order = sorted(top.tolist(), key=lambda r: (-float(sims[r]), r))
-        return [(self.ids[r], float(sims[r])) for r in order if sims[r] > 0.0]
+        found = [r for r in top.tolist() if sims[r] > 0.0]
+        return rescored_neighbours(vector, [self.ids[r] for r in found], self.matrix[found], k)
+
+
+def shopper_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """The similarity of two shopper vectors as every path reports it: their float32 values'
+    inner product summed in float64 (each product exact), the same float whichever index found them."""
+    return float(np.dot(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)))
+
+
+def rescored_neighbours(vector: np.ndarray, users: Sequence[str], vectors: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """Found shoppers (``vectors``: their rows) as (user, :func:`shopper_similarity`), positive
+    ones only, best first, ties by user id, at most ``k``.
+
+    The stream and the evaluation search with numpy (:class:`ShopperIndex`), serving with
+    FAISS: their float32 sums differ in the last bit, and so would every neighbour feature
+    (tests/integration/test_features_serving_path.py). Re-scoring the few found shoppers
+    one way, and ordering them one way, makes the three paths' neighbours the same floats
+    in the same order (the order of summation in :func:`neighbour_signals`).
+    """
+    scored = [(u, shopper_similarity(v, vector)) for u, v in zip(users, vectors, strict=True)]
+    scored.sort(key=lambda us: (-us[1], us[0]))
+    return [(u, s) for u, s in scored[:k] if s > 0.0]
 
 
 # -- the whole collaborative state ------------------------------------------------------------
@@ -339,33 +362,116 @@ def normalised(scores: Mapping[str, float]) -> dict[str, float]:
     return {k: v / top for k, v in scores.items() if v > 0}
 
 
+# -- nearest shoppers' signals ---------------------------------------------------------------
+
+
+class ItemCodes:
+    """Item ids as small ints, for the life of the process: one code per id, never reused.
+
+    Lets per-shopper summaries that are cached across requests (:class:`NeighbourSummary`)
+    hold numpy arrays of items that stay valid whatever else is added. Appends only, so
+    memory is one entry per distinct item ever coded (the catalog).
+    """
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.names: list[str] = []
+        self._lock = threading.Lock()
+
+    def encode(self, items: Sequence[str]) -> np.ndarray:
+        codes = self.codes
+        missing = [i for i in items if i not in codes]
+        if missing:
+            with self._lock:  # serving's threads code new items concurrently
+                for item in missing:
+                    if item not in codes:
+                        self.names.append(item)
+                        codes[item] = len(self.names) - 1
+        return np.fromiter(map(codes.__getitem__, items), dtype=np.int64, count=len(items))
+
+    def decode(self, codes: np.ndarray) -> list[str]:
+        return list(map(self.names.__getitem__, codes.tolist()))
+
+
+ITEM_CODES = ItemCodes()
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourSummary:
+    """What :func:`neighbour_signals` reads of one neighbour's state, computed once per state.
+
+    ``codes``/``scores``: the basket counts (``UserState.basket_scores``) as arrays, items
+    coded by :data:`ITEM_CODES`, in the dict's order; ``top`` their maximum (0 without a
+    basket); ``purchases``: (item, ts) of the purchases in the history, newest first.
+    Serving keeps these per stored state (its decode cache), so a popular neighbour's
+    summary is computed once, not once per request that finds them.
+    """
+
+    user_id: str
+    codes: np.ndarray
+    scores: np.ndarray
+    top: float
+    purchases: tuple[tuple[str, float], ...]
+
+
+def neighbour_summary(state: UserState, basket_decay: float) -> NeighbourSummary:
+    """The summary of one neighbour's state (``basket_decay``: ``Settings.repeat_basket_decay``)."""
+    scores = state.basket_scores(basket_decay)
+    return NeighbourSummary(
+        user_id=state.user_id,
+        codes=ITEM_CODES.encode(list(scores)),
+        scores=np.fromiter(scores.values(), dtype=np.float64, count=len(scores)),
+        top=max(scores.values(), default=0.0),
+        purchases=tuple((it.item_id, it.ts) for it in state.history if it.kind == "purchase"),
+    )
+
+
 def neighbour_signals(
-    neighbours: Iterable[tuple[float, UserState]], now_ts: float, basket_decay: float, recent_s: float, recent_half_life_s: float
+    neighbours: Iterable[tuple[float, UserState | NeighbourSummary]],
+    now_ts: float,
+    basket_decay: float,
+    recent_s: float,
+    recent_half_life_s: float,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(neighbours' basket counts, their recent purchases) per item, similarity-weighted, each scaled to max 1.
 
     Each neighbour's basket counts are first scaled by their own maximum, so a heavy
     buyer does not drown the others; recent purchases are those within ``recent_s``
     before ``now_ts``, weighted ``2 ** -(age / recent_half_life_s)`` (the study's
-    30 days and 7-day half-life).
+    30 days and 7-day half-life). A neighbour is a state or its :func:`neighbour_summary`
+    (the same result).
+
+    The sums run neighbour by neighbour in the given order (``np.bincount`` adds in array
+    order), so every value is the very float a per-item loop over the neighbours gives.
     """
-    knn: dict[str, float] = {}
+    codes: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
     recent: dict[str, float] = {}
-    for sim, state in neighbours:
+    for sim, nb in neighbours:
         if sim <= 0:
             continue
-        scores = state.basket_scores(basket_decay)
-        top = max(scores.values(), default=0.0)
-        if top > 0:
-            for item, v in scores.items():
-                knn[item] = knn.get(item, 0.0) + sim * v / top
-        for it in state.history:
-            if it.kind != "purchase":
-                continue
-            age = now_ts - it.ts
+        summary = nb if isinstance(nb, NeighbourSummary) else neighbour_summary(nb, basket_decay)
+        if summary.top > 0:
+            codes.append(summary.codes)
+            weights.append(sim * summary.scores / summary.top)  # (sim * v) / top, as the scalar rule
+        for item, ts in summary.purchases:
+            age = now_ts - ts
             if age < 0:
                 continue
             if age > recent_s:
-                break  # history is newest first
-            recent[it.item_id] = recent.get(it.item_id, 0.0) + sim * decay_factor(age, recent_half_life_s)
-    return normalised(knn), normalised(recent)
+                break  # newest first
+            recent[item] = recent.get(item, 0.0) + sim * decay_factor(age, recent_half_life_s)
+    return _normalised_sums(codes, weights), normalised(recent)
+
+
+def _normalised_sums(codes: list[np.ndarray], weights: list[np.ndarray]) -> dict[str, float]:
+    """``normalised`` of the per-item sums of ``weights`` (summed in the given order)."""
+    if not codes:
+        return {}
+    uniq, where = np.unique(np.concatenate(codes), return_inverse=True)
+    sums = np.bincount(where, weights=np.concatenate(weights), minlength=uniq.size)
+    top = float(sums.max())
+    if top <= 0:
+        return {}
+    keep = sums > 0
+    return dict(zip(ITEM_CODES.decode(uniq[keep]), (sums[keep] / top).tolist(), strict=True))

@@ -29,15 +29,17 @@ have no vectors and leave it to the learner.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+import itertools
 from typing import Any
 
 import numpy as np
 
-from .collab import confidence, neighbour_signals, reorder_ratio
+from .collab import NeighbourSummary, neighbour_signals, reorder_ratio
 from .scoring import IDENTITY_SCALE, SimilarityScale, history_weights, user_vector
 from .user_state import DAY_S, UserState
 
@@ -111,13 +113,36 @@ class FeatureRules:
 
 
 @dataclass(frozen=True, slots=True)
+class ShopColumns:
+    """A :class:`ShopView`'s per-item maps as arrays over one item index (:func:`with_columns`).
+
+    Row ``len(index)`` holds what a missing item counts as (0, never seen). Built once per
+    shop view by whoever ranks many shoppers against the same view (serving), so a
+    request gathers six columns with one index lookup per candidate instead of six.
+    """
+
+    index: dict[str, int]
+    popularity: np.ndarray
+    pop_short: np.ndarray
+    pop_long: np.ndarray
+    first_seen: np.ndarray
+    baskets: np.ndarray
+    buyers: np.ndarray
+
+    def rows(self, items: Sequence[str]) -> np.ndarray:
+        return np.fromiter(map(self.index.get, items, itertools.repeat(len(self.index))), dtype=np.intp, count=len(items))
+
+
+@dataclass(frozen=True, slots=True)
 class ShopView:
     """Shop-wide inputs at ``now_ts`` (event time). Missing items count as 0 / never seen.
 
     ``popularity`` is served popularity, ``pop_short``/``pop_long`` the two horizons, all
     normalised to a maximum of 1 over the whole catalog (``ranking.collab.normalised``).
     ``popular_top`` is the served popularity order, best first; ``new_items`` the new
-    arrivals in the order candidates take them (newest first, then by id).
+    arrivals in the order candidates take them (newest first, then by id). ``columns``,
+    when set (:func:`with_columns`), holds the same maps as arrays; it does not depend
+    on ``now_ts``, so a view moved to another "now" (``dataclasses.replace``) keeps it.
     """
 
     now_ts: float
@@ -129,6 +154,25 @@ class ShopView:
     buyers: Mapping[str, int] = field(default_factory=dict)
     popular_top: Sequence[str] = ()
     new_items: Sequence[str] = ()
+    columns: ShopColumns | None = field(default=None, compare=False, repr=False)
+
+
+def with_columns(shop: ShopView) -> ShopView:
+    """The view with :class:`ShopColumns` built from its own maps (a catalog-sized pass: once per view)."""
+    maps = (shop.popularity, shop.pop_short, shop.pop_long, shop.first_seen, shop.baskets, shop.buyers)
+    defaults = (0.0, 0.0, 0.0, math.inf, 0.0, 0.0)
+    index: dict[str, int] = {}
+    for m in maps:
+        index.update(dict.fromkeys(m))
+    index = {item: k for k, item in enumerate(index)}
+    arrays = []
+    for m, default in zip(maps, defaults, strict=True):
+        a = np.full(len(index) + 1, default, dtype=np.float64)
+        if m:
+            rows = np.fromiter(map(index.__getitem__, m), dtype=np.intp, count=len(m))
+            a[rows] = np.fromiter(m.values(), dtype=np.float64, count=len(m))
+        arrays.append(a)
+    return dataclasses.replace(shop, columns=ShopColumns(index, *arrays))
 
 
 def new_items_order(first_seen: Mapping[str, float], now_ts: float, new_s: float) -> list[str]:
@@ -144,17 +188,21 @@ class ShopperView:
 
     ``copurchase`` maps an item to its decayed row (``ranking.collab.decayed_row``: the
     strongest co-purchased items, and the item's own basket count under its own id).
-    ``neighbours`` are (similarity, state) of the nearest shoppers, best first.
+    ``neighbours`` are (similarity, state) of the nearest shoppers, best first; a state
+    may be given as its ``ranking.collab.neighbour_summary`` (serving caches those).
     """
 
     state: UserState
     copurchase: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    neighbours: Sequence[tuple[float, UserState]] = ()
+    neighbours: Sequence[tuple[float, UserState | NeighbourSummary]] = ()
 
 
 def profile(state: UserState, rules: FeatureRules) -> tuple[dict[str, float], list[str]]:
     """(the shopper's strongest items with weights in (0, 1], the lines of their last basket)."""
-    scores = state.basket_scores(rules.basket_decay)
+    return _profile(state, state.basket_scores(rules.basket_decay), rules)
+
+
+def _profile(state: UserState, scores: Mapping[str, float], rules: FeatureRules) -> tuple[dict[str, float], list[str]]:
     top = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[: rules.profile_items]
     peak = top[0][1] if top else 0.0
     weights = {item: v / peak for item, v in top} if peak > 0 else {}
@@ -196,7 +244,7 @@ def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules) -> Sh
     for item, bits in state.basket_bits.items():
         baskets_with[item] = bits.bit_count()
         last_bought[item] = state.baskets[(bits & -bits).bit_length() - 1]
-    weights, last = profile(state, rules)
+    weights, last = _profile(state, scores, rules)
     cooc = _weighted_confidence(((w, item) for item, w in weights.items()), view.copurchase, rules.shrink)
     cooc_last = _weighted_confidence(((1.0, item) for item in last), view.copurchase, rules.shrink)
     knn, recent = neighbour_signals(view.neighbours, now_ts, rules.basket_decay, rules.recent_s, rules.recent_half_life_s)
@@ -218,13 +266,17 @@ def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules) -> Sh
 def _weighted_confidence(
     weighted: Iterable[tuple[float, str]], rows: Mapping[str, Mapping[str, float]], shrink: float
 ) -> dict[str, float]:
+    """Sum over rows of ``w * ranking.collab.confidence(row)``, row by row in the given order."""
     out: dict[str, float] = {}
+    get = out.get
     for w, item in weighted:
         row = rows.get(item)
         if not row:
             continue
-        for other, c in confidence(row, item, shrink).items():
-            out[other] = out.get(other, 0.0) + w * c
+        denom = row.get(item, 0.0) + shrink
+        for other, v in row.items():
+            if other != item:
+                out[other] = get(other, 0.0) + w * (v / denom)
     return out
 
 
@@ -247,7 +299,20 @@ class Candidates:
 
 
 def _strongest(scores: Mapping[str, float], n: int) -> list[str]:
-    return [item for item, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+    """The ``n`` largest, ties by id: ``sorted(scores.items(), key=(-value, id))[:n]``.
+
+    A neighbour signal holds ~2,000 items for 50 candidates: only those at or above the
+    ``n``-th largest value (every tie with it included) are sorted.
+    """
+    if n <= 0:
+        return []
+    pool: Iterable[tuple[str, float]] = scores.items()
+    if len(scores) > 2 * n:
+        keys = list(scores)
+        values = np.fromiter(scores.values(), dtype=np.float64, count=len(keys))
+        cut = np.partition(values, len(keys) - n)[len(keys) - n]
+        pool = [(keys[k], scores[keys[k]]) for k in np.flatnonzero(values >= cut).tolist()]
+    return [item for item, _ in sorted(pool, key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
 def candidates(sig: ShopperSignals, shop: ShopView, rules: FeatureRules, ann: Sequence[str] = ()) -> Candidates:
@@ -280,7 +345,18 @@ def candidates(sig: ShopperSignals, shop: ShopView, rules: FeatureRules, ann: Se
 
 
 def _column(items: Sequence[str], values: Mapping[str, float], default: float = 0.0) -> np.ndarray:
-    return np.fromiter((values.get(i, default) for i in items), dtype=np.float64, count=len(items))
+    return np.fromiter(map(values.get, items, itertools.repeat(default)), dtype=np.float64, count=len(items))
+
+
+def _shop_columns(shop: ShopView, items: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """(popularity, pop_short, pop_long, first_seen, baskets, buyers) of ``items``."""
+    cols = shop.columns
+    if cols is None:
+        return (_column(items, shop.popularity), _column(items, shop.pop_short), _column(items, shop.pop_long),
+                _column(items, shop.first_seen, math.inf), _column(items, shop.baskets), _column(items, shop.buyers))
+    rows = cols.rows(items)
+    return (cols.popularity[rows], cols.pop_short[rows], cols.pop_long[rows], cols.first_seen[rows],
+            cols.baskets[rows], cols.buyers[rows])
 
 
 def feature_matrix(sig: ShopperSignals, shop: ShopView, items: Sequence[str], similarity: np.ndarray, rules: FeatureRules) -> np.ndarray:
@@ -294,24 +370,22 @@ def feature_matrix(sig: ShopperSignals, shop: ShopView, items: Sequence[str], si
     bought = baskets_with > 0
     days_item = np.where(bought, np.log1p(np.maximum((now - np.nan_to_num(last_bought)) / DAY_S, 0.0)), 0.0)
     since_basket = 0.0 if sig.last_basket_ts is None else math.log1p(max(now - sig.last_basket_ts, 0.0) / DAY_S)
-    first_seen = _column(items, shop.first_seen, math.inf)
+    popularity, pop_short, pop_long, first_seen, item_baskets, item_buyers = _shop_columns(shop, items)
     age = now - first_seen
-    item_baskets = _column(items, shop.baskets)
-    item_buyers = _column(items, shop.buyers)
     cols = {
         "log_repeat": np.log(_column(items, sig.repeat) + REPEAT_FLOOR),
-        "log_pop": np.log(np.maximum(_column(items, shop.popularity), 0.0) + POP_FLOOR),
+        "log_pop": np.log(np.maximum(popularity, 0.0) + POP_FLOOR),
         "sim": np.maximum(similarity.astype(np.float64), 0.0),
         "new": ((age >= 0.0) & (age <= rules.new_s)).astype(np.float64),
         "log_baskets_with": np.log1p(baskets_with),
         "log_share": np.log(baskets_with / max(sig.n_baskets, 1) + 0.01),
         "log_days_since_basket": np.full(n, since_basket),
         "log_days_since_item": days_item,
-        "log_pop_short": np.log(np.maximum(_column(items, shop.pop_short), 0.0) + POP_FLOOR),
-        "log_pop_long": np.log(np.maximum(_column(items, shop.pop_long), 0.0) + POP_FLOOR),
+        "log_pop_short": np.log(np.maximum(pop_short, 0.0) + POP_FLOOR),
+        "log_pop_long": np.log(np.maximum(pop_long, 0.0) + POP_FLOOR),
         "log_cooc": np.log(_column(items, sig.cooc) + SIGNAL_FLOOR),
         "log_cooc_last": np.log(_column(items, sig.cooc_last) + SIGNAL_FLOOR),
-        "in_last_basket": np.fromiter((i in sig.last_basket for i in items), dtype=np.float64, count=n),
+        "in_last_basket": np.fromiter(map(sig.last_basket.__contains__, items), dtype=np.float64, count=n),
         "log_buyers": np.log1p(item_buyers),
         "log_knn": np.log(_column(items, sig.knn) + SIGNAL_FLOOR),
         "log_neighbour_recent": np.log(_column(items, sig.recent) + SIGNAL_FLOOR),

@@ -1,25 +1,25 @@
-"""What serving reads of the collaborative state in Redis (the layout of docs/ranking_stage_contract.md).
+"""What serving reads of the collaborative state, through :mod:`stores.collab_store` (the one adapter).
 
 Two kinds of read, kept apart because they are paid differently:
 
 * **shop-wide** (:func:`read_shop`): item statistics, popularity at two horizons and
   first-seen times, whole hashes of the catalog's size. Read by a background thread
   every ``popularity_refresh_s`` (:mod:`serving.shop_view`), never by a request; the
-  ``collab:meta`` hash is read first, and when its newest event time has not moved the
-  previous reading is kept without reading the large hashes again.
+  ``collab:meta`` marker is read first, and when it has not moved the previous reading
+  is kept without reading the large hashes again.
 * **per request** (:func:`read_shopper_inputs`): the co-purchase rows of
   ``ranking.features.rows_needed`` and the nearest shoppers' user states, in one
-  pipeline (one round trip), through the request client and its gate.
+  pipeline (one round trip), through the request client and its gate. Both are decoded
+  through :class:`DecodeCache` es keyed by the stored bytes; a neighbour's state is kept
+  as its ``ranking.collab.neighbour_summary``, all the features read of it.
 
-The layout is the contract's; ``stores.collab_store`` (being written beside this) will
-hold the same reads for every reader, and this module's functions are then thin
-calls into it: keep the signatures (plain data in, plain data out) when switching.
-Shopper vectors for the neighbour index come from :func:`read_shopper_vectors`.
+The keys and value formats are :mod:`stores.collab_store`'s; this module only decodes
+into what ``ranking.features`` takes. Shopper vectors for the neighbour index come from
+:func:`read_shopper_vectors`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,16 +27,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ranking.collab import CollabRules, decayed_row, normalised
+from ranking.collab import CollabRules, NeighbourSummary, decayed_row, neighbour_summary, normalised
 from ranking.user_state import Popularity, UserState
-
-COP = "cop:"
-ITEMS = "collab:items"
-POP_SHORT = "collab:pop_short"
-POP_LONG = "collab:pop_long"
-FIRST_SEEN = "collab:first_seen"
-META = "collab:meta"
-SHOPVEC = "shopvec"
+from stores import collab_store
 
 
 @dataclass(frozen=True)
@@ -56,47 +49,26 @@ class CollabShop:
     marker: tuple[Any, ...] = ()  # what collab:meta said; an unchanged marker means an unchanged state
 
 
-def _key(settings: Any, name: str) -> str:
-    return f"{settings.redis_prefix}{name}"
-
-
-def read_meta_marker(client: Any, settings: Any) -> tuple[Any, ...]:
-    """``collab:meta``'s newest_ts, epoch and offsets: changes whenever the flow writes."""
-    meta = client.hmget(_key(settings, META), ["newest_ts", "epoch", "offsets"])
-    return tuple(meta)
-
-
 def read_shop(client: Any, settings: Any, rules: CollabRules, previous: CollabShop | None = None) -> CollabShop:
     """The shop-wide state (one round trip for the marker, one for the hashes when it moved)."""
-    marker = read_meta_marker(client, settings)
+    marker = collab_store.read_meta_marker(client, settings)
     if previous is not None and previous.marker == marker and marker != (None, None, None):
         return previous
-    pipe = client.pipeline(transaction=False)
-    for name in (ITEMS, POP_SHORT, POP_LONG, FIRST_SEEN):
-        pipe.hgetall(_key(settings, name))
-    items, short, long_, first = pipe.execute()
+    stats, short, long_, first_seen = collab_store.read_shop_state(client, settings)
     newest = float(marker[0]) if marker[0] is not None else 0.0
-    baskets: dict[str, int] = {}
-    buyers: dict[str, int] = {}
-    for item, raw in items.items():
-        b, u = orjson.loads(raw)
-        key = item.decode()
-        baskets[key], buyers[key] = int(b), int(u)
-    first_seen = {item.decode(): float(v) for item, v in first.items()}
     return CollabShop(
         newest_ts=newest,
         pop_short=normalised(_decayed(short, rules.pop_short_half_life_s, newest)),
         pop_long=normalised(_decayed(long_, rules.pop_long_half_life_s, newest)),
         first_seen=first_seen,
-        baskets=baskets,
-        buyers=buyers,
+        baskets={item: b for item, (b, _) in stats.items()},
+        buyers={item: u for item, (_, u) in stats.items()},
         marker=marker,
     )
 
 
-def _decayed(raw: Mapping[bytes, bytes], half_life_s: float, now_ts: float) -> dict[str, float]:
-    entries = {item.decode(): tuple(orjson.loads(v)) for item, v in raw.items()}
-    pop = Popularity(half_life_s, entries)  # type: ignore[arg-type]
+def _decayed(entries: dict[str, tuple[float, float]], half_life_s: float, now_ts: float) -> dict[str, float]:
+    pop = Popularity(half_life_s, entries)
     newest = max((as_of for _, as_of in pop.entries.values()), default=0.0)
     return pop.scores(max(now_ts, newest))
 
@@ -105,12 +77,12 @@ class DecodeCache:
     """Decoded values keyed by their exact stored bytes, bounded (oldest entries dropped first).
 
     A request reads ~50 neighbours' states and ~20-40 co-purchase rows; decoding them
-    (``UserState.from_bytes``, ``decayed_row``) was most of the ranker path's cost
-    (measured: ~5 ms of states, ~2.5 ms of rows per request on the development machine),
-    while the same popular shoppers and items recur across requests. A hit needs the
-    bytes Redis returned to equal the cached bytes (and, for a row, the same "now"), so
-    a cached value is always exactly what decoding would give; the read itself is not
-    saved.
+    (``UserState.from_bytes`` and the neighbour summary, ``decayed_row``) was most of the
+    ranker path's cost (measured: ~5 ms of states, ~2.5 ms of rows per request on the
+    development machine), while the same popular shoppers and items recur across
+    requests. A hit needs the bytes Redis returned to equal the cached bytes (and, for a
+    row, the same "now"), so a cached value is always exactly what decoding would give;
+    the read itself is not saved.
     """
 
     def __init__(self, max_entries: int = 5000) -> None:
@@ -142,53 +114,47 @@ def read_shopper_inputs(
     rules: CollabRules,
     states_cache: DecodeCache | None = None,
     rows_cache: DecodeCache | None = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, UserState]]:
-    """(decayed co-purchase rows of ``row_items``, user states of ``neighbour_ids``) in one round trip.
+) -> tuple[dict[str, dict[str, float]], dict[str, NeighbourSummary]]:
+    """(decayed co-purchase rows of ``row_items``, neighbour summaries of ``neighbour_ids``) in one round trip.
 
     Items without a stored row and shoppers without a state are left out. Callers must
-    not change the returned states or rows (with caches they are shared across requests).
+    not change the returned rows or summaries (with caches they are shared across requests).
     """
-    from stores.user_store import user_key
-
-    if not row_items and not neighbour_ids:
-        return {}, {}
-    pipe = client.pipeline(transaction=False)
-    if row_items:
-        pipe.mget([_key(settings, COP + item) for item in row_items])
-    if neighbour_ids:
-        pipe.mget([user_key(settings, u) for u in neighbour_ids])
-    replies = pipe.execute()
+    raw_rows, raw_users = collab_store.read_rows_and_users(client, settings, row_items, neighbour_ids)
     rows: dict[str, dict[str, float]] = {}
-    states: dict[str, UserState] = {}
-    at = 0
-    if row_items:
-        for item, raw in zip(row_items, replies[0], strict=True):
-            if raw is not None:
-                decode_row = _row_decoder(item, now_ts, rules)
-                rows[item] = decode_row(raw) if rows_cache is None else rows_cache.get((item, now_ts), raw, decode_row)
-        at = 1
-    if neighbour_ids:
-        for user, raw in zip(neighbour_ids, replies[at], strict=True):
-            if raw is not None:
-                states[user] = UserState.from_bytes(raw) if states_cache is None else states_cache.get(user, raw, UserState.from_bytes)
-    return rows, states
+    for item, raw in zip(row_items, raw_rows, strict=True):
+        if raw is not None:
+            decode_row = _row_decoder(item, now_ts, rules)
+            rows[item] = decode_row(raw) if rows_cache is None else rows_cache.get((item, now_ts), raw, decode_row)
+    summaries: dict[str, NeighbourSummary] = {}
+    decode_user = _summary_decoder(rules.basket_decay)
+    for user, raw in zip(neighbour_ids, raw_users, strict=True):
+        if raw is not None:
+            summaries[user] = decode_user(raw) if states_cache is None else states_cache.get(user, raw, decode_user)
+    return rows, summaries
 
 
 def _row_decoder(item: str, now_ts: float, rules: CollabRules) -> Any:
     def decode(raw: bytes) -> dict[str, float]:
-        stored = {other: (float(v[0]), float(v[1])) for other, v in orjson.loads(raw).items()}
-        return decayed_row(stored, item, now_ts, rules)
+        return decayed_row(collab_store.decode_row(raw), item, now_ts, rules)
+
+    return decode
+
+
+def _summary_decoder(basket_decay: float) -> Any:
+    def decode(raw: bytes) -> NeighbourSummary:
+        return neighbour_summary(UserState.from_bytes(raw), basket_decay)
 
     return decode
 
 
 def read_shopper_vectors(client: Any, settings: Any, dim: int, batch: int = 2000) -> dict[str, np.ndarray]:
-    """Every stored shopper vector (``shopvec``, HSCAN in batches); vectors of another size are skipped."""
+    """Every stored shopper vector; vectors of another size are skipped."""
     out: dict[str, np.ndarray] = {}
-    for user, raw in client.hscan_iter(_key(settings, SHOPVEC), count=batch):
+    for user, raw in collab_store.scan_shopper_vectors(client, settings, batch):
         vec = decode_vector(raw, dim)
         if vec is not None:
-            out[user.decode()] = vec
+            out[user] = vec
     return out
 
 
@@ -211,18 +177,14 @@ def write_for_tests(
     newest_ts: float = 0.0,
     vectors: Mapping[str, np.ndarray] = {},
 ) -> None:
-    """Write state in the contract's layout (the tests' and the benchmark's stand-in for the flow)."""
-    pipe = client.pipeline(transaction=False)
-    for item, row in rows.items():
-        pipe.set(_key(settings, COP + item), orjson.dumps({o: list(v) for o, v in row.items()}))
-    for name, data in ((ITEMS, stats), (POP_SHORT, pop_short), (POP_LONG, pop_long)):
-        if data:
-            pipe.hset(_key(settings, name), mapping={k: orjson.dumps(list(v)) for k, v in data.items()})
-    if first_seen:
-        pipe.hset(_key(settings, FIRST_SEEN), mapping={k: repr(float(v)) for k, v in first_seen.items()})
-    if vectors:
-        pipe.hset(_key(settings, SHOPVEC), mapping={u: np.asarray(v, dtype="<f4").tobytes() for u, v in vectors.items()})
-    # offsets move on every flow write; a fresh value here makes the cache re-read
-    marker = orjson.dumps({"test": time.time_ns()})
-    pipe.hset(_key(settings, META), mapping={"newest_ts": repr(float(newest_ts)), "offsets": marker})
-    pipe.execute()
+    """Write state as the collaborative flow does (:func:`stores.collab_store.write_batch`, one
+    batch past the offsets Redis holds): the tests' and the benchmark's stand-in for the flow."""
+    held = collab_store.read_offsets(client, settings)
+    collab_store.write_batch(
+        client, settings, topic=settings.topics.events, prev_offsets=held,
+        offsets={**held, "0": held.get("0", -1) + 1}, runs=[],
+        rows={item: orjson.dumps({o: list(v) for o, v in row.items()}) for item, row in rows.items()},
+        stats=stats, pop_short=pop_short, pop_long=pop_long, first_seen=first_seen,
+        vectors={u: np.asarray(v, dtype="<f4").tobytes() for u, v in vectors.items()},
+        newest_ts=newest_ts,
+    )

@@ -22,16 +22,18 @@ the drop leaves every other row as the stream would compute it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from models.ranker_registry import LoadedRanker
-from ranking.collab import CollabRules, shopper_vector
+from ranking.collab import CollabRules, NeighbourSummary, shopper_vector
 from ranking.features import (
     FEATURE_SCHEMA,
+    SOURCE_NAMES,
+    Candidates,
     FeatureRules,
     ShopperView,
     ShopView,
@@ -44,19 +46,33 @@ from ranking.features import (
 from ranking.scoring import SimilarityScale, history_weights, user_vector
 from ranking.user_state import UserState
 
-# (row items, neighbour ids, now) -> (decayed co-purchase rows, neighbour states)
-ReadInputs = Callable[[Sequence[str], Sequence[str], float], tuple[dict[str, dict[str, float]], dict[str, UserState]]]
+# (row items, neighbour ids, now) -> (decayed co-purchase rows, neighbour states or their summaries)
+ReadInputs = Callable[
+    [Sequence[str], Sequence[str], float], tuple[dict[str, dict[str, float]], Mapping[str, UserState | NeighbourSummary]]
+]
 # (shopper vector, k, exclude) -> [(user, similarity)], best first
 FindNeighbours = Callable[[np.ndarray, int, str], list[tuple[str, float]]]
 
 
 @dataclass(frozen=True)
 class RankerAnswer:
-    """The top ``k`` and what produced them (the bench and the tests read the rest)."""
+    """The top ``k`` and what produced them (the bench and the tests read the rest).
+
+    ``scored`` holds every scored candidate with its source flags (``ranking.features``:
+    OWN, COPURCHASE, ...); :meth:`sources` names them for one item ("why recommended").
+    """
 
     ranked: list[tuple[str, float]]
     candidates: int  # candidates scored (present in the index)
     proposed: int  # candidates proposed before the index filter
+    scored: Candidates | None = None
+
+    def sources(self, item: str) -> list[str]:
+        """The names of the sources that proposed ``item`` ([] if it was not scored)."""
+        if self.scored is None or item not in self.scored.items:
+            return []
+        flags = int(self.scored.sources[self.scored.items.index(item)])
+        return [name for flag, name in SOURCE_NAMES.items() if flags & flag]
 
 
 def gather_shopper(
@@ -114,7 +130,7 @@ def rank(
     sim = similarity_column(state, cands.items, vectors, rules, similarity)
     x = feature_matrix(sig, shop, cands.items, sim, rules)
     scores = ranker.model.score(x, schema=FEATURE_SCHEMA)
-    return RankerAnswer(top(cands.items, scores, k), len(cands), proposed)
+    return RankerAnswer(top(cands.items, scores, k), len(cands), proposed, cands)
 
 
 def top(items: Sequence[str], scores: np.ndarray, k: int) -> list[tuple[str, float]]:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ranking.features import FeatureRules, ShopView, new_items_order
+from ranking.features import FeatureRules, ShopView, new_items_order, with_columns
 
 from .collab_data import CollabShop
 from .shopper_data import PopularityCache, PopularityView
@@ -32,10 +32,11 @@ def shop_view(collab: CollabShop, popularity: PopularityView, rules: FeatureRule
 
     "Now" is the newest event time the collaborative flow has applied (event time, never
     the wall clock: a replayed shop is years old); without one yet, the newest first-seen
-    time.
+    time. The view carries its :class:`~ranking.features.ShopColumns` (built here, once
+    per reading, off the request path).
     """
     now = collab.newest_ts or max(collab.first_seen.values(), default=0.0)
-    return ShopView(
+    return with_columns(ShopView(
         now_ts=now,
         popularity=popularity.scores,
         pop_short=collab.pop_short,
@@ -45,7 +46,7 @@ def shop_view(collab: CollabShop, popularity: PopularityView, rules: FeatureRule
         buyers=collab.buyers,
         popular_top=popularity.ranked[: rules.popular],
         new_items=new_items_order(collab.first_seen, now, rules.new_s)[: rules.new],
-    )
+    ))
 
 
 class ShopCache:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.live_index import LiveIndex
+from ranking.collab import rescored_neighbours
 
 from .collab_data import decode_vector
 
@@ -68,7 +69,13 @@ class ShopperNeighbours:
         if k <= 0 or len(self.index) == 0:
             return []
         hits = self.index.search(vector, k, exclude=frozenset((exclude,)) if exclude else frozenset())[0]
-        return [(u, s) for u, s in hits if s > 0.0]
+        users = [u for u, s in hits if s > 0.0]
+        stored = self.index.reconstruct_many(users)
+        users = [u for u in users if u in stored]  # removed since the search
+        if not users:
+            return []
+        # the similarities the stream's exact index reports (FAISS's float32 sums differ in the last bit)
+        return rescored_neighbours(vector, users, np.stack([stored[u] for u in users]), k)
 
     def apply(self, updates: Sequence[tuple[str, bytes | None]]) -> None:
         """Upsert (or, for an empty value, delete) shoppers; unusable vectors are counted and dropped."""

@@ -52,7 +52,7 @@ from .redis_client import UNKNOWN_EPOCH, Outcome, connect, outcome_of, run_scrip
 __all__ = [
     "connect", "write_batch", "check_epoch", "read_offsets", "read_order", "read_rows", "read_item_stats",
     "read_popularity", "read_first_seen", "read_newest_ts", "read_shopper_vectors", "read_all_shopper_vectors",
-    "Outcome", "META", "OWNER",
+    "read_meta_marker", "read_shop_state", "scan_shopper_vectors", "read_rows_and_users", "decode_row", "Outcome", "META", "OWNER",
 ]
 
 OWNER = "streams.collab"
@@ -218,11 +218,62 @@ def read_rows(client: redis.Redis, settings: Settings, items: Iterable[str]) -> 
     if not ids:
         return {}
     raws = client.mget([cop_key(settings, i) for i in ids])
-    return {
-        i: {o: (float(v[0]), float(v[1])) for o, v in orjson.loads(raw).items()}
-        for i, raw in zip(ids, raws, strict=True)
-        if raw is not None
-    }
+    return {i: decode_row(raw) for i, raw in zip(ids, raws, strict=True) if raw is not None}
+
+
+def decode_row(raw: bytes) -> dict[str, tuple[float, float]]:
+    """One stored ``cop:<item>`` value: ``{other: (value, as_of)}`` (the item's own count included)."""
+    return {o: (float(v[0]), float(v[1])) for o, v in orjson.loads(raw).items()}
+
+
+def read_rows_and_users(
+    client: redis.Redis, settings: Settings, items: Sequence[str], user_ids: Sequence[str]
+) -> tuple[list[bytes | None], list[bytes | None]]:
+    """The stored rows of ``items`` and the user states of ``user_ids`` (the users flow's keys,
+    :func:`stores.user_store.user_key`), raw and in the given orders, in one round trip.
+
+    Serving's per-request read: the caller decodes (:func:`decode_row`,
+    ``UserState.from_bytes``), caching by the bytes.
+    """
+    from .user_store import user_key
+
+    if not items and not user_ids:
+        return [], []
+    pipe = client.pipeline(transaction=False)
+    if items:
+        pipe.mget([cop_key(settings, i) for i in items])
+    if user_ids:
+        pipe.mget([user_key(settings, u) for u in user_ids])
+    replies = pipe.execute()
+    rows = replies[0] if items else []
+    users = replies[-1] if user_ids else []
+    return list(rows), list(users)
+
+
+def read_meta_marker(client: redis.Redis, settings: Settings) -> tuple[Any, ...]:
+    """``collab:meta``'s (newest_ts, epoch, offsets), raw: changes whenever the flow writes."""
+    return tuple(client.hmget(settings.redis_prefix + META, ["newest_ts", "epoch", "offsets"]))
+
+
+def read_shop_state(
+    client: redis.Redis, settings: Settings
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[float, float]], dict[str, tuple[float, float]], dict[str, float]]:
+    """The shop-wide hashes in one round trip: (item stats, pop_short entries, pop_long entries, first seen).
+
+    Entries are ``(value, as_of)`` as :class:`Popularity` holds them (half-lives
+    ``collab_pop_<horizon>_days``); stats ``(baskets, buyers)``.
+    """
+    p = settings.redis_prefix
+    pipe = client.pipeline(transaction=False)
+    for name in (ITEMS, POP["short"], POP["long"], FIRST_SEEN):
+        pipe.hgetall(p + name)
+    items, short, long_, first = pipe.execute()
+    stats = {k.decode(): (int(b), int(u)) for k, (b, u) in ((k, orjson.loads(v)) for k, v in items.items())}
+    return stats, _entries(short), _entries(long_), {k.decode(): float(v) for k, v in first.items()}
+
+
+def _entries(raw: Mapping[bytes, bytes]) -> dict[str, tuple[float, float]]:
+    return {k.decode(): (float(a), float(b)) for k, (a, b) in ((k, orjson.loads(v)) for k, v in raw.items())}
 
 
 def read_item_stats(client: redis.Redis, settings: Settings) -> dict[str, tuple[int, int]]:
@@ -258,6 +309,10 @@ def read_first_seen(client: redis.Redis, settings: Settings) -> dict[str, float]
     return {k.decode(): float(v) for k, v in raw.items()}
 
 
+def shopvec_key(settings: Settings) -> str:
+    return settings.redis_prefix + SHOPVEC
+
+
 def _vector(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
@@ -269,6 +324,12 @@ def read_shopper_vectors(client: redis.Redis, settings: Settings, user_ids: Iter
         return {}
     raws = client.hmget(settings.redis_prefix + SHOPVEC, ids)
     return {u: _vector(raw) for u, raw in zip(ids, raws, strict=True) if raw is not None}
+
+
+def scan_shopper_vectors(client: redis.Redis, settings: Settings, batch: int = 2000) -> Iterable[tuple[str, bytes]]:
+    """Every stored shopper vector as (user_id, raw bytes), HSCAN in batches (gentler than one HGETALL)."""
+    for user, raw in client.hscan_iter(shopvec_key(settings), count=batch):
+        yield user.decode(), raw
 
 
 def read_all_shopper_vectors(client: redis.Redis, settings: Settings) -> dict[str, np.ndarray]:
