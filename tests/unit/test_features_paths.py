@@ -14,9 +14,8 @@ functions, not through ``evaluation.collab_replay``:
 * the labels and the basket are the flow's;
 * the evaluation's own user states equal ``SystemReplay``'s (the blend's) after the replay.
 
-Missing: ``streams/collab_partition.py`` (the flow itself) and serving's Redis gatherer had
-not landed when this was written; when they do, their emitted example / gathered view for
-the events below should be compared with ``flow_examples`` here too.
+Serving's path (the same events' state written to Redis as the flows write it, gathered
+as /recommend does) is tests/integration/test_features_serving_path.py.
 
 The events avoid two things the protocol and the flow treat differently on purpose: two
 shoppers buying at the same second (the flow upserts shopper vectors per line, the
