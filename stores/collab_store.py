@@ -1,6 +1,8 @@
 """The Redis adapter of the collaborative state: the flow's guarded batch writes and serving's reads.
 
-Keys, all under ``settings.redis_prefix`` (docs/ranking_stage_contract.md):
+Keys, all under ``settings.redis_prefix`` and the one Redis Cluster hash tag ``{collab}``
+(so ``freshrec:{collab}:cop:<item>``; the names below follow the tag; see ``TAG``)
+(docs/ranking_stage_contract.md):
 
 * ``cop:<item>``: string, orjson ``{other: [value, as_of]}``, the item's stored co-purchase
   row including its own basket count; read with :func:`ranking.collab.decayed_row`.
@@ -56,12 +58,19 @@ __all__ = [
 ]
 
 OWNER = "streams.collab"
-META = "collab:meta"
-ITEMS = "collab:items"
-POP = {"short": "collab:pop_short", "long": "collab:pop_long"}
-FIRST_SEEN = "collab:first_seen"
-SHOPVEC = "shopvec"
-ORDER = "collab:order"
+# Every key of the collaborative state carries the one hash tag {collab} (the flow is one
+# stateful partition: each batch is one Lua call over all of them, so on a Redis Cluster
+# they must share a slot). The contract's names follow the tag: <prefix>{collab}:cop:<item>.
+# A Redis written before the tag holds the untagged names, never read again: the collab
+# guard finds collab:meta empty, so a flow resuming from a snapshot is BEHIND and rewrites
+# the whole shop under the new names; `freshrec reset` + replay clears the old ones.
+TAG = "{collab}:"
+META = TAG + "collab:meta"
+ITEMS = TAG + "collab:items"
+POP = {"short": TAG + "collab:pop_short", "long": TAG + "collab:pop_long"}
+FIRST_SEEN = TAG + "collab:first_seen"
+SHOPVEC = TAG + "shopvec"
+ORDER = TAG + "collab:order"
 
 # KEYS: meta, items, pop_short, pop_long, first_seen, shopvec, order, then one cop:<item> per row.
 # ARGV: epoch, prev offsets (orjson), new offsets (orjson), newest_ts, full (0/1), order entry,
@@ -128,7 +137,7 @@ _WRITE_SHA = hashlib.sha1(_WRITE.encode()).hexdigest()
 
 
 def cop_key(settings: Settings, item: str) -> str:
-    return f"{settings.redis_prefix}cop:{item}"
+    return f"{settings.redis_prefix}{TAG}cop:{item}"
 
 
 def _offsets_json(offsets: Mapping[str, int]) -> bytes:

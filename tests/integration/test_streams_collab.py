@@ -190,7 +190,7 @@ def _assert_redis_equals(settings: Settings, client: Any, ref: Reference) -> Non
     assert got_rows.keys() == rows.keys()
     bad = [i for i in rows if got_rows[i] != rows[i]]
     assert not bad, f"{len(bad)} co-purchase rows differ, e.g. {bad[0]}"
-    assert len(list(client.scan_iter(match=f"{settings.redis_prefix}cop:*", count=5000))) == len(rows)
+    assert len(list(client.scan_iter(match=collab_store.cop_key(settings, "*"), count=5000))) == len(rows)
     stats = ref.collab.stats
     assert collab_store.read_item_stats(client, settings) == {
         i: (stats.baskets.get(i, 0), stats.buyers.get(i, 0)) for i in stats.baskets.keys() | stats.buyers.keys()

@@ -69,3 +69,12 @@ def test_cluster_urls() -> None:
         cluster_nodes("redis+cluster://h:7000/3")
     with pytest.raises(ValueError, match="host:port"):
         cluster_nodes("redis+cluster://h")
+
+
+def test_collab_keys_share_one_slot() -> None:
+    from stores import collab_store as c
+
+    s = Settings(redis_prefix="shop1:")
+    names = [c.META, c.ITEMS, *c.POP.values(), c.FIRST_SEEN, c.SHOPVEC, c.ORDER]
+    keys = [s.redis_prefix + n for n in names] + [c.cop_key(s, f"item-{k}") for k in range(50)]
+    assert {_slot(k) for k in keys} == {_slot("{collab}")}
