@@ -32,6 +32,8 @@ from freshrec.infra import create_topics, free_port
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
 from streams.flow_process import FlowProcess, applied_count, wait_applied
+from serving.cli import worker_count
+from serving.runtime import admin_enabled
 from stores.redis_client import connect
 
 from . import _faults_check as check
@@ -166,10 +168,22 @@ class Scenario:
                               self.root / "logs" / "serving.log", ready=self._serving_ready, ready_timeout_s=180)
 
     def _serving_ready(self) -> bool:
+        """Every worker process answers /readyz 200 (each loads its own pair after a
+        restart, so one ready worker is not a recovered service): fresh connections,
+        which the kernel spreads over the workers, until each worker has said ready."""
+        workers = worker_count(self.settings, admin=admin_enabled(self.settings))
+        seen: set[int] = set()
         try:
-            return httpx.get(f"http://127.0.0.1:{self.settings.api_port}/readyz", timeout=5).status_code == 200
-        except httpx.HTTPError:
+            for _ in range(8 * workers):
+                r = httpx.get(f"http://127.0.0.1:{self.settings.api_port}/readyz", timeout=5)
+                if r.status_code != 200:
+                    return False
+                seen.add(int(r.json().get("worker") or 0))
+                if len(seen) >= workers:
+                    return True
+        except (httpx.HTTPError, ValueError):
             return False
+        return False
 
     def _serving_answers(self, healthy: bool = False) -> bool:
         """/recommend answers 200 (and, with ``healthy``, not degraded)."""

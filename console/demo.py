@@ -393,6 +393,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
             "api_port": api_port,
             "admin_token": token,
             "users_token": users_token,
+            "demo_actions": True,  # the page acts as the shopper it follows (loopback only)
             **demo_ranking(settings),
         }
     )

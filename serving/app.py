@@ -54,6 +54,7 @@ import functools
 import hmac
 import logging
 import re
+import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
@@ -161,6 +162,9 @@ class Readiness(BaseModel):
     index_version: str | None = None
     items: int | None = None
     build: dict[str, Any] | None = None
+    # the answering worker process: with ``serving_workers`` > 1 each loads its own pair,
+    # so a supervisor (or the fault harness) can tell when every worker is ready
+    worker: int | None = None
 
 
 _ERROR_MEANING = {
@@ -532,9 +536,11 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         if pair is None:
             job = runtime.builder.current
             build = public_body(job.summary(), settings.state_dir) if job else None
-            return JSON({"ready": False, "reason": "the first index is still building", "build": build}, status_code=503)
+            return JSON({"ready": False, "reason": "the first index is still building", "build": build,
+                         "worker": os.getpid()}, status_code=503)
         n = len(pair.index)
-        body: dict[str, Any] = {"adapter_version": pair.adapter_version, "index_version": pair.index_version, "items": n}
+        body: dict[str, Any] = {"adapter_version": pair.adapter_version, "index_version": pair.index_version, "items": n,
+                                "worker": os.getpid()}
         gap = state_gap(runtime.popularity.view, n, cold=False)
         if n == 0:
             return JSON({"ready": False, "reason": gap, **body}, status_code=503)

@@ -38,7 +38,7 @@ def test_help_texts_say_what_up_clears_and_that_counts_are_a_lower_bound() -> No
     helps = {c.dest: c.help for c in sub._choices_actions}  # type: ignore[attr-defined]
     assert "lower bound" in helps["status"] and "clean slate" in helps["up"]
     up_help = " ".join(sub.choices["up"].format_help().split())  # type: ignore[attr-defined]
-    assert "freshrec reset" in up_help and "Redis keys" in up_help and "adapter registry stays" in up_help
+    assert "freshrec reset" in up_help and "Redis keys" in up_help and "adapter and ranker registries stay" in up_help
     status_help = " ".join(sub.choices["status"].format_help().split())  # type: ignore[attr-defined]
     assert "lower bound on the embedded" in status_help and "Known broker quirk" in status_help
 

@@ -5,6 +5,7 @@ if it were real."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from freshrec.contracts import CatalogItem
-from freshrec.infra import free_port
+from freshrec.infra import _terminate, free_port, start_redis
 from freshrec.settings import Settings
 from serving.app import create_app, public_body, public_message
 from serving.runtime import ServingRuntime
@@ -154,25 +155,25 @@ def test_public_message_strips_paths_but_keeps_routes_and_urls(tmp_path: Path) -
 # -- empty state is flagged ----------------------------------------------------------------------
 
 
-class EmptyRedis:
-    """A Redis that answers, and holds nothing (new, restarted without persistence, flushed)."""
+@pytest.fixture
+def empty_redis(tmp_path: Path) -> Iterator[str]:
+    """A real Redis that answers and holds nothing (new, restarted without persistence, flushed)."""
+    port = free_port()
+    svc = start_redis("127.0.0.1", port, tmp_path / "redis-state", reuse_existing=False, persist=False)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _terminate(svc.pid)
 
-    def get(self, key: str) -> None:
-        return None
 
-    def hgetall(self, key: str) -> dict[bytes, bytes]:
-        return {}
-
-
-def _empty_runtime(tmp_path: Path, catalog: CatalogTwin) -> ServingRuntime:
+def _empty_runtime(tmp_path: Path, catalog: CatalogTwin, redis_url: str) -> ServingRuntime:
     return ServingRuntime(
-        _settings(tmp_path), tools=hash_tools(catalog), request_redis=EmptyRedis(), background_redis=EmptyRedis(),
-        follow_topics=False,
+        _settings(tmp_path).model_copy(update={"redis_url": redis_url}), tools=hash_tools(catalog), follow_topics=False,
     )
 
 
-def test_recommend_from_an_empty_redis_says_so(tmp_path: Path) -> None:
-    runtime = _empty_runtime(tmp_path, _catalog())
+def test_recommend_from_an_empty_redis_says_so(tmp_path: Path, empty_redis: str) -> None:
+    runtime = _empty_runtime(tmp_path, _catalog(), empty_redis)
     with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
         assert runtime.wait_ready(10) and runtime.popularity.loaded.wait(5)
         assert runtime.popularity.view.applied_partitions == 0
@@ -185,12 +186,13 @@ def test_recommend_from_an_empty_redis_says_so(tmp_path: Path) -> None:
         assert 'freshrec_degraded_responses_total{endpoint="recommend"} 1.0' in c.get("/metrics").text
 
 
-def test_an_empty_catalog_is_not_ready(tmp_path: Path) -> None:
-    runtime = _empty_runtime(tmp_path, CatalogTwin({}))
+def test_an_empty_catalog_is_not_ready(tmp_path: Path, empty_redis: str) -> None:
+    runtime = _empty_runtime(tmp_path, CatalogTwin({}), empty_redis)
     with TestClient(create_app(runtime), raise_server_exceptions=False) as c:
         assert runtime.wait_ready(10)  # the pair is live, with 0 items
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["ready"] is False and r.json()["items"] == 0
+        assert r.json()["worker"] == os.getpid()  # which worker answered: each loads its own pair
         assert "catalog is empty" in r.json()["reason"]
         body = c.get("/recommend", params={"user_id": "u1"}).json()
         assert body["degraded"] is True and "catalog is empty" in body["reason"]
