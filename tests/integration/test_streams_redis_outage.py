@@ -148,10 +148,14 @@ def test_an_idle_flow_rebuilds_an_emptied_redis_without_new_events(
         before = _redis_snapshot(settings)
         assert all(connect(settings).hexists(key, settings.topics.events) for key, _ in user_store.epoch_slots(settings))
 
+        # A key no flow writes: its absence after the restart proves Redis came back
+        # empty, even when an idle flow's check (every 2 s) has already begun rewriting.
+        sentinel = f"{settings.redis_prefix}sentinel"
+        connect(settings).set(sentinel, b"1")
         own_redis.kill()
         time.sleep(1.0)
         own_redis.start()
-        assert _redis_snapshot(settings) == {}
+        assert connect(settings).get(sentinel) is None
         # No new events: the idle check alone must bring everything back.
         t0 = time.monotonic()
         wait_applied(settings, "users", sent, timeout=30, procs=[users, catalog])
