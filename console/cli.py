@@ -26,7 +26,7 @@ COMPONENT_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.cli", "run the recommend/search/similar API"),
     "collect": ("collector.cli", "run the HTTP event collector (POST /events) for producers without Kafka"),
     "monitor": ("monitor.cli", "serve the flows' progress (lag, freshness, topic sizes) on a Prometheus /metrics"),
-    "learn": ("learner.cli", "train and publish LoRA adapters from train pairs"),
+    "learn": ("learner.cli", "train and publish LoRA adapters (from train pairs) and rankers (from rank examples)"),
     "eval": ("evaluation.cli", "prequential next-basket evaluation on a dataset"),
     "demo": ("console.demo", "start everything and replay the bundled sample"),
 }
