@@ -43,7 +43,7 @@ class TopicFollower:
             enable_auto_commit=False,
             group_id=None,
             max_poll_records=2000,
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=settings.follower_fetch_wait_ms,
         )
         parts = self._partitions(topic)
         self._tps = [TopicPartition(topic, p) for p in parts]

@@ -326,7 +326,9 @@ def _status(runtime: ServingRuntime, learner: dict[str, Any] | None) -> dict[str
         "redis": {"healthy": runtime.gate.healthy, "failures": runtime.gate.failures, "last_error": runtime.gate.last_error},
         "popularity": {
             "items": len(runtime.popularity.view.ranked),
-            "read_at": runtime.popularity.view.read_at,
+            "read_at": runtime.popularity.view.read_at,  # when the hashes were last read (they had moved)
+            "checked_at": runtime.popularity.checked_at,  # when the applied offsets were last compared
+            "unchanged_checks": runtime.popularity.unchanged,
             "last_error": runtime.popularity.last_error,
         },
     }

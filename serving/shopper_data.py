@@ -170,16 +170,35 @@ class PopularityCache:
         # called with each new view, on the refreshing thread (the ranker's shop view
         # rebuilds from it, so the two never serve different popularity for long)
         self.listeners: list[Callable[[PopularityView], None]] = []
+        self._read_at: dict[str, int] | None = None  # the applied offsets the view was read at
+        self.unchanged = 0  # refreshes skipped because nothing was applied since
+        self.checked_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> bool:
+        """Re-read popularity, unless the users flow has applied nothing since the last read.
+
+        Popularity and first-seen times change only in the users flow's batch writes, which
+        set the applied offsets in the same atomic call: unchanged offsets mean unchanged
+        hashes, so an idle shop costs one small read per interval instead of every hash,
+        and the view (and the ranker's shop view built from it) stays the same object.
+        The offsets are read first, so a write landing between the two reads is seen as a
+        change next time, never missed.
+        """
         try:
+            applied = None if self.read_applied is None else dict(self.read_applied())
+            self.checked_at = time.time()
+            if applied is not None and applied == self._read_at and self.loaded.is_set():
+                self.unchanged += 1
+                self.last_error = None
+                return True
             got = self._read()
-            applied = None if self.read_applied is None else len(self.read_applied())
             self.view = PopularityView.of(
-                got.scores, first_seen=got.first_seen, now_ts=got.newest_ts, new_s=self.new_s, applied_partitions=applied
+                got.scores, first_seen=got.first_seen, now_ts=got.newest_ts, new_s=self.new_s,
+                applied_partitions=None if applied is None else len(applied),
             )
+            self._read_at = applied
             self.last_error = None
             self.loaded.set()
         except Exception as exc:  # keep the last ranking; say why in /admin/status

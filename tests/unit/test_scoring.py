@@ -276,6 +276,27 @@ def test_popularity_cache_keeps_new_arrivals_as_of_the_newest_event() -> None:
     assert PopularityView.of({"a": 1.0}).new_items == frozenset()
 
 
+def test_popularity_cache_reads_the_hashes_only_when_the_flow_applied_something() -> None:
+    reads, offsets, seen = [], {"events:0": 10, "events:1": 4}, []
+    reading = _Reading({"a": 4.0, "b": 2.0}, {}, 100 * DAY)
+
+    def read() -> _Reading:
+        reads.append(1)
+        return reading
+
+    cache = PopularityCache(read, every_s=60.0, read_applied=lambda: dict(offsets))
+    cache.listeners.append(seen.append)
+    assert cache.refresh() and len(reads) == 1 and cache.view.applied_partitions == 2
+    first = cache.view
+    assert cache.refresh() and cache.refresh()  # idle: one small read each, no hashes, no new view
+    assert len(reads) == 1 and cache.view is first and seen == [first] and cache.unchanged == 2
+    offsets["events:1"] = 5  # the flow applied a batch
+    reading = _Reading({"a": 4.0, "b": 8.0}, {}, 101 * DAY)
+    assert cache.refresh() and len(reads) == 2 and cache.view is not first and cache.view.ranked == ("b", "a")
+    offsets.clear()  # an emptied Redis is a change too
+    assert cache.refresh() and len(reads) == 3 and cache.view.applied_partitions == 0
+
+
 def _cosines(v: np.ndarray, n: int = 20_000, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     i, j = rng.integers(0, len(v), n), rng.integers(0, len(v), n)
