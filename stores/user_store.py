@@ -1,8 +1,9 @@
 """The one Redis adapter for user state and popularity (serving, learner and eval read here).
 
 Keys, all under ``settings.redis_prefix`` and the hash tag ``{<topic>:<partition>}`` of
-the events partition they belong to (say ``freshrec:{events:3}:...``), so that the
-flow's one atomic write per batch touches keys of one Redis Cluster slot:
+the events partition they belong to (with the default topic names
+``freshrec:{freshrec.events:3}:...``; ``events`` below stands for the whole topic name), so
+that the flow's one atomic write per batch touches keys of one Redis Cluster slot:
 
 * ``{events:P}:user:<user_id>``: one :class:`~ranking.user_state.UserState` in its wire
   format (documented in :mod:`ranking.user_state`). P is the partition the user's events
