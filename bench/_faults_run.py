@@ -31,9 +31,9 @@ from freshrec.consumer import TopicFollower
 from freshrec.infra import create_topics, free_port
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
-from streams.flow_process import FlowProcess, applied_count, wait_applied
 from serving.cli import worker_count
 from serving.runtime import admin_enabled
+from streams.flow_process import FlowProcess, applied_count, wait_applied
 from stores.redis_client import connect
 
 from . import _faults_check as check

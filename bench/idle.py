@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from bench._faults_procs import Child, broker_child, freshrec_child, group_members, redis_child
 from bench.faults import SAMPLE, load_sample
+from bench.report import write_json
 from freshrec.infra import create_topics, free_port
 from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
@@ -141,7 +141,6 @@ def run(args: argparse.Namespace, root: Path, overrides: dict[str, Any]) -> dict
         "settings": overrides, "seconds": round(wall, 1), "settled_after_s": round(settled, 1), "events": len(events), "items": len(items),
         "percent_of_one_core": pct, "freshrec_total": freshrec_total, "infra_floor_total": infra_total,
         "total": round(freshrec_total + infra_total, 2), "target_total": "< 5",
-        "machine": f"{os.cpu_count()} cores",
     }
 
 
@@ -172,12 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         note = "   (infrastructure)" if proc in INFRA else ""
         print(f"  {proc:<10}" + "".join(f"{runs[n]['percent_of_one_core'][proc]:>20.2f}" for n in names) + note)
     print(f"  {'all':<10}" + "".join(f"{runs[n]['total']:>20.2f}" for n in names) + "   (target < 5)")
-    out = {"benchmark": "idle", "events": args.events, "seconds": args.seconds, "runs": runs,
-           "machine": f"{os.cpu_count()} cores"}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
-        print(f"wrote {args.json}")
+    write_json(str(args.json) if args.json else None,
+               {"benchmark": "idle", "events": args.events, "seconds": args.seconds, "runs": runs})
     return 0
 
 

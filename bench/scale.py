@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bench.report import write_json
 from freshrec.children import Guard
 from freshrec.infra import free_port, start_redis
 from freshrec.settings import Settings
@@ -99,6 +100,16 @@ def synthetic_messages(n_shoppers: int, per_shopper: int, n_items: int, seed: in
     ]
 
 
+def apply_all(part: Any, msgs: list[Msg], chunk: int) -> tuple[float, int]:
+    """Apply ``msgs`` to a flow partition in chunks as a flow's batches; return the seconds
+    taken and the ranking examples emitted (the collab partition's; 0 for user state)."""
+    examples = 0
+    t = time.perf_counter()
+    for k in range(0, len(msgs), chunk):
+        examples += len(getattr(part.apply(msgs[k : k + chunk]), "examples", ()))
+    return time.perf_counter() - t, examples
+
+
 def measure_flow(settings: Settings, shoppers: int, per_shopper: int, n_items: int, seed: int) -> tuple[dict[str, Any], Any]:
     from streams.user_partition import UserPartition
 
@@ -106,10 +117,7 @@ def measure_flow(settings: Settings, shoppers: int, per_shopper: int, n_items: i
     gc.collect()
     rss0 = rss_bytes()
     part = UserPartition.from_settings(settings)
-    t = time.perf_counter()
-    for k in range(0, len(msgs), 1000):
-        part.apply(msgs[k : k + 1000])
-    apply_s = time.perf_counter() - t
+    apply_s, _ = apply_all(part, msgs, 1000)
     del msgs
     gc.collect()
     rss1 = rss_bytes()
@@ -141,9 +149,7 @@ def measure_history(settings: Settings, lengths: list[int], n_items: int, seed: 
     out = []
     for per in lengths:
         part = UserPartition.from_settings(settings)
-        msgs = synthetic_messages(shoppers, per, n_items, seed)
-        for k in range(0, len(msgs), 1000):
-            part.apply(msgs[k : k + 1000])
+        apply_all(part, synthetic_messages(shoppers, per, n_items, seed), 1000)
         batch = part.full_batch()
         assert batch is not None
         out.append({"events_per_shopper": per,
@@ -208,20 +214,11 @@ def measure_collab(settings: Settings, shoppers: int, per_shopper: int, n_items:
     from streams.user_partition import UserPartition
 
     msgs = synthetic_messages(shoppers, per_shopper, n_items, seed)
-    users = UserPartition.from_settings(settings)
-    t = time.perf_counter()
-    for k in range(0, len(msgs), 2000):
-        users.apply(msgs[k : k + 2000])
-    users_s = time.perf_counter() - t
-    del users
+    users_s, _ = apply_all(UserPartition.from_settings(settings), msgs, 2000)
     gc.collect()
     rss0 = rss_bytes()
     collab = CollabPartition.from_settings(settings)
-    examples = 0
-    t = time.perf_counter()
-    for k in range(0, len(msgs), 2000):
-        examples += len(collab.apply(msgs[k : k + 2000]).examples)
-    collab_s = time.perf_counter() - t
+    collab_s, examples = apply_all(collab, msgs, 2000)
     gc.collect()
     rss1 = rss_bytes()
     t = time.perf_counter()
@@ -272,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     faiss.omp_set_num_threads(1)
     parts = set(args.parts.split(","))
-    out: dict[str, Any] = {"flow": [], "redis": [], "index": [], "collab": [], "history": [],
-                           "machine": f"{os.cpu_count()} cores"}
+    out: dict[str, Any] = {"flow": [], "redis": [], "index": [], "collab": [], "history": []}
     if args.json and args.json.exists():  # keep what this run does not re-measure
         out |= {k: v for k, v in orjson.loads(args.json.read_bytes()).items() if k in out or k == "copurchase_row"}
         for part, keys in (("flow", ("flow", "redis")), ("collab", ("collab",)), ("index", ("index",)),
@@ -341,10 +337,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['rss_bytes'] / 1e6:>7.1f} {r['snapshot_bytes'] / 1e6:>12.1f} {r['snapshot_s']:>11.2f}")
     row = out["copurchase_row"]
     print(f"\nco-purchase row of {row['row_cap']} entries: {row['row_bytes']:,} B as stored, Redis {row['redis_bytes']:,} B")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
-        print(f"wrote {args.json}")
+    write_json(str(args.json) if args.json else None, out)
     return 0
 
 

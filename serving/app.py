@@ -53,8 +53,8 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-import re
 import os
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath

@@ -170,7 +170,7 @@ class PopularityCache:
         # called with each new view, on the refreshing thread (the ranker's shop view
         # rebuilds from it, so the two never serve different popularity for long)
         self.listeners: list[Callable[[PopularityView], None]] = []
-        self._read_at: dict[str, int] | None = None  # the applied offsets the view was read at
+        self._offsets_read: dict[str, int] | None = None  # the applied offsets the view was read at
         self.unchanged = 0  # refreshes skipped because nothing was applied since
         self.checked_at: float | None = None
         self._stop = threading.Event()
@@ -189,7 +189,7 @@ class PopularityCache:
         try:
             applied = None if self.read_applied is None else dict(self.read_applied())
             self.checked_at = time.time()
-            if applied is not None and applied == self._read_at and self.loaded.is_set():
+            if applied is not None and applied == self._offsets_read and self.loaded.is_set():
                 self.unchanged += 1
                 self.last_error = None
                 return True
@@ -198,7 +198,7 @@ class PopularityCache:
                 got.scores, first_seen=got.first_seen, now_ts=got.newest_ts, new_s=self.new_s,
                 applied_partitions=None if applied is None else len(applied),
             )
-            self._read_at = applied
+            self._offsets_read = applied
             self.last_error = None
             self.loaded.set()
         except Exception as exc:  # keep the last ranking; say why in /admin/status
