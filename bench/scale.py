@@ -141,6 +141,53 @@ def measure_flow(settings: Settings, shoppers: int, per_shopper: int, n_items: i
     }, encoded
 
 
+def arriving_messages(days: int, per_day: int, per_shopper: int, n_items: int, seed: int) -> list[Msg]:
+    """``per_day`` new shoppers a day for ``days`` days, each with ``per_shopper`` events
+    over about three days: a shop whose active population is constant while the number
+    of shoppers ever seen grows with time."""
+    rng = random.Random(seed)
+    t0 = 1_700_000_000.0
+    out: list[tuple[float, str, bytes]] = []
+    for s in range(days * per_day):
+        user = f"r{seed}-{s}"
+        ts = t0 + (s / per_day + rng.random()) * DAY
+        for e in range(per_shopper):
+            ts += rng.expovariate(per_shopper / (3 * DAY))
+            item = min(int(rng.paretovariate(1.1)), n_items) - 1
+            kind = "purchase" if rng.random() < 0.3 else "view"
+            event = {"event_id": f"{user}-{e}", "user_id": user, "kind": kind, "item_id": f"i{item}", "ts": ts}
+            out.append((ts, user, orjson.dumps(event)))
+    out.sort(key=lambda r: r[0])
+    now_ms = int(time.time() * 1000)
+    return [Msg(u.encode(), v, "scale.events", k, 0, (1, now_ms)) for k, (_, u, v) in enumerate(out)]
+
+
+def measure_retention(settings: Settings, days: int, per_day: int, per_shopper: int, n_items: int, seed: int,
+                      retention_days: float) -> dict[str, Any]:
+    """One users-flow partition after ``days`` of arrivals, with a retention (0: keep all)."""
+    from streams.user_partition import UserPartition
+
+    msgs = arriving_messages(days, per_day, per_shopper, n_items, seed)
+    part = UserPartition.from_settings(settings.model_copy(update={"stream_retention_days": retention_days}))
+    apply_s, _ = apply_all(part, msgs, 1000)
+    t = time.perf_counter()
+    snap = pickle.dumps(part.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)
+    snap_s = time.perf_counter() - t
+    return {
+        "days": days,
+        "retention_days": retention_days,
+        "shoppers_seen": days * per_day,
+        "events": len(msgs),
+        "events_per_s": round(len(msgs) / apply_s),
+        "shoppers_kept": len(part._encoded),
+        "items_seen": len({m.value.split(b'"item_id":"')[1].split(b'"')[0] for m in msgs}),
+        "first_seen_kept": len(part.popularity.first_seen),
+        "popularity_kept": len(part.popularity.entries),
+        "snapshot_bytes": len(snap),
+        "snapshot_s": round(snap_s, 3),
+    }
+
+
 def measure_history(settings: Settings, lengths: list[int], n_items: int, seed: int, shoppers: int = 200) -> list[dict[str, Any]]:
     """Encoded bytes of one shopper's state by the number of their events: the state grows
     until ``history_size`` interactions and ``stream_baskets_kept`` baskets, then stays flat."""
@@ -257,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", default="20000,100000,200000", help="index sizes")
     p.add_argument("--collab-shoppers", default="2000,10000", help="sizes for the collab flow's partition (slow: ~1k ev/s)")
     p.add_argument("--history-lengths", default="10,30,50,100,300,1000", help="events per shopper for the state-size curve")
-    p.add_argument("--parts", default="flow,history,collab,index", help="what to measure; a --json file keeps the other parts")
+    p.add_argument("--retention-days", default="60,240,720", help="days of arrivals for the bounded-state curve")
+    p.add_argument("--parts", default="flow,history,collab,index,retention", help="what to measure; a --json file keeps the other parts")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", type=Path)
@@ -269,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
 
     faiss.omp_set_num_threads(1)
     parts = set(args.parts.split(","))
-    out: dict[str, Any] = {"flow": [], "redis": [], "index": [], "collab": [], "history": []}
+    out: dict[str, Any] = {"flow": [], "redis": [], "index": [], "collab": [], "history": [], "retention": []}
     if args.json and args.json.exists():  # keep what this run does not re-measure
         out |= {k: v for k, v in orjson.loads(args.json.read_bytes()).items() if k in out or k == "copurchase_row"}
         for part, keys in (("flow", ("flow", "redis")), ("collab", ("collab",)), ("index", ("index",)),
-                           ("history", ("history",))):
+                           ("history", ("history",)), ("retention", ("retention",))):
             if part in parts:
                 out |= {k: [] for k in keys}
     guard = Guard()
@@ -295,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
             if "history" in parts:
                 lengths = [int(x) for x in args.history_lengths.split(",") if x]
                 out["history"] = measure_history(settings, lengths, args.catalog, args.seed)
+            for days in tqdm([int(x) for x in args.retention_days.split(",") if x and "retention" in parts],
+                             desc="retention", unit="span"):
+                for keep in (30.0, 0.0):  # the stated retention against keeping everyone (the peer)
+                    r = measure_retention(settings, days, 200, 10, args.catalog, args.seed, keep)
+                    out["retention"].append(r)
+                    print(f"  {days:>4} days, retention {keep:g}: {r}", flush=True)
             for n in tqdm([int(x) for x in args.collab_shoppers.split(",") if x and "collab" in parts], desc="collab",
                           unit="size"):
                 r = measure_collab(settings, n, args.events_per_shopper, args.catalog, args.seed)
@@ -328,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['search_p50_ms']:>14}")
     print("\none shopper's encoded state by their number of events (capped by history_size and stream_baskets_kept)")
     print("  " + "  ".join(f"{h['events_per_shopper']:,} ev: {h['encoded_bytes_per_shopper']:,} B" for h in out["history"]))
+    print("\nbounded users-flow state: 200 new shoppers a day, 10 events each over ~3 days; retention 30 days"
+          " against keeping everyone (0)")
+    print(f"{'days':>5} {'retention':>9} {'seen':>8} {'kept':>7} {'items kept':>10} {'popularity':>10} "
+          f"{'snapshot MB':>12} {'snapshot s':>11} {'events/s':>9}")
+    for r in out["retention"]:
+        print(f"{r['days']:>5} {r['retention_days']:>9g} {r['shoppers_seen']:>8,} {r['shoppers_kept']:>7,} "
+              f"{r['first_seen_kept']:>10,} {r['popularity_kept']:>10,} {r['snapshot_bytes'] / 1e6:>12.1f} "
+              f"{r['snapshot_s']:>11.2f} {r['events_per_s']:>9,}")
     print("\ncollab flow (the whole shop in one partition), one core")
     print(f"{'shoppers':>10} {'events/s':>9} {'users flow ev/s':>16} {'ratio':>6} {'co-purchase entries':>20} "
           f"{'RSS MB':>7} {'snapshot MB':>12} {'snapshot s':>11}")

@@ -159,6 +159,20 @@ class Settings(BaseSettings):
     stream_redis_check_s: float = Field(
         2.0, gt=0, description="How often an idle flow checks that Redis still holds its state (rebuilds it if not)"
     )
+    # Bounded state (issue 16 item 7, streams/retention.py): judged in event time, so a
+    # replay forgets exactly what the first run forgot. 730 days keeps every shopper of the
+    # bundled data set (2009-12 .. 2011-12) until after the evaluation's report window.
+    stream_retention_days: float = Field(
+        730.0, ge=0,
+        description="A shopper or item with no event for this long (event time) is forgotten by the users flow "
+        "and deleted from Redis; 0 keeps everything",
+    )
+    stream_popularity_items: int = Field(
+        100_000, ge=1, description="Most popularity entries a users-flow partition keeps (the top ones, each event-time day)"
+    )
+    stream_live_states: int = Field(
+        10_000, ge=0, description="Decoded shopper states a users-flow partition keeps beside the encoded ones"
+    )
 
     # -- indexer and serving (add indexer/serving settings below this line) --------------
     # indexer

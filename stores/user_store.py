@@ -12,7 +12,9 @@ that the flow's one atomic write per batch touches keys of one Redis Cluster slo
   default partitioner (:func:`user_partition`). A producer must key events by user id
   with that partitioner (librdkafka: ``partitioner=murmur2_random``; its own default,
   crc32, puts users elsewhere) and ``settings.partitions`` must be the topic's partition
-  count, or readers look users up in the wrong partition and do not find them.
+  count, or readers look users up in the wrong partition and do not find them. The key is
+  deleted when the flow forgets the shopper (``stream_retention_days``, :mod:`streams.retention`),
+  in the same write; there is no TTL, since Redis must equal the flow's state at its offset.
 * ``{events:P}:popularity``: hash item_id -> orjson ``[count, as_of_ts]``, the decayed
   purchase counts of the events of one Kafka partition; partial counters add exactly
   (:meth:`Popularity.merge`). ``{events:P}:popularity:newest`` maps ``events:P`` to
@@ -70,10 +72,13 @@ FIRST_SEEN = "first_seen"
 USER = "user:"
 
 # KEYS: applied hash, popularity hash, popularity-newest hash, first-seen hash, epoch
-#       hash, then one key per user.
+#       hash, then one key per written user, then one key per forgotten user.
 # ARGV: partition field, offset, newest ts, user count, popularity field count,
-#       first-seen field count, previous offset, epoch field, epoch, then user values (in
-#       KEYS order), then popularity field/value pairs, then first-seen field/value pairs.
+#       first-seen field count, previous offset, epoch field, epoch, forgotten-user count,
+#       forgotten-popularity count, forgotten-item count, then user values (in KEYS
+#       order), then popularity field/value pairs, then first-seen field/value pairs, then
+#       the items whose popularity entry goes, then the items whose popularity entry and
+#       first-seen time go (streams.retention: what the partition forgot).
 # Returns {code, stored epoch}: 1 written; 0 this offset is already in Redis (a replay
 # after a crash); 2 Redis is behind the writer's state before this batch (it holds less
 # than `previous offset`: restarted empty, or lost its last writes), nothing written;
@@ -88,8 +93,12 @@ if prev >= 0 and (not cur or tonumber(cur) < prev) then return {2, ''} end
 local n_users = tonumber(ARGV[4])
 local n_pop = tonumber(ARGV[5])
 local n_seen = tonumber(ARGV[6])
-for i = 1, n_users do redis.call('SET', KEYS[5 + i], ARGV[9 + i]) end
-local base = 9 + n_users
+local n_gone_users = tonumber(ARGV[10])
+local n_gone_pop = tonumber(ARGV[11])
+local n_gone_items = tonumber(ARGV[12])
+for i = 1, n_users do redis.call('SET', KEYS[5 + i], ARGV[12 + i]) end
+for i = 1, n_gone_users do redis.call('DEL', KEYS[5 + n_users + i]) end
+local base = 12 + n_users
 for j = 0, n_pop - 1 do
   redis.call('HSET', KEYS[2], ARGV[base + 2 * j + 1], ARGV[base + 2 * j + 2])
 end
@@ -97,6 +106,10 @@ base = base + 2 * n_pop
 for j = 0, n_seen - 1 do
   redis.call('HSET', KEYS[4], ARGV[base + 2 * j + 1], ARGV[base + 2 * j + 2])
 end
+base = base + 2 * n_seen
+for j = 1, n_gone_pop do redis.call('HDEL', KEYS[2], ARGV[base + j]) end
+base = base + n_gone_pop
+for j = 1, n_gone_items do redis.call('HDEL', KEYS[2], ARGV[base + j]); redis.call('HDEL', KEYS[4], ARGV[base + j]) end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {1, ''}
@@ -209,6 +222,9 @@ def write_partition_batch(
     prev_offset: int = -1,
     epoch: str | None = None,
     full: bool = False,
+    gone_users: Iterable[str] = (),
+    gone_popularity: Iterable[str] = (),
+    gone_items: Iterable[str] = (),
 ) -> Outcome:
     """Write one partition's changed users, popularity and first-seen times as of ``offset``, atomically.
 
@@ -224,7 +240,14 @@ def write_partition_batch(
     overwrites every given user. ``epoch`` is the topic's id (:mod:`freshrec.epochs`): a
     Redis holding another one raises :class:`~freshrec.epochs.EpochMismatch`; a Redis
     without one records it.
+
+    ``gone_users``, ``gone_popularity`` and ``gone_items`` are what the partition forgot
+    (:mod:`streams.retention`): the users' keys, the items' popularity entries, and the
+    items' popularity entries with their first-seen times are deleted in the same call,
+    so Redis forgets exactly what the flow forgot at this offset. None may also be among
+    the written ones (the partition keeps them disjoint).
     """
+    gone_users, gone_popularity, gone_items = list(gone_users), list(gone_popularity), list(gone_items)
     seen = first_seen or {}
     field = partition_field(topic, partition)
     keys = [
@@ -234,8 +257,10 @@ def write_partition_batch(
     # The users of this partition, under its tag: the partition the events came from is
     # the one readers compute (user_partition) when producers follow the keying rule.
     keys.extend(partition_key(settings, topic, partition, USER + u) for u in users)
+    keys.extend(partition_key(settings, topic, partition, USER + u) for u in gone_users)
     args: list[bytes | str | int | float] = [
         field, offset, repr(newest_ts), len(users), len(popularity), len(seen), prev_offset, topic, epoch or "",
+        len(gone_users), len(gone_popularity), len(gone_items),
     ]
     args.extend(users.values())
     for item, entry in popularity.items():
@@ -244,6 +269,8 @@ def write_partition_batch(
     for item, ts in seen.items():
         args.append(item)
         args.append(repr(float(ts)))
+    args.extend(gone_popularity)
+    args.extend(gone_items)
     script, sha = (_FULL_WRITE, _FULL_WRITE_SHA) if full else (_GUARDED_WRITE, _GUARDED_WRITE_SHA)
     reply = run_script(client, script, sha, keys, args)
     return outcome_of(reply, "streams.users", settings, topic, epoch, keys[4])

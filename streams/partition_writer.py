@@ -147,6 +147,7 @@ class UserStateWriter(_Writer):
             self._client, self._settings, batch.topic, batch.partition, batch.last_offset,
             batch.users, batch.popularity, batch.newest_ts, batch.first_seen,
             prev_offset=prev_offset, epoch=self._epoch, full=full,
+            gone_users=batch.gone_users, gone_popularity=batch.gone_popularity, gone_items=batch.gone_items,
         )
 
     def _applied(self, topic: str, partition: int) -> int | None:

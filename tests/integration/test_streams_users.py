@@ -11,6 +11,7 @@ import itertools
 import random
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from freshrec.producer import RecordProducer
 from freshrec.settings import Settings
 from stores import user_store
 from streams.flow_process import FlowProcess, wait_applied
+from streams.user_partition import UserPartition
 from ranking.pairs import PairRules, pair_for
 from stores.redis_client import connect
 from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
@@ -239,3 +241,69 @@ def test_two_workers_and_two_processes_give_the_same_state_as_one(settings: Sett
     _assert_states_equal(_redis_states(procs_settings), got_one)
     assert user_store.read_popularity(connect(two), two) == user_store.read_popularity(connect(one), one)
     assert user_store.read_item_first_seen(connect(two), two) == user_store.read_item_first_seen(connect(one), one)
+
+
+def _bounded_reference(settings: Settings, events: list[dict[str, Any]]) -> list[UserPartition]:
+    """Each partition's pure state over its own events in produce order: what retention
+    forgets depends on that order only, not on batching or restarts."""
+    parts = [UserPartition.from_settings(settings) for _ in range(settings.partitions)]
+    offsets = [0] * settings.partitions
+    by_part: list[list[Any]] = [[] for _ in range(settings.partitions)]
+    for raw in events:
+        p = user_store.user_partition(settings, raw["user_id"])
+        by_part[p].append(_RefMsg(raw["user_id"].encode(), orjson.dumps(raw), offsets[p], settings.topics.events, p))
+        offsets[p] += 1
+    for part, msgs in zip(parts, by_part, strict=True):
+        part.apply(msgs)
+    return parts
+
+
+@dataclass
+class _RefMsg:
+    key: bytes
+    value: bytes
+    offset: int
+    topic: str
+    partition: int
+    timestamp: tuple[int, int] | None = None
+
+
+def test_bounded_state_forgets_in_redis_what_the_flow_forgets_across_a_sigkill(
+    settings: Settings, sample_dir: Path
+) -> None:
+    """Retention 5 days and a 150-entry popularity top-N over ~23 days of events: Redis
+    ends equal to the pure partitions (users, popularity entries, first-seen times), with
+    a SIGKILL and a replay in between."""
+    settings = settings.model_copy(
+        update={"stream_snapshot_seconds": 1.0, "stream_retention_days": 5.0, "stream_popularity_items": 150}
+    )
+    events = _sample_events(sample_dir, N_EVENTS)
+    parts = _bounded_reference(settings, events)
+    want = {u: s for part in parts for u, s in part.users().items()}
+    assert 0 < len(want) < len({e["user_id"] for e in events})  # the rule did forget shoppers
+    # Every event is a purchase here, so fewer popularity entries than first-seen items means the top-N cut fired.
+    assert any(len(p.popularity.entries) < len(p.popularity.first_seen) for p in parts)
+    client = connect(settings)
+    flow = FlowProcess(settings, "users").start()
+    try:
+        producer = _produce_paced(settings, events[: N_EVENTS // 2], rate=4000)
+        start = time.monotonic()
+        while sum(user_store.read_applied_offsets(client, settings).values()) < N_EVENTS // 8:
+            flow.check_alive()
+            assert time.monotonic() - start < 60, flow.log_tail()
+            time.sleep(0.01)
+        flow.kill()
+        producer.join(60)
+        flow = FlowProcess(settings, "users").start()
+        sent = N_EVENTS // 2 + _produce(settings, events[N_EVENTS // 2 :])
+        wait_applied(settings, "users", sent, timeout=120, procs=[flow])
+        _assert_states_equal(_redis_states(settings), want)
+        ev = settings.topics.events
+        for p, part in enumerate(parts):
+            pop = client.hgetall(user_store.partition_key(settings, ev, p, user_store.POPULARITY))
+            assert {k.decode(): tuple(orjson.loads(v)) for k, v in pop.items()} == part.popularity.entries
+            assert len(pop) <= 150 + 200  # cut back once a day
+            seen = client.hgetall(user_store.partition_key(settings, ev, p, user_store.FIRST_SEEN))
+            assert {k.decode(): float(v) for k, v in seen.items()} == part.popularity.first_seen
+    finally:
+        flow.stop()
