@@ -51,7 +51,6 @@ def test_popularity_cut_keeps_the_largest_decayed_magnitudes() -> None:
     entries = {"old": (8.0, 0.0), "new": (2.0, 3 * day), "neg": (-3.0, 3 * day), "tie": (2.0, 3 * day)}
     # At 3 days with a 1-day half-life "old" decays to 1.0: the smallest magnitude.
     assert popularity_to_cut(entries, 3 * day, day, 3) == ["old"]
-
     cut = popularity_to_cut(entries, 3 * day, day, 2)
     assert sorted(cut) == ["old", "tie"]  # neg (3) and new (2, before tie by id) stay
     assert popularity_to_cut(entries, 3 * day, day, 4) == []
