@@ -257,6 +257,20 @@ class Settings(BaseSettings):
         description="Run the Redis reads, ranking and encoding of a request in a worker thread, off the event loop; "
         "false runs them on the loop (as before issue 15; kept to measure against)",
     )
+    # result cache (issue 15 item 2): serving/result_cache.py says what an entry is keyed by and how stale it can be
+    result_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="/recommend answers each serving process keeps (least recently used dropped first); 0 turns "
+        "the cache off. An answer is invalidated by any change of the shopper's state, the pair, the ranker, "
+        "popularity or the shop view",
+    )
+    result_cache_ttl_s: float = Field(
+        2.0,
+        gt=0,
+        description="Oldest cached /recommend answer served: bounds how old the per-request collaborative rows "
+        "(co-purchase rows, nearest shoppers) of a hit can be; default the popularity refresh interval",
+    )
     # the HTTP collector (collector/: POST /events for producers without a Kafka client)
     collector_host: str = Field("127.0.0.1", description="Bind address of `freshrec collect`")
     collector_port: int = Field(8010, ge=1, le=65535, description="Port of `freshrec collect`")

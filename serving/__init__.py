@@ -10,6 +10,7 @@ Modules, following a request and a swap:
 - :mod:`serving.swap`: building a new pair in the background and swapping it in.
 - :mod:`serving.vectors`: applying ``item-vectors`` to the active pair (and to a pair being built).
 - :mod:`serving.shopper_data`: Redis reads that degrade instead of stalling; the popularity cache.
+- :mod:`serving.result_cache`: finished /recommend answers, invalidated when anything they were made of moves.
 - :mod:`serving.runtime`: the process state and its background threads.
 - :mod:`serving.metrics`: Prometheus metrics and the timing middleware.
 - :mod:`serving.cli`: ``freshrec serve``.

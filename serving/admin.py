@@ -323,6 +323,7 @@ def _status(runtime: ServingRuntime, learner: dict[str, Any] | None) -> dict[str
             "last_error": runtime.shop.last_error,
         },
         "shoppers": runtime.shoppers.summary(),
+        "result_cache": runtime.results.stats(),
         "redis": {"healthy": runtime.gate.healthy, "failures": runtime.gate.failures, "last_error": runtime.gate.last_error},
         "popularity": {
             "items": len(runtime.popularity.view.ranked),

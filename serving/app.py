@@ -29,6 +29,9 @@ start), or null when the blend or popularity did, and then ``ranker_fallback`` s
 (a code of :data:`serving.ranked.FALLBACKS`: ``no_ranker``, ``schema_mismatch``,
 ``ranker_refused``, ``ranker_error``, ``redis``, ``no_shop_view``, ``no_baskets``,
 ``cold``, ``unavailable``); ``ranker_fallback`` is null when the ranker answered.
+A personal answer is kept in a result cache (:mod:`serving.result_cache`) keyed by the
+shopper's state as read for the request and by the versions of everything else it was
+made of, so a state change is reflected in the very next answer.
 Errors are ``{"error": "..."}`` with a 4xx: a missing or bad parameter or k out of range
 422, an empty query 422, a query over ``MAX_QUERY_CHARS`` or a body over
 ``MAX_BODY_BYTES`` 413, an unknown item in /similar 404, and 503 while the first index
@@ -76,6 +79,7 @@ from .metrics import ENDPOINTS, TimingMiddleware
 from .pair import ServingPair
 from .ranked import gather_shopper, try_ranker
 from .reasons import POPULAR_NOW, explain_blend, explain_ranked, ranked_flags
+from .result_cache import AnswerKey, CachedAnswer, state_digest
 from .runtime import ServingRuntime
 from .shopper_data import RedisUnavailable, state_gap
 
@@ -84,6 +88,9 @@ log = logging.getLogger("freshrec.serving.app")
 MAX_BODY_BYTES = 16 * 1024  # a /search body is a query of <= 1,000 characters and two short fields
 STATIC_DIR = FilePath(__file__).resolve().parent / "static"
 DAY_S = 86_400.0
+# Ranker-path failures that may pass (a slow Redis, a model or input that fails now and
+# then): their blend answer is not cached, so the next request tries the ranker again.
+UNCACHED_FALLBACKS = frozenset({"redis", "ranker_error"})
 
 
 class JSON(JSONResponse):
@@ -280,6 +287,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
     basket_decay = settings.repeat_basket_decay
 
     closers: list[Any] = []  # run at shutdown (the demo router's producer)
+    results = runtime.results  # finished /recommend answers (serving.result_cache)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -333,9 +341,14 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
         k: int = Query(10, ge=1, le=max_k),
     ) -> JSON:
         t0 = time.perf_counter()
+        # Everything the answer is made of is read once, here, each object with the
+        # generation that names it (serving.result_cache); the catalog count before the pair.
+        catalog = runtime.catalog_changes
         pair = _pair()
-        ranker = runtime.ranker.current  # read once: the version named is the one that scored
-        popularity = runtime.popularity.view
+        ranker_gen, ranker = runtime.ranker.stamped  # read once: the version named is the one that scored
+        blocked = runtime.ranker.blocked
+        popularity_gen, popularity = runtime.popularity.stamped
+        shop_gen, shop = runtime.shop.stamped
         space = pair.space()
         try:
             state = runtime.gate.call(_read_state, runtime, user_id)
@@ -357,8 +370,25 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             _count(None, "cold")
             return JSON(_body(pair, _with_reasons(_items(ranked, runtime.titles), None), t0, source="popularity",
                               **flag, ranker_version=None, ranker_fallback="cold"))
-        blocked = runtime.ranker.blocked
-        shop = runtime.shop.view
+        key: AnswerKey | None = None
+        if results.enabled and not flag:
+            key = AnswerKey(
+                user_id, k, state_digest(state.to_bytes()), pair.index_version, catalog, ranker_gen,
+                None if blocked is None else blocked.code, popularity_gen, shop_gen,
+            )
+            hit = results.get(key)
+            runtime.metrics.result_cache_lookup(None if hit is None else hit.age_s)
+            if hit is not None:
+                cached = hit.value
+                _count(cached.ranker_version, cached.fallback)
+                return JSON(_body(pair, cached.items, t0, **cached.extra))
+
+        def respond(items: list[dict[str, Any]], ranker_version: str | None, fallback: str | None) -> JSON:
+            extra = {"source": "personal", **flag, "ranker_version": ranker_version, "ranker_fallback": fallback}
+            if key is not None and fallback not in UNCACHED_FALLBACKS:
+                results.put(key, CachedAnswer(items, extra, ranker_version, fallback))
+            return JSON(_body(pair, items, t0, **extra))
+
         views: list[Any] = []  # the ShopperView the ranker was given: its co-purchase rows name reasons
 
         def gather_kept(st: Any, now_ts: float) -> Any:
@@ -380,8 +410,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
                 new_items=[] if shop is None else list(shop.new_items)[: rules.new],
                 titles=runtime.titles, shrink=rules.shrink,
             )
-            return JSON(_body(pair, _with_reasons(items, why), t0, source="personal", **flag,
-                              ranker_version=ranker.version, ranker_fallback=None))
+            return respond(_with_reasons(items, why), ranker.version, None)
         ranked = scoring.recommend(
             state.history,
             state.basket_scores(basket_decay),
@@ -405,8 +434,7 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             popular_top=popularity.ranked,
             new_items=popularity.new_items if isinstance(runtime.weights, scoring.LogBlendWeights) else (),
         )
-        return JSON(_body(pair, _with_reasons(_items(ranked, runtime.titles), why), t0, source="personal", **flag,
-                          ranker_version=None, ranker_fallback=fallback))
+        return respond(_with_reasons(_items(ranked, runtime.titles), why), None, fallback)
 
     def gather(state: Any, now_ts: float) -> Any:
         return gather_shopper(

@@ -21,6 +21,9 @@ ENDPOINTS = frozenset({"recommend", "search", "similar", "users", "admin", "heal
 RECENT_REQUESTS = 1000
 # Fine below 10 ms, where the targets are.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Ages of answers served from the result cache: up to its TTL (2 s by default), and past it
+# for a cache configured longer.
+STALENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
 def endpoint_of(path: str) -> str:
@@ -55,6 +58,21 @@ class ServingMetrics:
         self.ranker_swaps = Counter("freshrec_ranker_swaps", "Rankers swapped in (or out, to the blend)", registry=r)
         self.ranker = Gauge("freshrec_ranker_info", "1 for the active ranker version", ["version"], registry=r)
         self._ranker_version: str | None = None
+        # the /recommend result cache (serving.result_cache): hit rate = hits / (hits + misses)
+        self.result_cache_hits = Counter(
+            "freshrec_result_cache_hits", "/recommend answers served from the result cache", registry=r
+        )
+        self.result_cache_misses = Counter(
+            "freshrec_result_cache_misses",
+            "/recommend look-ups of the result cache that found no entry (or one past its TTL); uncacheable answers "
+            "(cold, degraded) are not looked up",
+            registry=r,
+        )
+        self.result_cache_staleness = Histogram(
+            "freshrec_result_cache_staleness_seconds", "Age of each /recommend answer served from the result cache",
+            buckets=STALENESS_BUCKETS, registry=r,
+        )
+        self.result_cache_entries = Gauge("freshrec_result_cache_entries", "Answers held by the result cache", registry=r)
         # endpoint -> (monotonic end time, seconds) of its latest RECENT_REQUESTS requests
         self.recent: dict[str, deque[tuple[float, float]]] = {}
 
@@ -65,6 +83,14 @@ class ServingMetrics:
         if recent is None:  # a fixed label set (endpoint_of), so this dict stays small
             recent = self.recent.setdefault(endpoint, deque(maxlen=RECENT_REQUESTS))
         recent.append((time.monotonic(), seconds))
+
+    def result_cache_lookup(self, age_s: float | None) -> None:
+        """Count one look-up: a hit with the age of the answer it served, or (None) a miss."""
+        if age_s is None:
+            self.result_cache_misses.inc()
+        else:
+            self.result_cache_hits.inc()
+            self.result_cache_staleness.observe(age_s)
 
     def bind(self, index_items: Callable[[], float], consumer_lag: Callable[[], float]) -> None:
         self.index_items.set_function(index_items)

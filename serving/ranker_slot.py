@@ -125,6 +125,9 @@ class RankerSlot:
         self.feature_names = tuple(feature_names)
         self.on_swap = on_swap
         self._current: LoadedRanker | None = None
+        # (install count, ranker): what a request reads; the count names one install, so a
+        # reinstall of the same version (a rollback, a replaced model) is a new generation
+        self._stamped: tuple[int, LoadedRanker | None] = (0, None)
         self.previous: LoadedRanker | None = None
         self.swaps = 0
         self.refusals: list[Refusal] = []
@@ -139,7 +142,12 @@ class RankerSlot:
 
     @property
     def current(self) -> LoadedRanker | None:
-        return self._current
+        return self._stamped[1]
+
+    @property
+    def stamped(self) -> tuple[int, LoadedRanker | None]:
+        """``(generation, ranker)`` read together (serving.result_cache keys on the generation)."""
+        return self._stamped
 
     @property
     def version(self) -> str | None:
@@ -183,6 +191,7 @@ class RankerSlot:
                 self.previous = old
             self._current = loaded
             self.swaps += 1
+            self._stamped = (self.swaps, loaded)
             self.blocked = None
         log.info(
             "ranker %s -> %s (%s)", old.version if old else None, loaded.version if loaded else None, reason

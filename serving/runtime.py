@@ -34,6 +34,7 @@ from .metrics import ServingMetrics
 from .collab_data import CollabShop, DecodeCache, read_shop, read_shopper_inputs, read_shopper_vectors
 from .pair import ActivePair, ServingPair
 from .ranker_slot import RankerSlot, RankerSync
+from .result_cache import CachedAnswer, ResultCache
 from .shop_view import ShopCache
 from .shoppers import ShopperNeighbours
 from .shopper_data import PopularityCache, PopularityReading, RedisGate
@@ -95,7 +96,13 @@ class ServingRuntime:
             self.active, self.tools, on_swap=self._swapped, on_items=self._remember_titles, nice=settings.serving_build_nice,
             similarity=lambda vectors: scale_from_settings(vectors, settings),
         )
-        self.applier = VectorApplier(self.active, self.builder, self._read_items_quietly, self._remember_titles)
+        # item vectors and titles changed in place since start (serving.result_cache keys on it);
+        # bumped under a lock once a change is complete, so a reader of n sees the first n
+        self.catalog_changes = 0
+        self._catalog_lock = threading.Lock()
+        self.applier = VectorApplier(
+            self.active, self.builder, self._read_items_quietly, self._remember_titles, on_changed=self._catalog_changed
+        )
         self.follow_topics = follow_topics
         self.vectors = VectorFollower(settings, self.applier) if follow_topics else None
         self.popularity = PopularityCache(
@@ -115,6 +122,7 @@ class ServingRuntime:
         )
         self.ranker_sync = RankerSync(self.ranker, settings, settings.ranker_poll_s, follow=follow_topics)
         self.shop = ShopCache(self._read_collab_shop, self.popularity, self.feature_rules, settings.popularity_refresh_s)
+        self.results: ResultCache[CachedAnswer] = ResultCache(settings.result_cache_size, settings.result_cache_ttl_s)
         self.states_cache = DecodeCache(settings.ranker_decode_cache)
         self.rows_cache = DecodeCache(settings.ranker_decode_cache)
         self.shoppers = ShopperNeighbours(
@@ -127,6 +135,7 @@ class ServingRuntime:
             lambda: float(len(p.index)) if (p := self.active.pair) is not None else 0.0,
             lambda: float(self.vectors.lag) if self.vectors is not None and self.vectors.lag is not None else 0.0,
         )
+        self.metrics.result_cache_entries.set_function(lambda: float(len(self.results)))
         from freshrec.consumer import AppliedPositions, Backoff
 
         self.adapter_backoff = Backoff()
@@ -307,6 +316,11 @@ class ServingRuntime:
     def _remember_titles(self, records: dict[str, Any]) -> None:
         for item_id, record in records.items():
             self.titles[item_id] = record.title
+        self._catalog_changed()
+
+    def _catalog_changed(self) -> None:
+        with self._catalog_lock:
+            self.catalog_changes += 1
 
     def _read_items_quietly(self, ids: Any) -> dict[str, Any]:
         return self.tools.read_items(ids)

@@ -14,6 +14,7 @@ reading, so the ranker's popularity column and the blend's are the same numbers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -64,7 +65,9 @@ class ShopCache:
         self.rules = rules
         self.every_s = every_s
         self.collab: CollabShop | None = None
-        self.view: ShopView | None = None  # None until the first reading: the ranker path falls back
+        self._generations = itertools.count()
+        # None until the first reading: the ranker path falls back
+        self._stamped: tuple[int, ShopView | None] = (next(self._generations), None)
         self.last_error: str | None = None
         self.refreshes = 0
         self._built_from: tuple[Any, Any] = (None, None)
@@ -72,6 +75,20 @@ class ShopCache:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         popularity.listeners.append(self.on_popularity)
+
+    @property
+    def view(self) -> ShopView | None:
+        return self._stamped[1]
+
+    @view.setter
+    def view(self, view: ShopView | None) -> None:
+        # a number of its own for every view published: serving.result_cache keys on it
+        self._stamped = (next(self._generations), view)
+
+    @property
+    def stamped(self) -> tuple[int, ShopView | None]:
+        """``(generation, view)`` read together: each generation names exactly one view."""
+        return self._stamped
 
     def refresh(self) -> bool:
         """Re-read the collaborative state (unchanged state: no large read) and rebuild if anything moved."""

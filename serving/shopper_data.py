@@ -20,6 +20,7 @@ Invariant 4: serving never blocks on a dependency. Two measures:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -163,7 +164,8 @@ class PopularityCache:
         self.read_applied = read_applied
         self.every_s = every_s
         self.new_s = new_s
-        self.view = PopularityView()
+        self._generations = itertools.count()
+        self._stamped: tuple[int, PopularityView] = (next(self._generations), PopularityView())
         self.last_error: str | None = None
         self.loaded = threading.Event()  # a ranking was read
         self.attempted = threading.Event()  # the first read finished, well or not
@@ -175,6 +177,21 @@ class PopularityCache:
         self.checked_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def view(self) -> PopularityView:
+        """The latest ranking (one attribute read; requests never wait for a refresh)."""
+        return self._stamped[1]
+
+    @view.setter
+    def view(self, view: PopularityView) -> None:
+        # a number of its own for every view published: serving.result_cache keys on it
+        self._stamped = (next(self._generations), view)
+
+    @property
+    def stamped(self) -> tuple[int, PopularityView]:
+        """``(generation, view)`` read together: each generation names exactly one view."""
+        return self._stamped
 
     def refresh(self) -> bool:
         """Re-read popularity, unless the users flow has applied nothing since the last read.

@@ -59,11 +59,15 @@ class VectorApplier:
         builder: PairBuilder | None,
         read_items: Callable[[Sequence[str]], dict[str, Any]],
         on_items: Callable[[dict[str, Any]], None] | None = None,
+        on_changed: Callable[[], None] | None = None,
     ) -> None:
         self.active = active
         self.builder = builder
         self.read_items = read_items
         self.on_items = on_items
+        # called after each batch has changed the active index (or may have: a failed one
+        # too), once the change is complete: cached answers made before it are then unreachable
+        self.on_changed = on_changed
         self.applied = 0
         self.reencoded = 0
         self.stashed = 0
@@ -76,6 +80,13 @@ class VectorApplier:
         A vector the active index cannot take (wrong dimension, NaN) is dropped and counted
         here: it would fail every retry and wedge the follower behind it.
         """
+        try:
+            self._apply(records)
+        finally:
+            if records and self.on_changed is not None:
+                self.on_changed()
+
+    def _apply(self, records: Sequence[ItemVector]) -> None:
         foreign: list[str] = []
         with self.active.write_lock:
             pair = self.active.pair
