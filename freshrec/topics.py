@@ -25,6 +25,45 @@ class TopicError(RuntimeError):
     """The broker could not be reached, or refused to create a topic."""
 
 
+class PartitionCountMismatch(RuntimeError):
+    """The events topic's partition count is not ``settings.partitions``.
+
+    Readers find a shopper's state under murmur2(user id) modulo ``settings.partitions``
+    (:func:`stores.user_store.user_partition`), while the users flow writes it under the
+    partition the events came from: with another count, most shoppers would be written
+    where nobody looks. The users flow refuses to start instead.
+    """
+
+    def __init__(self, topic: str, actual: int, configured: int) -> None:
+        self.topic, self.actual, self.configured = topic, actual, configured
+        super().__init__(
+            f"topic {topic!r} has {actual} partitions, but FRESHREC_PARTITIONS={configured}: readers look a "
+            f"shopper up in partition murmur2(user id) % {configured}, so most states would be written where "
+            f"nobody reads them. Set FRESHREC_PARTITIONS={actual} for every freshrec process (a new partition "
+            "count also needs `freshrec reset` and a replay, since it moves shoppers between partitions)"
+        )
+
+
+def check_partition_count(settings: Settings, topic: str | None = None, timeout: float = 10.0) -> int | None:
+    """The partition count of ``topic`` (default: the events topic), or None if the broker
+    does not know the topic (yet); raise :class:`PartitionCountMismatch` if it is not
+    ``settings.partitions``."""
+    from confluent_kafka import TopicCollection
+    from confluent_kafka.admin import AdminClient
+
+    topic = topic or settings.topics.events
+    admin = AdminClient(librdkafka_options(settings))
+    future = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic]
+    try:
+        description = future.result(timeout)
+    except Exception:  # unknown topic (KafkaException UNKNOWN_TOPIC_OR_PART), or no broker yet
+        return None
+    actual = len(description.partitions)
+    if actual != settings.partitions:
+        raise PartitionCountMismatch(topic, actual, settings.partitions)
+    return actual
+
+
 @dataclass
 class TopicReport:
     created: list[str] = field(default_factory=list)

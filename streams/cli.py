@@ -41,6 +41,7 @@ def main(argv: list[str], settings: Settings) -> int:
         print(f"freshrec stream: process id {args.process_id} is not an index of the {len(addresses)} addresses", file=sys.stderr)
         return 2
     from freshrec.epochs import EpochMismatch
+    from freshrec.topics import PartitionCountMismatch, check_partition_count
 
     from .flow_epoch import check_flow_epoch, flow_topic, topic_epoch
     from .runner import recovery_dir, run_flow
@@ -60,6 +61,8 @@ def main(argv: list[str], settings: Settings) -> int:
             if args.flow == "users":
                 from .users_flow import build_users_flow
 
+                check_partition_count(settings)
+
                 flow = build_users_flow(settings, epoch)
             else:
                 from .catalog_flow import build_catalog_flow
@@ -72,7 +75,7 @@ def main(argv: list[str], settings: Settings) -> int:
         if _interrupted(exc):
             print(f"freshrec stream {args.flow}: stopped; a restart resumes from the last snapshot", file=sys.stderr)
             return 130
-        mismatch = _find(exc, EpochMismatch)
+        mismatch = _find(exc, EpochMismatch) or _find(exc, PartitionCountMismatch)
         if mismatch is not None:
             # One paragraph that says what happened and the fix; a traceback adds nothing.
             print(f"freshrec stream {args.flow}: stopped, nothing was skipped. {mismatch}", file=sys.stderr)

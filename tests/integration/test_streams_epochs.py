@@ -111,3 +111,14 @@ def test_redis_offsets_stored_without_an_epoch_stop_the_flow(settings: Settings)
     rc, log = _exit_of(FlowProcess(settings, "users").start())
     _assert_stopped_with_the_fix(rc, log, EPOCHS)
     assert "unknown" in log
+
+
+def test_a_users_flow_whose_partition_count_differs_from_the_topic_refuses_to_start(settings: Settings) -> None:
+    """The events topic has 4 partitions; a flow configured for 2 would write most shoppers
+    where readers (murmur2 % 2) never look: it stops at once and names the fix."""
+    wrong = settings.model_copy(update={"partitions": 2})
+    rc, log = _exit_of(FlowProcess(wrong, "users").start())
+    assert rc == 1, log
+    assert "has 4 partitions, but FRESHREC_PARTITIONS=2" in log and "Set FRESHREC_PARTITIONS=4" in log
+    assert "Traceback" not in log
+    assert user_store.read_applied_offsets(connect(settings), settings) == {}
