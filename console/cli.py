@@ -36,7 +36,9 @@ UP_HELP = (
     "start the embedded broker and Redis, create the topics. The broker keeps topics in memory, so every "
     "`up` starts new, empty topics, and `up` therefore starts from a clean slate: it runs `freshrec reset` "
     "(flow snapshots, learner and indexer positions, freshrec's Redis keys, in a reused Redis too; the "
-    "adapter and ranker registries stay) and prints what it cleared"
+    "adapter and ranker registries stay) and prints what it cleared. With "
+    "FRESHREC_REDIS_URL=redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002 it starts a Redis Cluster "
+    "of those masters (memory only) instead of one Redis"
 )
 COUNTS_NOTE = (
     "note: the embedded broker (Tansu) under-reports end offsets (README, \"Known broker quirk\"), "
@@ -55,7 +57,9 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     cleared = stack.cleared
     keys = f"cleared {cleared.redis_keys:,} keys under {settings.redis_prefix!r}" if cleared else "nothing cleared"
-    if stack.redis.pid is None:
+    if stack.redis_cluster:
+        owner = f"Redis Cluster of {len(stack.redis_cluster)} masters, pids {', '.join(str(n.pid) for n in stack.redis_cluster)}, in memory: {keys}"
+    elif stack.redis.pid is None:
         owner = f"already running, reused: {keys}"
     elif stack.redis_kept:
         owner = f"pid {stack.redis.pid}, left running by the previous `up`, reused: {keys}"

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .redis_url import cluster_nodes, is_cluster_url
 from .reset import ResetError, ResetReport, reset
 from .settings import Settings
 
@@ -54,10 +55,20 @@ class Stack:
     # What this start found and did; reported by `up`, not recorded in infra.json.
     cleared: ResetReport | None = None
     redis_kept: bool = False  # the Redis a previous `up` started was still running and is reused
+    # A Redis Cluster started instead of one Redis (FRESHREC_REDIS_URL=redis+cluster://...):
+    # every node; ``redis`` is then the first of them.
+    redis_cluster: list[Service] = field(default_factory=list)
 
     def record(self) -> dict[str, object]:
         """The part of the stack written to ``infra.json``."""
-        return {"kafka": asdict(self.kafka), "redis": asdict(self.redis), "topics": self.topics}
+        out: dict[str, object] = {"kafka": asdict(self.kafka), "redis": asdict(self.redis), "topics": self.topics}
+        if self.redis_cluster:
+            out["redis_cluster"] = [asdict(n) for n in self.redis_cluster]
+        return out
+
+    def services(self) -> list[Service]:
+        """Every process of the stack: the broker, then Redis or each cluster node."""
+        return [self.kafka, *(self.redis_cluster or [self.redis])]
 
     @property
     def bootstrap(self) -> str:
@@ -65,6 +76,8 @@ class Stack:
 
     @property
     def redis_url(self) -> str:
+        if self.redis_cluster:
+            return LocalRedisCluster(self.redis_cluster).url
         return f"redis://{self.redis.host}:{self.redis.port}/0"
 
 
@@ -339,7 +352,10 @@ def load_stack(state_dir: Path) -> Stack | None:
     if not path.exists():
         return None
     obj = json.loads(path.read_text())
-    return Stack(Service(**obj["kafka"]), Service(**obj["redis"]), obj.get("topics", []))
+    return Stack(
+        Service(**obj["kafka"]), Service(**obj["redis"]), obj.get("topics", []),
+        redis_cluster=[Service(**n) for n in obj.get("redis_cluster", [])],
+    )
 
 
 def start_stack(settings: Settings, reuse_redis: bool = True, clean_slate: bool = True) -> Stack:
@@ -352,11 +368,17 @@ def start_stack(settings: Settings, reuse_redis: bool = True, clean_slate: bool 
     by a previous ``up`` whose broker died is reused and stays recorded as ours, so
     ``down`` still stops it.
 
+    With ``FRESHREC_REDIS_URL=redis+cluster://host:p1,host:p2,host:p3`` it starts a Redis
+    Cluster of those masters instead (:func:`start_redis_cluster`: memory only, no replicas),
+    the one-machine cluster of the README's "A cluster on one machine".
+
     Raises :class:`InfraError` with a one-line message if a stack recorded in the state
     directory still runs, a port is taken, a binary is missing, or Redis cannot be cleared.
     """
     state_dir = settings.state_dir
     current = load_stack(state_dir)
+    if is_cluster_url(settings.redis_url):
+        return _start_cluster_stack(settings, current, clean_slate)
     khost, kport = settings.kafka_host_port
     rhost, rport = settings.redis_host_port
     kept: Service | None = None
@@ -388,6 +410,37 @@ def start_stack(settings: Settings, reuse_redis: bool = True, clean_slate: bool 
         _stop_started(kafka, redis, kept)
         raise
     stack = Stack(kafka, redis, settings.topics.all(), cleared=cleared, redis_kept=kept is not None)
+    _state_path(state_dir).write_text(json.dumps(stack.record(), indent=2))
+    return stack
+
+
+def _start_cluster_stack(settings: Settings, current: Stack | None, clean_slate: bool) -> Stack:
+    """:func:`start_stack` with a Redis Cluster on the nodes ``settings.redis_url`` names."""
+    if current is not None and any(service_alive(s) for s in current.services()):
+        raise InfraError(f"freshrec is already up ({current.bootstrap}, Redis {current.redis_url}); run `freshrec down` first")
+    nodes = cluster_nodes(settings.redis_url)
+    hosts = {h for h, _ in nodes}
+    if len(hosts) != 1 or len(nodes) < 3:
+        raise InfraError(
+            f"`up` starts a Redis Cluster on one host with three or more masters; FRESHREC_REDIS_URL names {nodes}"
+        )
+    state_dir = settings.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    khost, kport = settings.kafka_host_port
+    kafka = start_broker(khost, kport, state_dir)
+    cluster: LocalRedisCluster | None = None
+    try:
+        cluster = start_redis_cluster(hosts.pop(), [p for _, p in nodes], state_dir)
+        create_topics(f"{khost}:{kport}", settings.topics.all(), settings.partitions)
+        cleared = reset(settings) if clean_slate else None
+    except BaseException as exc:
+        _terminate(kafka.pid)
+        if cluster is not None:
+            stop_redis_cluster(cluster)
+        if isinstance(exc, ResetError):
+            raise InfraError(f"could not clear the old topics' positions: {exc}") from None
+        raise
+    stack = Stack(kafka, cluster.nodes[0], settings.topics.all(), cleared=cleared, redis_cluster=cluster.nodes)
     _state_path(state_dir).write_text(json.dumps(stack.record(), indent=2))
     return stack
 
@@ -434,7 +487,7 @@ def stop_stack(state_dir: Path) -> list[str]:
     if stack is None:
         return []
     lines = []
-    for svc in (stack.kafka, stack.redis):
+    for svc in stack.services():
         where = f"{svc.host}:{svc.port}"
         if svc.pid is None:
             lines.append(f"left {svc.name} at {where} running (it was already running before `up`)")
@@ -453,7 +506,7 @@ def describe_stack(state_dir: Path) -> list[str]:
     if stack is None:
         return []
     lines = []
-    for svc in (stack.kafka, stack.redis):
+    for svc in stack.services():
         owner = f"pid {svc.pid}" if svc.pid else "external"
         alive = port_open(svc.host, svc.port) and (svc.pid is None or service_alive(svc))
         lines.append(f"{svc.name:6} {svc.host}:{svc.port}  {owner:12} {'up' if alive else 'DOWN'}")

@@ -159,3 +159,29 @@ def test_down_after_a_broker_crash_stops_redis_and_up_after_a_crash_keeps_it_our
         assert not pid_alive(rec["redis"]["pid"])
     finally:
         run_cli(["down"], env)
+
+
+def test_up_with_a_cluster_url_starts_a_three_master_redis_cluster_and_down_stops_it(tmp_path: Path) -> None:
+    """`freshrec up` with FRESHREC_REDIS_URL=redis+cluster://...: the one-machine cluster recipe."""
+    state = tmp_path / "state"
+    ports = [free_port() for _ in range(3)]
+    env = _env(state) | {"FRESHREC_REDIS_URL": "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)}
+    up = run_cli(["up"], env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "Redis Cluster of 3 masters" in up.stdout
+        nodes = _recorded(state)["redis_cluster"]
+        assert [n["port"] for n in nodes] == ports and all(pid_alive(n["pid"]) for n in nodes)
+        for port in ports:  # every node sees a formed cluster covering all 16384 slots
+            info = redis.Redis(port=port).execute_command("CLUSTER", "INFO").decode()
+            assert "cluster_state:ok" in info and "cluster_slots_assigned:16384" in info
+        status = run_cli(["status"], env)
+        assert status.returncode == 0 and status.stdout.count(" up") >= 4, status.stdout
+        again = run_cli(["up"], env)
+        assert again.returncode == 1 and "already up" in again.stderr
+    finally:
+        down = run_cli(["down"], env)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.count("stopped redis") == 3
+    assert not any(pid_alive(n["pid"]) for n in nodes) and not any(port_open("127.0.0.1", p) for p in ports)
+    assert not (state / "infra.json").exists()
