@@ -41,6 +41,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from freshrec.api_docs import mount_offline_docs
 from freshrec.settings import Settings
 
 from .batch import JSON_TYPES, LINES_TYPES, BodyError, answer, check_batch, media_type, split_body
@@ -162,8 +163,9 @@ def create_app(
         finally:
             await anyio.to_thread.run_sync(sink.close)
 
-    app = FastAPI(title="freshrec collector", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="freshrec collector", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.collector = collector
+    mount_offline_docs(app, "freshrec collector")
 
     @app.post("/events", summary="Send a batch of events; the answer is per record")
     async def post_events(request: Request) -> Response:

@@ -72,6 +72,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from freshrec.api_docs import mount_offline_docs
 from freshrec.contracts import MAX_ID_CHARS, MAX_QUERY_CHARS
 from ranking import scoring
 
@@ -301,8 +302,9 @@ def create_app(runtime: ServingRuntime, manage_runtime: bool = True) -> FastAPI:
             if manage_runtime:
                 runtime.stop()
 
-    app = FastAPI(title="freshrec", default_response_class=JSON, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="freshrec", default_response_class=JSON, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
+    mount_offline_docs(app, "freshrec")
 
     # -- errors --------------------------------------------------------------------------
 

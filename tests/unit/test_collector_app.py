@@ -154,3 +154,9 @@ def test_the_command_refuses_to_start_without_a_token(tmp_path: Path, capsys: py
 
     assert main(["--port", "1"], _settings(tmp_path, collector_token=None)) == 2
     assert "--insecure-no-token" in capsys.readouterr().err
+
+
+def test_collector_docs_page_is_served_offline(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text and "cdn" not in page.text
+    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200

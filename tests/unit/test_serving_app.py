@@ -185,3 +185,18 @@ def test_redis_gate_opens_only_after_consecutive_failures() -> None:
         gate.call(lambda: "never called")
     now[0] = 1.5
     assert gate.call(lambda: "ok") == "ok"
+
+
+def test_docs_page_loads_swagger_ui_from_this_server_not_a_cdn(client: TestClient) -> None:
+    """/docs must work offline: every script and stylesheet it names is served here."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert any(u.endswith("swagger-ui-bundle.js") for u in urls) and any(u.endswith(".css") for u in urls)
+    assert not [u for u in urls if u.startswith(("http:", "https:", "//"))], urls
+    for url in urls:
+        got = client.get(url)
+        assert got.status_code == 200 and len(got.content) > 100, url
+    assert client.get("/openapi.json").status_code == 200
