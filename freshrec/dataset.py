@@ -54,6 +54,13 @@ def locate(dataset_dir: Path) -> DatasetFiles:
     return DatasetFiles(dataset_dir.name, events, items if items.exists() else None)
 
 
+# Python's csv module refuses a field over 131,072 characters with csv.Error, which would
+# stop a whole replay at one bad row. Rows are read in full instead, and the validating
+# producer rejects an over-long field to dead-letter with its reason (contracts' limits:
+# a record over MAX_RECORD_BYTES, a description over MAX_DESCRIPTION_CHARS).
+csv.field_size_limit(64 * 1024 * 1024)
+
+
 def _open_text(path: Path) -> Any:
     return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
 

@@ -51,3 +51,18 @@ def test_missing_dataset_says_where(tmp_path: Path) -> None:
         locate(tmp_path / "nope")
     with pytest.raises(DatasetError, match="no events.csv"):
         locate(tmp_path)
+
+
+def test_a_field_over_the_csv_module_limit_is_read_and_then_refused_by_the_contract(tmp_path: Path) -> None:
+    """A 200,000-character description used to stop the whole replay with csv.Error; now the
+    row is read, the rows after it too, and the contract refuses that one record with a reason."""
+    from freshrec.contracts import InvalidRecord, parse_catalog
+
+    (tmp_path / "items.csv").write_text(
+        "item_id,title,category,description\n" + f'i1,Big,c,"{"x" * 200_000}"\n' + "i2,Small,c,fine\n"
+    )
+    rows = list(read_items(tmp_path / "items.csv"))
+    assert [r["item_id"] for r in rows] == ["i1", "i2"] and len(rows[0]["description"]) == 200_000
+    with pytest.raises(InvalidRecord, match="description"):
+        parse_catalog(rows[0])
+    assert parse_catalog(rows[1]).item_id == "i2"
