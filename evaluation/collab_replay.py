@@ -33,7 +33,6 @@ evaluation's ranker, its examples and the parity test call.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,15 +40,15 @@ import numpy as np
 
 from freshrec.contracts import Event
 from freshrec.settings import Settings
-from ranking.collab import CollabRules, CollabState, ShopperIndex, normalised, shopper_vector
+from ranking.collab import CollabRules, CollabState, ShopperIndex, shopper_vector
 from ranking.features import (
     FeatureRules,
     ShopperView,
     ShopView,
     candidates,
     feature_matrix,
-    new_items_order,
     rows_needed,
+    shop_view_at,
     shopper_signals,
     similarity_column,
 )
@@ -166,24 +165,8 @@ def purchase_baskets(log: EventLog, start: int, stop: int) -> dict[str, set[str]
 
 
 def shop_view(collab: CollabState, served: Popularity, ts: float, rules: FeatureRules) -> ShopView:
-    """The contract's ShopView: three normalised popularities read at ``ts``, item stats, orders.
-
-    ``popular_top`` keeps only the first ``rules.popular`` of the served order (all that
-    :func:`ranking.features.candidates` reads), best first, ties by id.
-    """
-    popularity = normalised(served.scores(ts))
-    top = heapq.nsmallest(rules.popular, popularity.items(), key=lambda kv: (-kv[1], kv[0]))
-    return ShopView(
-        now_ts=ts,
-        popularity=popularity,
-        pop_short=normalised(collab.pop_short.scores(ts)),
-        pop_long=normalised(collab.pop_long.scores(ts)),
-        first_seen=collab.pop_long.first_seen,
-        baskets=collab.stats.baskets,
-        buyers=collab.stats.buyers,
-        popular_top=[item for item, _ in top],
-        new_items=new_items_order(collab.pop_long.first_seen, ts, rules.new_s),
-    )
+    """The contract's ShopView at ``ts``, as the collab flow computes it (:func:`ranking.features.shop_view_at`)."""
+    return shop_view_at(collab, served, ts, rules)
 
 
 def shopper_view(

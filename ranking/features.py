@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from .collab import NeighbourSummary, neighbour_signals, reorder_ratio
+from .collab import CollabState, NeighbourSummary, neighbour_signals, normalised, reorder_ratio
 from .scoring import IDENTITY_SCALE, SimilarityScale, history_weights, user_vector
-from .user_state import DAY_S, UserState
+from .user_state import DAY_S, Popularity, UserState
 
 FEATURE_NAMES: tuple[str, ...] = (
     # what the blend uses
@@ -175,11 +175,74 @@ def with_columns(shop: ShopView) -> ShopView:
     return dataclasses.replace(shop, columns=ShopColumns(index, *arrays))
 
 
-def new_items_order(first_seen: Mapping[str, float], now_ts: float, new_s: float) -> list[str]:
-    """New arrivals (first seen within ``new_s`` of ``now_ts``, not after it), newest first, then by id."""
-    fresh = [(ts, item) for item, ts in first_seen.items() if 0.0 <= now_ts - ts <= new_s]
-    fresh.sort(key=lambda p: (-p[0], p[1]))
-    return [item for _, item in fresh]
+def new_items_order(
+    first_seen: Mapping[str, float], now_ts: float, new_s: float, limit: int | None = None
+) -> list[str]:
+    """New arrivals (first seen within ``new_s`` of ``now_ts``, not after it), newest first,
+    then by id; only the first ``limit`` of that order when given.
+
+    The window test runs in numpy (the same IEEE subtraction and comparisons as
+    ``0.0 <= now_ts - ts <= new_s`` per item), and with a ``limit`` only the arrivals at or
+    after the ``limit``-th newest time are sorted: this runs over every item for every
+    basket in the collab flow and the evaluation.
+    """
+    if not first_seen or (limit is not None and limit <= 0):
+        return []
+    ts = np.fromiter(first_seen.values(), dtype=np.float64, count=len(first_seen))
+    age = now_ts - ts
+    hits = np.flatnonzero((age >= 0.0) & (age <= new_s))
+    if not len(hits):
+        return []
+    if limit is not None and len(hits) > limit:
+        times = ts[hits]
+        cut = np.partition(times, len(times) - limit)[len(times) - limit]  # the limit-th newest: ties kept
+        hits = hits[times >= cut]
+    keys = list(first_seen)
+    fresh = [(-float(ts[r]), keys[r]) for r in hits.tolist()]
+    fresh.sort()
+    return [item for _, item in fresh[:limit]]
+
+
+def shop_view_at(collab: CollabState, served: Popularity, ts: float, rules: FeatureRules) -> ShopView:
+    """The contract's ShopView the collab flow and the evaluation compute at a basket's time
+    ``ts``: the three popularities normalised, item stats, the served order (its first
+    ``rules.popular``, all that :func:`candidates` reads) and the new arrivals.
+
+    One function for both paths (serving builds its view from what Redis holds,
+    ``serving.shop_view``). It runs over every item per basket: the collab flow's largest
+    cost at 20,000 items (docs/scale.md), hence :func:`top_items` and the numpy window of
+    :func:`new_items_order`.
+    """
+    popularity = normalised(served.scores(ts))
+    first_seen = collab.pop_long.first_seen
+    return ShopView(
+        now_ts=ts,
+        popularity=popularity,
+        pop_short=normalised(collab.pop_short.scores(ts)),
+        pop_long=normalised(collab.pop_long.scores(ts)),
+        first_seen=first_seen,
+        baskets=collab.stats.baskets,
+        buyers=collab.stats.buyers,
+        popular_top=top_items(popularity, rules.popular),
+        new_items=new_items_order(first_seen, ts, rules.new_s, rules.new),  # all that candidates() reads
+    )
+
+
+def top_items(scores: Mapping[str, float], n: int) -> list[str]:
+    """The ``n`` items of largest score, best first, ties by id: ``heapq.nsmallest(n, ...,
+    key=(-score, id))`` exactly, found by a numpy partition over the scores and a sort of
+    only those at or above the ``n``-th largest (every tie with it kept)."""
+    if n <= 0 or not scores:
+        return []
+    values = np.fromiter(scores.values(), dtype=np.float64, count=len(scores))
+    keys = list(scores)
+    if len(values) > n:
+        cut = np.partition(values, len(values) - n)[len(values) - n]
+        pool = [(-float(values[r]), keys[r]) for r in np.flatnonzero(values >= cut).tolist()]
+    else:
+        pool = [(-float(v), k) for v, k in zip(values.tolist(), keys, strict=True)]
+    pool.sort()
+    return [k for _, k in pool[:n]]
 
 
 @dataclass(frozen=True, slots=True)

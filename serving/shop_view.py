@@ -46,7 +46,7 @@ def shop_view(collab: CollabShop, popularity: PopularityView, rules: FeatureRule
         baskets=collab.baskets,
         buyers=collab.buyers,
         popular_top=popularity.ranked[: rules.popular],
-        new_items=new_items_order(collab.first_seen, now, rules.new_s)[: rules.new],
+        new_items=new_items_order(collab.first_seen, now, rules.new_s, rules.new),
     ))
 
 

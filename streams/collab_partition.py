@@ -83,7 +83,7 @@ import numpy as np
 import orjson
 
 from freshrec.contracts import DeadLetter, Event, InvalidRecord, parse_event
-from ranking.collab import CollabRules, CollabState, ShopperIndex, normalised, shopper_vector
+from ranking.collab import CollabRules, CollabState, ShopperIndex, shopper_vector
 from ranking.features import (
     FEATURE_SCHEMA,
     FeatureRules,
@@ -92,8 +92,8 @@ from ranking.features import (
     candidates,
     feature_matrix,
     labels,
-    new_items_order,
     rows_needed,
+    shop_view_at,
     shopper_signals,
 )
 from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
@@ -410,21 +410,7 @@ class CollabPartition:
         return view
 
     def _shop_view(self, ts: float) -> ShopView:
-        rules = self.feature_rules
-        popularity = normalised(self.served.scores(ts))
-        top = heapq.nsmallest(rules.popular, popularity.items(), key=lambda kv: (-kv[1], kv[0]))
-        first_seen = self.collab.pop_long.first_seen
-        return ShopView(
-            now_ts=ts,
-            popularity=popularity,
-            pop_short=normalised(self.collab.pop_short.scores(ts)),
-            pop_long=normalised(self.collab.pop_long.scores(ts)),
-            first_seen=first_seen,
-            baskets=self.collab.stats.baskets,
-            buyers=self.collab.stats.buyers,
-            popular_top=[item for item, _ in top],
-            new_items=new_items_order(first_seen, ts, rules.new_s),
-        )
+        return shop_view_at(self.collab, self.served, ts, self.feature_rules)
 
     def _close_user(self, user: str, ts: float, batch: CollabBatch) -> None:
         """The shopper's event at ``ts`` closes their open baskets of an earlier time."""

@@ -229,3 +229,29 @@ def test_neighbour_signals_from_states_and_summaries_agree() -> None:
     summaries = [(s, neighbour_summary(st, 0.9)) for s, st in neighbours]
     assert neighbour_signals(summaries, now, 0.9, 30 * DAY_S, 7 * DAY_S) == want
     assert neighbour_signals([], now, 0.9, 30 * DAY_S, 7 * DAY_S) == ({}, {})
+
+
+def test_top_items_and_new_items_equal_the_plain_python_rules_they_replace() -> None:
+    """ranking.features.top_items / new_items_order run over every item per basket, in numpy;
+    they must give exactly what heapq.nsmallest and the per-item window test gave."""
+    import heapq
+    import random
+
+    from ranking.features import new_items_order, top_items
+
+    rng = random.Random(11)
+    for trial in range(30):
+        n_items = rng.choice([0, 1, 5, 50, 3000])
+        values = [rng.choice([1.0, 0.5, 0.25, rng.random()]) for _ in range(n_items)]  # many exact ties
+        scores = {f"i{rng.randrange(10**6)}": v for v in values}
+        for n in (0, 1, 10, 200, 5000):
+            want = [k for k, _ in heapq.nsmallest(n, scores.items(), key=lambda kv: (-kv[1], kv[0]))]
+            assert top_items(scores, n) == want
+        now = 1.3e9
+        first_seen = {k: now - rng.choice([0.0, 1.0, 86_400.0 * 30, 86_400.0 * 30 + 1e-6, -5.0, rng.uniform(-1e6, 9e6)])
+                      for k in scores}
+        fresh = [(ts, item) for item, ts in first_seen.items() if 0.0 <= now - ts <= 86_400.0 * 30]
+        fresh.sort(key=lambda p: (-p[0], p[1]))
+        assert new_items_order(first_seen, now, 86_400.0 * 30) == [item for _, item in fresh]
+        for limit in (0, 1, 7, 10_000):
+            assert new_items_order(first_seen, now, 86_400.0 * 30, limit) == [item for _, item in fresh][:limit]

@@ -299,3 +299,22 @@ def test_first_seen_merge_of_partitions_equals_one_counter() -> None:
         parts[i % 3].see(item, ts)
     merged = Popularity.merge([p.entries for p in parts], DAY_S, first_seen_parts=[p.first_seen for p in parts])
     assert merged.first_seen == whole.first_seen
+
+
+def test_popularity_scores_are_bit_identical_to_the_decay_formula() -> None:
+    """scores() inlines max(value, 0) * decay_factor(max(now - as_of, 0), h) for speed; every
+    path (stream, evaluation, serving) relies on it giving exactly those floats."""
+    import math
+    import random
+
+    from ranking.user_state import Popularity, decay_factor
+
+    rng = random.Random(5)
+    p = Popularity(7 * 86_400.0)
+    for i in range(5_000):
+        p.entries[f"i{i}"] = (rng.choice([-0.0, 0.0, -1.0, rng.uniform(-2, 60)]), 1.3e9 + rng.uniform(0, 9e6))
+    for now in (1.3e9 + 4e6, 1.3e9 + 9.5e6):  # some entries in the future of `now`, some in its past
+        got = p.scores(now)
+        want = {i: max(v, 0.0) * decay_factor(max(now - t, 0.0), p.half_life_s) for i, (v, t) in p.entries.items()}
+        assert list(got) == list(want)
+        assert all(got[i] == want[i] and math.copysign(1.0, got[i]) == math.copysign(1.0, want[i]) for i in want)
