@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from stores.user_store import connect
 
     torch.set_num_threads(2)
-    settings = bench_settings("hotswap", admin_token=TOKEN, auto_activate=True, serve_version="base")
+    # result cache off: the swap must show in the cost of answers computed during it
+    settings = bench_settings("hotswap", admin_token=TOKEN, auto_activate=True, serve_version="base", result_cache_size=0)
     state, port = settings.state_dir, settings.api_port
     device = settings.resolved_device()
     guard = start_guarded_stack(settings)

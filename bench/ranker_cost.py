@@ -126,7 +126,8 @@ def run(data_dir: Path, n_events: int, n_requests: int, block: int = 25) -> dict
     cpu = _pin_one_core()
     out: dict[str, Any] = {"cpu": cpu, "events": n_events}
     with private_stack(partitions=1) as base:
-        settings = base.model_copy(update={"popularity_refresh_s": 3600.0, "ranker_poll_s": 3600.0})
+        # result cache off: the same shoppers are asked again and again; this measures the work of an answer
+        settings = base.model_copy(update={"popularity_refresh_s": 3600.0, "ranker_poll_s": 3600.0, "result_cache_size": 0})
         t0 = time.perf_counter()
         replay = CollabReplay(settings)
         group: list[Event] = []

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from starlette.requests import Request
     from stores.user_store import connect
 
-    settings = bench_settings("serving-profile", serving_threadpool=False)
+    settings = bench_settings("serving-profile", serving_threadpool=False, result_cache_size=0)  # profile the work, not the cache
     guard = start_guarded_stack(settings)
     runtime = None
     try:
