@@ -154,11 +154,31 @@ class ServingEncoders:
         from serving.exporter import is_exported
 
         settings = self.settings
+        if version == BASE_VERSION and settings.eval_encoder_dir is not None:
+            return self._student(Path(settings.eval_encoder_dir))
         if version != BASE_VERSION:
             settings = settings.model_copy(update={"state_dir": self.adapter_state})
         fresh = not is_exported(settings, version)
         t0 = time.perf_counter()
         enc = encoder_for(settings, version, adapter_dir, settings.encoder_precision, threads=settings.indexer_threads)
+        if fresh:
+            self.export_seconds += time.perf_counter() - t0
+            self.exports += 1
+        return enc
+
+    def _student(self, student_dir: Path) -> TextEncoder:
+        """The distilled student of ``settings.eval_encoder_dir`` in the base version's place.
+
+        Exported once into the student's own folder (never ``state_dir/exports/base``,
+        which holds the bundled encoder's export serving shares), at serving's precision.
+        """
+        from models.onnx_encoder import resolve_precision
+        from models.student import ONNX_DIR, student_encoder
+
+        precision = resolve_precision(self.settings.encoder_precision)
+        fresh = not (student_dir / ONNX_DIR).is_dir()
+        t0 = time.perf_counter()
+        enc = student_encoder(student_dir, precision, threads=self.settings.indexer_threads)
         if fresh:
             self.export_seconds += time.perf_counter() - t0
             self.exports += 1

@@ -510,6 +510,9 @@ def build_system_methods(
     out: list[SystemMethod] = []
     if not ("frozen" in names or "full" in names):
         return out
+    if "full" in names and settings.eval_encoder_dir is not None:
+        # full's adapters are LoRA weights over the bundled encoder: over a student's space they would not fit.
+        raise ValueError("eval_encoder_dir (a student encoder) works with frozen and ranker, not full")
     limit_faiss_threads(settings.serving_faiss_threads)
     encoders = ServingEncoders(settings, adapter_exports)
     catalog = catalog_of(log.item_ids, log.titles)

@@ -426,6 +426,13 @@ class Settings(BaseSettings):
     eval_repeat_half_life_days: float = Field(
         365.0, gt=0, description="`freshrec eval` repeat and cooccurrence baselines: half-life of the shopper's frequency"
     )
+    # encoder student (issue 15 item 4): models/student.py, bench/compression.py, docs/compression.md
+    eval_encoder_dir: Path | None = Field(
+        None,
+        description="`freshrec eval` frozen/ranker: encode the catalog with this distilled student folder "
+        "(models.student; ONNX export cached in <dir>/onnx) instead of the bundled encoder; evaluation only, "
+        "serving and the indexer ignore it. Not with `full` (its adapters are the bundled encoder's)",
+    )
 
     @model_validator(mode="after")
     def _kafka_security_complete(self) -> Settings:
