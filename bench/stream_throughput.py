@@ -59,7 +59,8 @@ def bare_flow() -> Any:
 
 
 def produce(settings: Settings, events: list[dict[str, Any]]) -> float:
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20, "batch.size": 1_000_000})
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20, "batch.size": 1_000_000,
+                         "partitioner": "murmur2_random"})
     t0 = time.monotonic()
     for event in events:
         while True:
