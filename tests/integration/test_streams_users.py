@@ -11,7 +11,6 @@ import itertools
 import random
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ranking.pairs import PairRules, pair_for
 from stores.redis_client import connect
 from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 from tests.integration.helpers import read_topic
+from tests.unit.test_streams_partition import Msg
 
 pytestmark = pytest.mark.integration
 
@@ -251,21 +251,11 @@ def _bounded_reference(settings: Settings, events: list[dict[str, Any]]) -> list
     by_part: list[list[Any]] = [[] for _ in range(settings.partitions)]
     for raw in events:
         p = user_store.user_partition(settings, raw["user_id"])
-        by_part[p].append(_RefMsg(raw["user_id"].encode(), orjson.dumps(raw), offsets[p], settings.topics.events, p))
+        by_part[p].append(Msg(raw["user_id"].encode(), orjson.dumps(raw), offsets[p], settings.topics.events, p, None))
         offsets[p] += 1
     for part, msgs in zip(parts, by_part, strict=True):
         part.apply(msgs)
     return parts
-
-
-@dataclass
-class _RefMsg:
-    key: bytes
-    value: bytes
-    offset: int
-    topic: str
-    partition: int
-    timestamp: tuple[int, int] | None = None
 
 
 def test_bounded_state_forgets_in_redis_what_the_flow_forgets_across_a_sigkill(

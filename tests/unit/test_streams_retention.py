@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import pickle
 import random
-from dataclasses import dataclass
-
 import orjson
 
 from ranking.pairs import PairRules
 from ranking.user_state import DAY_S, StateRules, UserState
 from streams.retention import Recency, popularity_to_cut
 from streams.user_partition import UserPartition
+from tests.unit.test_streams_partition import Msg
 
 T0 = 1_300_000_000.0
-
-
-@dataclass
-class Msg:
-    key: bytes | None
-    value: bytes | None
-    offset: int
-    topic: str = "ev"
-    partition: int = 0
-    timestamp: tuple[int, int] | None = (1, 1_700_000_000_000)
 
 
 def msg(offset: int, user: str, item: str, ts: float, kind: str = "purchase") -> Msg:
