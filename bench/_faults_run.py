@@ -293,7 +293,9 @@ class Scenario:
 
             return learner_recovered
         if self.fault == "serving":
-            return self._serving_answers
+            # Every worker ready, not just the first to answer: each loads its own pair after
+            # the restart, and the others answer 503 until they have.
+            return lambda: self._serving_ready() and self._serving_answers()
         if self.fault in ("redis", "redis_empty") and self.cfg.serving:
             return lambda: flows_caught_up() and self._serving_answers(healthy=True)
         return flows_caught_up

@@ -87,6 +87,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+# A cluster node also listens on its bus port, the client port + 10000, so its client port
+# can be at most 65535 - 10000 (redis-server refuses higher ones at start-up).
+CLUSTER_BUS_OFFSET = 10_000
+MAX_CLUSTER_PORT = 65_535 - CLUSTER_BUS_OFFSET
+
+
+def free_cluster_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports usable as cluster nodes: at most :data:`MAX_CLUSTER_PORT`,
+    with their bus port free too (the OS hands out ephemeral ports up to 60999)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port(host)
+        if port <= MAX_CLUSTER_PORT and port not in ports and not port_open(host, port + CLUSTER_BUS_OFFSET):
+            ports.append(port)
+    return ports
+
+
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -264,6 +281,12 @@ def start_redis_cluster(
     """
     import redis
 
+    too_high = [p for p in ports if p > MAX_CLUSTER_PORT]
+    if too_high:
+        raise InfraError(
+            f"Redis Cluster ports must be {MAX_CLUSTER_PORT} or less (each node also listens on its"
+            f" port + {CLUSTER_BUS_OFFSET} for the cluster bus); got {too_high}"
+        )
     nodes: list[Service] = []
     try:
         for port in ports:

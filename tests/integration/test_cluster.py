@@ -36,7 +36,7 @@ import pytest
 import redis
 
 from freshrec.children import Guard, popen, stop
-from freshrec.infra import LocalRedisCluster, Stack, create_topics, free_port, port_open, start_redis_cluster, stop_redis_cluster
+from freshrec.infra import LocalRedisCluster, Stack, create_topics, free_cluster_ports, free_port, start_redis_cluster, stop_redis_cluster
 from freshrec.settings import Settings
 from stores import catalog_store, user_store
 from stores.redis_client import connect
@@ -48,20 +48,10 @@ N_ITEMS = 300
 T0 = 1_300_000_000.0
 
 
-def _cluster_ports(n: int) -> list[int]:
-    """Free ports whose cluster bus port (port + 10000) is free too."""
-    ports: list[int] = []
-    while len(ports) < n:
-        port = free_port()
-        if port + 10000 <= 65535 and not port_open("127.0.0.1", port + 10000) and port not in ports:
-            ports.append(port)
-    return ports
-
-
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
     guard = Guard(grace_s=2.0)
-    cluster = start_redis_cluster("127.0.0.1", _cluster_ports(3), tmp_path_factory.mktemp("redis-cluster"))
+    cluster = start_redis_cluster("127.0.0.1", free_cluster_ports(3), tmp_path_factory.mktemp("redis-cluster"))
     for node in cluster.nodes:
         guard.watch(node.pid)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from freshrec.infra import _terminate, free_port, pid_alive, port_open, start_redis
+from freshrec.infra import _terminate, free_cluster_ports, free_port, pid_alive, port_open, start_redis
 
 pytestmark = pytest.mark.integration
 
@@ -164,7 +164,7 @@ def test_down_after_a_broker_crash_stops_redis_and_up_after_a_crash_keeps_it_our
 def test_up_with_a_cluster_url_starts_a_three_master_redis_cluster_and_down_stops_it(tmp_path: Path) -> None:
     """`freshrec up` with FRESHREC_REDIS_URL=redis+cluster://...: the one-machine cluster recipe."""
     state = tmp_path / "state"
-    ports = [free_port() for _ in range(3)]
+    ports = free_cluster_ports(3)
     env = _env(state) | {"FRESHREC_REDIS_URL": "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)}
     up = run_cli(["up"], env)
     try:
