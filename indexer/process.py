@@ -249,8 +249,15 @@ class IndexerProcess:
             return
 
     def _prune(self) -> None:
+        from models.encodings import encodings_dir, prune_encodings
         from models.export import prune_exports
 
-        removed = prune_exports(Path(self.settings.state_dir) / "exports", self.settings.exports_keep, {self.encoder.version})
+        exports = Path(self.settings.state_dir) / "exports"
+        removed = prune_exports(exports, self.settings.exports_keep, {self.encoder.version})
         if removed:
             log.info("indexer: pruned old exports %s", ", ".join(removed))
+        # The catalog encodings of a version go with its export (a rollback re-makes both).
+        kept = {p.name for p in exports.iterdir() if p.is_dir() and not p.name.startswith(".")} if exports.is_dir() else set()
+        gone = prune_encodings(encodings_dir(self.settings), kept | {self.encoder.version})
+        if gone:
+            log.info("indexer: pruned old catalog encodings %s", ", ".join(gone))

@@ -24,13 +24,18 @@ def build_index(
     version: str | None = None,
     progress: Progress = False,
     batch_size: int = BUILD_BATCH,
+    store: Path | None = None,
 ) -> LiveIndex:
     """Encode ``item.text()`` of every item and return an index of version ``version``.
 
     ``items`` maps item id to a :class:`~freshrec.contracts.CatalogItem` (anything with
     ``.text()``). ``version`` defaults to the encoder's and must equal it: an index whose
     vectors came from another adapter would break invariant 1. ``progress`` is ``True``
-    for a tqdm bar on stderr, or a callable ``progress(done, total)``.
+    for a tqdm bar on stderr, or a callable ``progress(done, total)``. With ``store`` (a
+    folder, ``state_dir/encodings``) the vectors are encoded once per version and text
+    and shared with every other process building the same version
+    (:func:`models.encodings.encode_catalog`); the index's ``build_report`` says how many
+    were reused.
     """
     version = encoder.version if version is None else version
     if version != encoder.version:
@@ -39,6 +44,13 @@ def build_index(
     index = LiveIndex(encoder.dim, version, expected_items=len(ids))
     report, close = _progress(progress, len(ids))
     try:
+        if store is not None:
+            from .encodings import encode_catalog
+
+            ids, vectors, index.build_report = encode_catalog(store, encoder, items, report, batch_size)
+            for start in range(0, len(ids), batch_size):
+                index.upsert(ids[start : start + batch_size], vectors[start : start + batch_size])
+            return index
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
             vectors = encoder.encode([items[i].text() for i in chunk])

@@ -63,6 +63,7 @@ import orjson
 from freshrec.files import file_sha256
 
 from .encoder import BASE_VERSION, MAX_TOKENS
+from .file_lock import exclusive
 from .tokenize import FastTokenizer
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,13 @@ def ensure_export(exports_root: Path, version: str, adapter_dir: Path | None, pr
         shutil.rmtree(vdir, ignore_errors=True)
         meta = None
     if meta is None:
-        _export_version(root, version, adapter_dir)
-        meta = _read_meta(vdir)
+        # Once per version: the indexer and every serving replica learn of a version at the
+        # same moment; the first exports, the others wait here and find its files.
+        with exclusive(root / f".{version}.lock", f"the ONNX export of {version}"):
+            meta = _read_meta(vdir)
+            if meta is None:
+                _export_version(root, version, adapter_dir)
+                meta = _read_meta(vdir)
         if meta is None:
             raise ExportError(f"export of {version} at {vdir} has no {_META} after exporting")
     if precision == "fp16" and not _files_ok(vdir, meta, ("fp16",)):

@@ -131,6 +131,8 @@ class LiveIndex:
         self._params_keep: tuple[object, ...] = ()
         want_gpu = _gpu_count() > 0 if use_gpu is None else use_gpu
         self._gpu = _GpuMirror(dim) if want_gpu and self.kind == "flat" else None
+        # What models.build.build_index did to fill it (an EncodeReport), when it used a store.
+        self.build_report: Any = None
 
     # -- reading -------------------------------------------------------------------------
 

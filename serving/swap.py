@@ -79,6 +79,7 @@ def default_tools(settings: Any, redis_client: Any, exporter: Any | None = None)
     the build ends.
     """
     from models.build import build_index
+    from models.encodings import encodings_dir
     from models.onnx_encoder import OnnxEncoder, encoder_for
     from models.registry import AdapterRegistry, AdapterRejected
     from stores import catalog_store
@@ -121,7 +122,8 @@ def default_tools(settings: Any, redis_client: Any, exporter: Any | None = None)
             batch_encoder = OnnxEncoder(
                 model_path, version=version, precision=getattr(encoder, "precision", "int8"), threads=settings.indexer_threads
             )
-        return build_index(batch_encoder, items, version, progress)
+        # Encoded once per version across the indexer and every replica (models.encodings).
+        return build_index(batch_encoder, items, version, progress, store=encodings_dir(settings))
 
     return BuildTools(load_adapter, make_encoder, catalog, read_items, build, tuple(rejected))
 

@@ -212,3 +212,46 @@ def test_corrupt_adapter_is_refused_and_active_keeps_serving(
         assert after["adapter_version"] == versions[0] and after["items"] == before["items"]
         assert runtime.active.swaps == 1
 
+
+
+def test_replicas_building_one_version_encode_the_catalog_once(
+    fresh_settings: Settings, shared: tuple[Path, list[str]], sample_dir: Path
+) -> None:
+    """Two replicas' builders (real registry, int8 export, Redis catalog) swap to the same
+    version at once: one encodes the catalog, the other waits and reads its vectors; a
+    later build (a rollback) re-encodes only the item whose title changed meanwhile."""
+    from serving.swap import default_tools
+    from stores import catalog_store
+    from stores.redis_client import connect
+
+    root, versions = shared
+    _link(fresh_settings, root)
+    items = seed_catalog(fresh_settings, sample_dir, N_ITEMS)
+    client = connect(fresh_settings)
+    version = versions[0]
+    tools = [default_tools(fresh_settings, client) for _ in range(2)]
+    encoders = [t.make_encoder(version, t.load_adapter(version)) for t in tools]
+    built: list[Any] = [None, None]
+    start = threading.Barrier(2)
+
+    def build(k: int) -> None:
+        start.wait()
+        built[k] = tools[k].build_index(encoders[k], tools[k].catalog(), version, lambda done, total: None)
+
+    threads = [threading.Thread(target=build, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    reports = sorted((b.build_report for b in built), key=lambda r: r.encoded)
+    assert [(r.encoded, r.reused) for r in reports] == [(0, N_ITEMS), (N_ITEMS, 0)]
+    ids = sorted(items)
+    first, second = built[0].reconstruct_many(ids), built[1].reconstruct_many(ids)
+    assert all((first[i] == second[i]).all() for i in ids)
+
+    changed = ids[7]
+    catalog_store.write_items(client, fresh_settings, [items[changed].model_copy(update={"title": "a brand new title"})])
+    again = tools[0].build_index(encoders[0], tools[0].catalog(), version, lambda done, total: None)
+    assert (again.build_report.encoded, again.build_report.reused) == (1, N_ITEMS - 1)
+    fresh = encoders[0].encode([tools[0].catalog()[changed].text()])[0]
+    assert float(again.reconstruct(changed) @ fresh) > 0.9999

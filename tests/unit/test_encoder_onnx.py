@@ -125,7 +125,8 @@ def test_export_is_cached_per_version(settings: Settings, fp32: OnnxEncoder) -> 
     again = encoder_for(settings, "base", None, "int8")
     assert again.version == "base" and again.model_path == model_file(vdir, "int8")
     assert (vdir / "export.json").stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in (settings.state_dir / "exports").iterdir()) == ["base"]  # no temp dirs
+    # no temp dirs (the per-version lock file of models.file_lock stays)
+    assert sorted(p.name for p in (settings.state_dir / "exports").iterdir() if p.suffix != ".lock") == ["base"]
 
 
 def test_damaged_export_is_made_again(
@@ -149,6 +150,39 @@ def test_damaged_export_is_made_again(
     assert calls == ["base"]
     assert ensure_export(root, "base", None, "int8")  # intact now: no second export
     assert calls == ["base"]
+
+
+def test_processes_asking_for_one_new_version_at_once_export_it_once(
+    settings: Settings, fp32: OnnxEncoder, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The indexer and each serving replica learn of a version together; the first exports,
+    the others wait on the version's lock and use its files."""
+    import shutil
+    import threading
+    import time
+
+    root = tmp_path / "exports"
+    calls = []
+
+    def slow_export(r: Path, version: str, adapter_dir: Path | None) -> None:
+        calls.append(version)
+        time.sleep(0.3)
+        shutil.copytree(settings.state_dir / "exports" / "base", r / version)
+
+    monkeypatch.setattr(export_mod, "_export_version", slow_export)
+    got: list[Path] = []
+    start = threading.Barrier(3)
+
+    def ask() -> None:
+        start.wait()
+        got.append(ensure_export(root, "base", None, "int8"))
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert calls == ["base"] and got == [model_file(root / "base", "int8")] * 3
 
 
 def test_fp16_export_runs(settings: Settings, fp32: OnnxEncoder) -> None:
