@@ -412,17 +412,23 @@ class NeighbourSummary:
     scores: np.ndarray
     top: float
     purchases: tuple[tuple[str, float], ...]
+    # ``purchases`` as arrays (items coded by ITEM_CODES), for the vectorised recent sum
+    purchase_codes: np.ndarray
+    purchase_ts: np.ndarray
 
 
 def neighbour_summary(state: UserState, basket_decay: float) -> NeighbourSummary:
     """The summary of one neighbour's state (``basket_decay``: ``Settings.repeat_basket_decay``)."""
     scores = state.basket_scores(basket_decay)
+    purchases = tuple((it.item_id, it.ts) for it in state.history if it.kind == "purchase")
     return NeighbourSummary(
         user_id=state.user_id,
         codes=ITEM_CODES.encode(list(scores)),
         scores=np.fromiter(scores.values(), dtype=np.float64, count=len(scores)),
         top=max(scores.values(), default=0.0),
-        purchases=tuple((it.item_id, it.ts) for it in state.history if it.kind == "purchase"),
+        purchases=purchases,
+        purchase_codes=ITEM_CODES.encode([item for item, _ in purchases]),
+        purchase_ts=np.fromiter((ts for _, ts in purchases), dtype=np.float64, count=len(purchases)),
     )
 
 
@@ -442,11 +448,17 @@ def neighbour_signals(
     (the same result).
 
     The sums run neighbour by neighbour in the given order (``np.bincount`` adds in array
-    order), so every value is the very float a per-item loop over the neighbours gives.
+    order), so every value is the very float a per-item loop over the neighbours gives:
+    the recent weights are ``math.exp2`` of the same quotients (numpy's ``exp2`` differs
+    from it in the last bit for ~5 % of arguments), and a history is newest first, so the
+    purchases within the window are the ones a loop that skips future purchases and stops
+    at the first too old one would visit.
     """
     codes: list[np.ndarray] = []
     weights: list[np.ndarray] = []
-    recent: dict[str, float] = {}
+    r_codes: list[np.ndarray] = []
+    r_ts: list[np.ndarray] = []
+    r_sims: list[float] = []
     for sim, nb in neighbours:
         if sim <= 0:
             continue
@@ -454,14 +466,27 @@ def neighbour_signals(
         if summary.top > 0:
             codes.append(summary.codes)
             weights.append(sim * summary.scores / summary.top)  # (sim * v) / top, as the scalar rule
-        for item, ts in summary.purchases:
-            age = now_ts - ts
-            if age < 0:
-                continue
-            if age > recent_s:
-                break  # newest first
-            recent[item] = recent.get(item, 0.0) + sim * decay_factor(age, recent_half_life_s)
-    return _normalised_sums(codes, weights), normalised(recent)
+        if summary.purchase_ts.size:
+            r_codes.append(summary.purchase_codes)
+            r_ts.append(summary.purchase_ts)
+            r_sims.append(sim)
+    return _normalised_sums(codes, weights), _recent_sums(r_codes, r_ts, r_sims, now_ts, recent_s, recent_half_life_s)
+
+
+def _recent_sums(
+    codes: list[np.ndarray], ts: list[np.ndarray], sims: list[float], now_ts: float, recent_s: float, half_life_s: float
+) -> dict[str, float]:
+    """``normalised`` of sum over neighbours of ``sim * decay_factor(age, half_life_s)`` per item bought
+    within ``recent_s`` before ``now_ts`` (neighbour by neighbour, each newest first)."""
+    if not ts:
+        return {}
+    age = now_ts - np.concatenate(ts)
+    keep = (age >= 0.0) & (age <= recent_s)
+    if not keep.any():
+        return {}
+    sim = np.repeat(np.asarray(sims, dtype=np.float64), [len(t) for t in ts])[keep]
+    decay = np.fromiter(map(math.exp2, (-age[keep] / half_life_s).tolist()), dtype=np.float64, count=int(keep.sum()))
+    return _normalised_sums([np.concatenate(codes)[keep]], [sim * decay])
 
 
 def _normalised_sums(codes: list[np.ndarray], weights: list[np.ndarray]) -> dict[str, float]:

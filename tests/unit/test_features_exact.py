@@ -231,6 +231,20 @@ def test_neighbour_signals_from_states_and_summaries_agree() -> None:
     assert neighbour_signals([], now, 0.9, 30 * DAY_S, 7 * DAY_S) == ({}, {})
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_recent_purchases_at_any_now_equal_the_loop_that_skips_future_ones(seed: int) -> None:
+    """"now" inside the histories: purchases after it are skipped, those older than the window end it."""
+    _, states, end = random_shop(200 + seed)
+    neighbours = [(0.9 - 0.01 * k, s) for k, s in enumerate(states.values())]
+    summaries = [(sim, neighbour_summary(st, 0.9)) for sim, st in neighbours]
+    windows_with_purchases = 0
+    for now in np.linspace(T0, end, 7).tolist():
+        want = ref_neighbour_signals(neighbours, now, 0.9, 3 * DAY_S, 1.5 * DAY_S)
+        windows_with_purchases += bool(want[1])
+        assert neighbour_signals(summaries, now, 0.9, 3 * DAY_S, 1.5 * DAY_S) == want
+    assert windows_with_purchases >= 4  # so the check can fail
+
+
 def test_top_items_and_new_items_equal_the_plain_python_rules_they_replace() -> None:
     """ranking.features.top_items / new_items_order run over every item per basket, in numpy;
     they must give exactly what heapq.nsmallest and the per-item window test gave."""
