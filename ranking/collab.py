@@ -147,6 +147,65 @@ def decayed_row(row: Mapping[str, tuple[float, float]], item: str, now_ts: float
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """A stored co-purchase row as arrays, decoded once per stored value (serving caches it by
+    the bytes Redis returned, whatever "now" a request reads it at)."""
+
+    item: str
+    names: list[str]  # the other items, in stored order (the item's own count apart)
+    codes: np.ndarray  # their ITEM_CODES
+    values: np.ndarray
+    as_of: np.ndarray
+    own: tuple[float, float] | None
+
+
+def stored_row_arrays(row: Mapping[str, tuple[float, float]], item: str) -> StoredRow:
+    names = [o for o in row if o != item]
+    return StoredRow(
+        item,
+        names,
+        ITEM_CODES.encode(names),
+        np.fromiter((row[o][0] for o in names), dtype=np.float64, count=len(names)),
+        np.fromiter((row[o][1] for o in names), dtype=np.float64, count=len(names)),
+        row.get(item),
+    )
+
+
+class CodedRow(dict):  # type: ignore[type-arg]
+    """What :func:`decayed_row` returns (``{other: value}``, the item's own count last), with the
+    others also as arrays (``codes``, ``values``, dict order) for the vectorised sums of
+    :func:`ranking.features.shopper_signals`."""
+
+    codes: np.ndarray
+    values: np.ndarray
+
+
+def coded_decayed_row(stored: StoredRow, now_ts: float, rules: CollabRules) -> CodedRow:
+    """:func:`decayed_row` of the row ``stored`` holds, the same keys, order and floats
+    (``math.exp2`` of the same quotients; ties at the ``top_k`` cut by id)."""
+    hl = rules.copurchase_half_life_s
+    age = np.maximum(now_ts - stored.as_of, 0.0)
+    decay = np.fromiter(map(math.exp2, (-age / hl).tolist()), dtype=np.float64, count=len(age))
+    values = stored.values * decay
+    n, k = len(values), rules.top_k
+    if n > k:
+        cut = np.partition(values, n - k)[n - k]  # the k-th largest: every tie with it is sorted below
+        pool = np.flatnonzero(values >= cut).tolist()
+    else:
+        pool = list(range(n))
+    names = stored.names
+    order = sorted(pool, key=lambda r: (-values[r], names[r]))[:k]
+    out = CodedRow(zip([names[r] for r in order], values[order].tolist(), strict=True))
+    own = 0.0
+    if stored.own is not None:
+        v, as_of = stored.own
+        own = v * decay_factor(max(now_ts - as_of, 0.0), hl)
+    out[stored.item] = own
+    out.codes, out.values = stored.codes[order], values[order]
+    return out
+
+
 def confidence(row: Mapping[str, float], item: str, shrink: float = 10.0) -> dict[str, float]:
     """P(other | item) with shrinkage: ``count(item, other) / (count(item) + shrink)`` for a decayed row."""
     denom = row.get(item, 0.0) + shrink
@@ -487,6 +546,16 @@ def _recent_sums(
     sim = np.repeat(np.asarray(sims, dtype=np.float64), [len(t) for t in ts])[keep]
     decay = np.fromiter(map(math.exp2, (-age[keep] / half_life_s).tolist()), dtype=np.float64, count=int(keep.sum()))
     return _normalised_sums([np.concatenate(codes)[keep]], [sim * decay])
+
+
+def code_sums(codes: list[np.ndarray], weights: list[np.ndarray]) -> dict[str, float]:
+    """Per item, the sum of its ``weights`` (items as ITEM_CODES), added in array order: the
+    floats of ``out[item] = out.get(item, 0.0) + w`` over the arrays in turn."""
+    if not codes:
+        return {}
+    uniq, where = np.unique(np.concatenate(codes), return_inverse=True)
+    sums = np.bincount(where, weights=np.concatenate(weights), minlength=uniq.size)
+    return dict(zip(ITEM_CODES.decode(uniq), sums.tolist(), strict=True))
 
 
 def _normalised_sums(codes: list[np.ndarray], weights: list[np.ndarray]) -> dict[str, float]:

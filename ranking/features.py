@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .collab import CollabState, NeighbourSummary, neighbour_signals, normalised, reorder_ratio
+from .collab import CodedRow, CollabState, NeighbourSummary, code_sums, neighbour_signals, normalised, reorder_ratio
 from .scoring import IDENTITY_SCALE, SimilarityScale, history_weights, user_vector
 from .user_state import DAY_S, Popularity, UserState
 
@@ -329,7 +329,19 @@ def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules) -> Sh
 def _weighted_confidence(
     weighted: Iterable[tuple[float, str]], rows: Mapping[str, Mapping[str, float]], shrink: float
 ) -> dict[str, float]:
-    """Sum over rows of ``w * ranking.collab.confidence(row)``, row by row in the given order."""
+    """Sum over rows of ``w * ranking.collab.confidence(row)``, row by row in the given order.
+
+    Rows that carry arrays (serving's :class:`~ranking.collab.CodedRow`) are summed with
+    ``np.bincount`` in the same order, which gives the same floats as the loop below.
+    """
+    weighted = list(weighted)
+    used = [(w, item, row) for w, item in weighted if (row := rows.get(item))]
+    if used and all(isinstance(row, CodedRow) for _, _, row in used):
+        codes, terms = [], []
+        for w, item, row in used:
+            codes.append(row.codes)
+            terms.append(w * (row.values / (row.get(item, 0.0) + shrink)))
+        return code_sums(codes, terms)
     out: dict[str, float] = {}
     get = out.get
     for w, item in weighted:

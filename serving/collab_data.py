@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ranking.collab import CollabRules, NeighbourSummary, decayed_row, neighbour_summary, normalised
+from ranking.collab import (
+    CollabRules,
+    NeighbourSummary,
+    StoredRow,
+    coded_decayed_row,
+    neighbour_summary,
+    normalised,
+    stored_row_arrays,
+)
 from ranking.user_state import Popularity, UserState
 from stores import collab_store
 
@@ -80,9 +88,10 @@ class DecodeCache:
     (``UserState.from_bytes`` and the neighbour summary, ``decayed_row``) was most of the
     ranker path's cost (measured: ~5 ms of states, ~2.5 ms of rows per request on the
     development machine), while the same popular shoppers and items recur across
-    requests. A hit needs the bytes Redis returned to equal the cached bytes (and, for a
-    row, the same "now"), so a cached value is always exactly what decoding would give;
-    the read itself is not saved.
+    requests. A hit needs the bytes Redis returned to equal the cached bytes, so a cached
+    value is always exactly what decoding would give; the read itself is not saved. Rows
+    are cached as arrays (``ranking.collab.StoredRow``) and decayed to each request's "now"
+    with numpy (``coded_decayed_row``): a cached row serves every "now".
     """
 
     def __init__(self, max_entries: int = 5000) -> None:
@@ -124,8 +133,9 @@ def read_shopper_inputs(
     rows: dict[str, dict[str, float]] = {}
     for item, raw in zip(row_items, raw_rows, strict=True):
         if raw is not None:
-            decode_row = _row_decoder(item, now_ts, rules)
-            rows[item] = decode_row(raw) if rows_cache is None else rows_cache.get((item, now_ts), raw, decode_row)
+            decode_row = _row_decoder(item)
+            stored = decode_row(raw) if rows_cache is None else rows_cache.get(item, raw, decode_row)
+            rows[item] = coded_decayed_row(stored, now_ts, rules)
     summaries: dict[str, NeighbourSummary] = {}
     decode_user = _summary_decoder(rules.basket_decay)
     for user, raw in zip(neighbour_ids, raw_users, strict=True):
@@ -134,9 +144,9 @@ def read_shopper_inputs(
     return rows, summaries
 
 
-def _row_decoder(item: str, now_ts: float, rules: CollabRules) -> Any:
-    def decode(raw: bytes) -> dict[str, float]:
-        return decayed_row(collab_store.decode_row(raw), item, now_ts, rules)
+def _row_decoder(item: str) -> Any:
+    def decode(raw: bytes) -> StoredRow:
+        return stored_row_arrays(collab_store.decode_row(raw), item)
 
     return decode
 

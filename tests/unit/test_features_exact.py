@@ -269,3 +269,33 @@ def test_top_items_and_new_items_equal_the_plain_python_rules_they_replace() -> 
         assert new_items_order(first_seen, now, 86_400.0 * 30) == [item for _, item in fresh]
         for limit in (0, 1, 7, 10_000):
             assert new_items_order(first_seen, now, 86_400.0 * 30, limit) == [item for _, item in fresh][:limit]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_coded_rows_decay_and_sum_to_the_floats_of_the_dict_rules(seed: int) -> None:
+    """Serving's array rows (decayed with numpy, summed with bincount) against decayed_row and
+    the per-entry confidence loop: same keys, order and floats, ties at the top_k cut included."""
+    from ranking.collab import CodedRow, coded_decayed_row, decayed_row, stored_row_arrays
+    from ranking.features import _weighted_confidence
+
+    rng = np.random.default_rng(300 + seed)
+    rules = CollabRules(top_k=int(rng.integers(3, 30)), row_cap=60)
+    items = [f"i{k}" for k in range(80)]
+    rows = {}
+    for item in rng.choice(items, size=12, replace=False).tolist():
+        others = rng.choice(items, size=int(rng.integers(0, 60)), replace=False).tolist()
+        row = {o: (float(rng.choice([1.0, 2.0, rng.uniform(0.1, 9)])), float(T0 + rng.integers(0, 5) * DAY_S))
+               for o in others}  # repeated values and times: ties at the cut
+        if rng.random() < 0.8:
+            row[item] = (float(rng.uniform(1, 20)), T0)
+        rows[item] = row
+    for now in (T0 - DAY_S, T0 + 3.5 * DAY_S, T0 + 400 * DAY_S):
+        coded = {i: coded_decayed_row(stored_row_arrays(r, i), now, rules) for i, r in rows.items()}
+        plain = {i: decayed_row(r, i, now, rules) for i, r in rows.items()}
+        for i in rows:
+            assert isinstance(coded[i], CodedRow)
+            assert list(coded[i].items()) == list(plain[i].items())
+        weighted = [(float(w), i) for w, i in zip(rng.uniform(0.1, 1, len(rows)), list(rows) + ["absent"], strict=False)]
+        got = _weighted_confidence(weighted, coded, 10.0)
+        want = _weighted_confidence(weighted, plain, 10.0)
+        assert got == want and got == ref_confidence(weighted, plain, 10.0) and len(got) > 0
