@@ -3,12 +3,18 @@
 Bytewax's ``KafkaSource`` asks librdkafka for messages with a 1 ms timeout and, after an
 empty batch, tries again 1 ms later: an idle flow wakes ~500 times a second per
 partition, which bench/idle.py measured as 3.7-4.8 % of a core per flow with nothing to
-do (issue 15 item 6). Here a partition that returned nothing sleeps, through Bytewax's
-``next_awake`` (never ``time.sleep``, which would stall the worker's other partitions and
-steps), for a pause that doubles from :data:`FIRST_PAUSE_S` up to ``idle_max_s`` and drops
-to zero with the first message. The cost is latency after a quiet stretch only: the first
-event after it waits at most ``idle_max_s`` longer (``stream_idle_poll_ms``); under
-traffic batches are rarely empty and the pause stays near its first step.
+do (issue 15 item 6). Here a partition that has returned nothing for ``IDLE_AFTER_S`` sleeps,
+through Bytewax's ``next_awake`` (never ``time.sleep``, which would stall the worker's other
+partitions and steps), for a pause that doubles from :data:`FIRST_PAUSE_S` up to
+``idle_max_s`` and drops to zero with the first message. The cost is latency after a quiet
+stretch only: the first event after it waits at most ``idle_max_s`` longer
+(``stream_idle_poll_ms``).
+
+Why only after a quiet stretch: under traffic librdkafka hands over messages in bursts, one
+per fetch response, and polls between two bursts come back empty. Pausing after every
+empty poll added 20-90 ms to the freshness p99 at 1,000-5,000 events/s (bench.freshness,
+2026-12-04); a partition that has had no message for ``IDLE_AFTER_S`` is idle, not between
+bursts.
 
 Only the polling changes: messages, offsets, snapshots and errors are the inner
 partition's, so the exactly-once argument of :mod:`streams.user_partition` is untouched.
@@ -16,6 +22,7 @@ partition's, so the exactly-once argument of :mod:`streams.user_partition` is un
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -23,18 +30,24 @@ from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import StatefulSourcePartition
 
 FIRST_PAUSE_S = 0.002
+IDLE_AFTER_S = 0.5
 
 
 class IdlePacing:
-    """The pause after each batch: 0 after a non-empty one, doubling after empty ones up to ``max_s``."""
+    """The pause after each batch: 0 until ``idle_after_s`` has passed without a message, then
+    doubling from ``first_s`` up to ``max_s``; back to 0 with the next message."""
 
-    def __init__(self, max_s: float, first_s: float = FIRST_PAUSE_S) -> None:
+    def __init__(self, max_s: float, first_s: float = FIRST_PAUSE_S, idle_after_s: float = IDLE_AFTER_S) -> None:
         self.max_s = max_s
         self.first_s = min(first_s, max_s)
+        self.idle_after_s = idle_after_s
         self.pause_s = 0.0
+        self.last_message: float | None = None
 
-    def after(self, batch_size: int) -> float:
-        if batch_size or self.max_s <= 0:
+    def after(self, batch_size: int, now: float) -> float:
+        if self.last_message is None or batch_size:
+            self.last_message = now
+        if batch_size or self.max_s <= 0 or now - self.last_message < self.idle_after_s:
             self.pause_s = 0.0
         else:
             self.pause_s = min(self.max_s, max(self.first_s, 2 * self.pause_s))
@@ -51,7 +64,7 @@ class PacedPartition(StatefulSourcePartition[Any, Any]):
 
     def next_batch(self) -> list[Any]:
         batch = self.inner.next_batch()
-        pause = self.pacing.after(len(batch))
+        pause = self.pacing.after(len(batch), time.monotonic())
         self._awake = datetime.now(timezone.utc) + timedelta(seconds=pause) if pause > 0 else None
         return batch
 

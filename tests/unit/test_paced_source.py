@@ -8,17 +8,21 @@ from typing import Any
 from streams.paced_source import FIRST_PAUSE_S, IdlePacing, PacedPartition
 
 
-def test_pauses_double_while_empty_up_to_the_cap_and_reset_on_a_message() -> None:
-    pacing = IdlePacing(0.05)
-    pauses = [pacing.after(0) for _ in range(8)]
+def test_pauses_start_after_a_quiet_stretch_double_up_to_the_cap_and_reset_on_a_message() -> None:
+    pacing = IdlePacing(0.05, idle_after_s=0.5)
+    assert pacing.after(5, now=0.0) == 0.0
+    # empty polls between bursts (under traffic): no pause
+    assert [pacing.after(0, now=t) for t in (0.1, 0.2, 0.49)] == [0.0, 0.0, 0.0]
+    pauses = [pacing.after(0, now=0.5 + 0.01 * k) for k in range(8)]
     assert pauses == [0.002, 0.004, 0.008, 0.016, 0.032, 0.05, 0.05, 0.05]
-    assert pacing.after(3) == 0.0
-    assert pacing.after(0) == FIRST_PAUSE_S
+    assert pacing.after(3, now=1.0) == 0.0
+    assert pacing.after(0, now=1.2) == 0.0  # quiet again, but not yet for idle_after_s
+    assert pacing.after(0, now=1.6) == FIRST_PAUSE_S
 
 
 def test_a_zero_cap_keeps_bytewaxs_own_pacing() -> None:
     pacing = IdlePacing(0.0)
-    assert [pacing.after(0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert [pacing.after(0, now=float(t)) for t in range(3)] == [0.0, 0.0, 0.0]
 
 
 class Inner:
@@ -42,6 +46,7 @@ class Inner:
 def test_the_partition_passes_messages_snapshots_and_close_through_and_sets_next_awake() -> None:
     inner = Inner([[], [], ["m1", "m2"], []])
     part = PacedPartition(inner, 0.05)  # type: ignore[arg-type]
+    part.pacing.idle_after_s = 0.0  # idle from the first empty poll
     assert part.next_awake() is None
     before = datetime.now(timezone.utc)
     assert part.next_batch() == []
