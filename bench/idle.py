@@ -9,9 +9,8 @@ and its first ``--events`` events, waits until the flows have applied them and s
 ready, lets the system settle, then reads every process group's CPU time from /proc over
 ``--seconds`` with no traffic at all. The broker and Redis idle in the same run are the
 floor: what the infrastructure costs by itself, which freshrec's polling adds to. The same
-stack with the short fetch waits used before 2026-12-04, and with the flows polling idle
-partitions every millisecond as Bytewax's Kafka source does (``bytewax-polling``), are
-measured in the same run, as peers.
+stack with the short fetch waits used before 2026-12-04 is measured in the same run, as
+the peer.
 """
 
 from __future__ import annotations
@@ -83,8 +82,6 @@ def _settle(children: dict[str, Child], min_s: float, max_s: float, window_s: fl
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "short-fetch-waits": {"stream_fetch_wait_ms": 5, "follower_fetch_wait_ms": 50},
-    # the flows polled as Bytewax's KafkaSource polls (1 ms), as before 2026-12-04's paced source
-    "bytewax-polling": {"stream_idle_poll_ms": 0},
 }
 
 
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-settle", type=float, default=600.0, help="measure anyway after this many seconds")
     p.add_argument("--events", type=int, default=5000, help="events sent before going idle")
     p.add_argument("--data", type=Path, default=SAMPLE, help="dataset folder (events.csv[.gz], items.csv)")
-    p.add_argument("--variants", default="defaults,bytewax-polling,short-fetch-waits", help=f"stacks to measure, one after the other: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="defaults,short-fetch-waits", help=f"stacks to measure, one after the other: {', '.join(VARIANTS)}")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     runs: dict[str, Any] = {}

@@ -140,11 +140,6 @@ class Settings(BaseSettings):
     stream_fetch_wait_ms: int = Field(
         250, ge=0, description="Longest the broker may hold an empty fetch of a flow (data ends the wait at once)"
     )
-    stream_idle_poll_ms: int = Field(
-        50, ge=0, le=1000,
-        description="Longest pause between polls of a flow partition idle for 0.5 s (doubling from 2 ms while "
-        "empty; the first event after a quiet stretch waits at most this; 0: Bytewax's 1 ms polling)",
-    )
     follower_fetch_wait_ms: int = Field(
         500, ge=0, description="The same for the followers (serving, indexer, learner, monitor)"
     )

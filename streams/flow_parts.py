@@ -14,7 +14,6 @@ from freshrec.contracts import DeadLetter
 from freshrec.kafka_security import bytewax_source_config
 from freshrec.settings import Settings
 
-from .paced_source import PacedKafkaSource
 from .partition_writer import PartitionWriter
 
 
@@ -23,22 +22,14 @@ def kafka_source(settings: Settings, topic: str) -> KafkaSource:
 
     ``tail=True`` because the embedded broker's high watermark is wrong (INTERFACES.md):
     partition EOF would end a flow early. Errors come through as items, not exceptions.
-    Idle partitions are polled less often (:mod:`streams.paced_source`), and librdkafka's
-    per-second statistics, which only fed a Bytewax lag gauge nothing here reads
-    (``freshrec monitor`` measures lag itself), are off.
     """
-    return PacedKafkaSource(
+    return KafkaSource(
         settings.kafka_servers,
         [topic],
         tail=True,
         batch_size=settings.stream_batch_size,
         raise_on_errors=False,
-        add_config={
-            **bytewax_source_config(settings),
-            "fetch.wait.max.ms": str(settings.stream_fetch_wait_ms),
-            "statistics.interval.ms": "0",
-        },
-        idle_max_s=settings.stream_idle_poll_ms / 1000.0,
+        add_config={**bytewax_source_config(settings), "fetch.wait.max.ms": str(settings.stream_fetch_wait_ms)},
     )
 
 
