@@ -252,10 +252,14 @@ class Settings(BaseSettings):
         "and topic followers: one per core is the measured best (bench.serving); 1 when admin is on (activation "
         "through /admin is per process)",
     )
+    # False since 2026-12-04: two workers with their handlers on the event loop held 400
+    # /recommend req/s against 300 with Starlette's threadpool, whose threads contend for the
+    # GIL under load (docs/bench/serving_workers.json). Request-path Redis reads time out
+    # after redis_timeout_s, so a Redis outage stalls a worker's loop at most that long a request.
     serving_threadpool: bool = Field(
-        True,
-        description="Run the Redis reads, ranking and encoding of a request in a worker thread, off the event loop; "
-        "false runs them on the loop (as before issue 15; kept to measure against)",
+        False,
+        description="Run the Redis reads, ranking and encoding of a request in a worker thread, off the event loop "
+        "(measured slower under load on 2 cores: bench.serving's `after` against `workers`)",
     )
     # result cache (issue 15 item 2): serving/result_cache.py says what an entry is keyed by and how stale it can be
     result_cache_size: int = Field(
