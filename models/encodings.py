@@ -165,6 +165,9 @@ def prune_encodings(root: Path, keep_versions: set[str]) -> list[str]:
     for p in sorted(root.glob("*.npz")):
         version = p.name[: -len(".npz")].rsplit("-", 1)[0]
         if version not in keep_versions:
-            p.unlink(missing_ok=True)  # its .lock stays: a process may be waiting on it
+            p.unlink(missing_ok=True)
+            # Its empty lock file goes too, or one would pile up per version ever published;
+            # nobody encodes a pruned (old) version, and one asked for again gets a fresh lock.
+            p.with_suffix(".lock").unlink(missing_ok=True)
             removed.append(p.name)
     return removed

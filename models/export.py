@@ -251,6 +251,10 @@ def prune_exports(exports_root: Path, keep: int, protect: Iterable[str] = ()) ->
     for p in versions:
         if p.name not in keep_names:
             shutil.rmtree(p, ignore_errors=True)
+            # Its empty lock file goes too, or one would pile up per version ever published.
+            # Pruned versions are old ones nobody is exporting; one activated again later
+            # simply creates a fresh lock.
+            (root / f".{p.name}.lock").unlink(missing_ok=True)
             removed.append(p.name)
     return removed
 

@@ -138,3 +138,5 @@ def test_prune_keeps_the_named_versions(tmp_path: Path) -> None:
         encode_catalog(tmp_path, CountingEncoder(v), _items(3))
     assert prune_encodings(tmp_path, {"base", "v2-with-dash"}) == ["v1-int8.npz"]
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["base-int8.npz", "v2-with-dash-int8.npz"]
+    # The pruned version's lock file goes with it, so they do not pile up per version.
+    assert sorted(p.name for p in tmp_path.glob("*.lock")) == ["base-int8.lock", "v2-with-dash-int8.lock"]

@@ -115,6 +115,9 @@ def test_prune_exports_keeps_newest_and_protected(tmp_path: Path) -> None:
         (tmp_path / name / "export.json").write_bytes(orjson.dumps({"format": EXPORT_FORMAT, "created": float(n)}))
     (tmp_path / ".v5.tmp-x").mkdir()  # an export in progress is never touched
     (tmp_path / "stray").mkdir()  # nor a folder that is not an export
+    for name in ("v1", "v2", "v4"):
+        (tmp_path / f".{name}.lock").touch()  # lock files left by the exports
     assert sorted(prune_exports(tmp_path, keep=2, protect={"v1"})) == ["v2"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".v5.tmp-x", "stray", "v1", "v3", "v4"]
+    # A pruned version's lock file goes with it; the kept versions' stay.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".v1.lock", ".v4.lock", ".v5.tmp-x", "stray", "v1", "v3", "v4"]
     assert prune_exports(tmp_path / "missing", keep=1) == []
