@@ -158,10 +158,15 @@ class StoredRow:
     values: np.ndarray
     as_of: np.ndarray
     own: tuple[float, float] | None
+    # each name's place in Python's string order of ``names``: the tie-break of the top_k
+    # order as an integer key, so the order is one ``np.lexsort`` (no per-entry Python key)
+    name_rank: np.ndarray
 
 
 def stored_row_arrays(row: Mapping[str, tuple[float, float]], item: str) -> StoredRow:
     names = [o for o in row if o != item]
+    name_rank = np.empty(len(names), dtype=np.int64)
+    name_rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
     return StoredRow(
         item,
         names,
@@ -169,6 +174,7 @@ def stored_row_arrays(row: Mapping[str, tuple[float, float]], item: str) -> Stor
         np.fromiter((row[o][0] for o in names), dtype=np.float64, count=len(names)),
         np.fromiter((row[o][1] for o in names), dtype=np.float64, count=len(names)),
         row.get(item),
+        name_rank,
     )
 
 
@@ -191,12 +197,14 @@ def coded_decayed_row(stored: StoredRow, now_ts: float, rules: CollabRules) -> C
     n, k = len(values), rules.top_k
     if n > k:
         cut = np.partition(values, n - k)[n - k]  # the k-th largest: every tie with it is sorted below
-        pool = np.flatnonzero(values >= cut).tolist()
+        pool = np.flatnonzero(values >= cut)
     else:
-        pool = list(range(n))
+        pool = np.arange(n)
+    # sorted by (-value, name) as decayed_row sorts: the last lexsort key is the primary one;
+    # names are distinct, so no two entries tie on both keys (the sort's stability is not needed)
+    order = pool[np.lexsort((stored.name_rank[pool], -values[pool]))][:k]
     names = stored.names
-    order = sorted(pool, key=lambda r: (-values[r], names[r]))[:k]
-    out = CodedRow(zip([names[r] for r in order], values[order].tolist(), strict=True))
+    out = CodedRow(zip([names[r] for r in order.tolist()], values[order].tolist(), strict=True))
     own = 0.0
     if stored.own is not None:
         v, as_of = stored.own

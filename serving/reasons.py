@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from ranking.collab import confidence
 from ranking.features import ANN, COPURCHASE, NEIGHBOURS, NEW, OWN, POPULAR, ShopperView
 from ranking.scoring import SimilarityScale, history_weights, user_vector
 from ranking.user_state import UserState
@@ -115,11 +114,17 @@ def copurchase_anchors(
     the ``cooc`` features use (``ranking.collab.confidence``); ties go to the smaller id.
     Items no row holds are left out.
     """
-    wanted = set(items)
+    wanted = list(dict.fromkeys(items))
     best: dict[str, tuple[float, str]] = {}
     for anchor in sorted(rows):
-        for other, c in confidence(rows[anchor], anchor, shrink).items():
-            if other in wanted and other != anchor and c > best.get(other, (0.0, ""))[0]:
+        row = rows[anchor]
+        denom = row.get(anchor, 0.0) + shrink  # ranking.collab.confidence's, looked up for the answer's items only
+        for other in wanted:
+            v = row.get(other)
+            if v is None or other == anchor:
+                continue
+            c = v / denom
+            if c > best.get(other, (0.0, ""))[0]:
                 best[other] = (c, anchor)
     return {item: anchor for item, (_, anchor) in best.items()}
 

@@ -289,7 +289,8 @@ def test_coded_rows_decay_and_sum_to_the_floats_of_the_dict_rules(seed: int) -> 
         if rng.random() < 0.8:
             row[item] = (float(rng.uniform(1, 20)), T0)
         rows[item] = row
-    for now in (T0 - DAY_S, T0 + 3.5 * DAY_S, T0 + 400 * DAY_S):
+    # the last "now" decays every value to 0.0: the order is then the names' alone
+    for now in (T0 - DAY_S, T0 + 3.5 * DAY_S, T0 + 400 * DAY_S, T0 + 1e6 * DAY_S):
         coded = {i: coded_decayed_row(stored_row_arrays(r, i), now, rules) for i, r in rows.items()}
         plain = {i: decayed_row(r, i, now, rules) for i, r in rows.items()}
         for i in rows:

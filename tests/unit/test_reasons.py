@@ -58,6 +58,27 @@ def test_anchor_is_the_row_that_holds_the_item_most_strongly() -> None:
     assert got == {"saucer": "plate", "spoon": "mug"}  # an item is never its own anchor; fork is in no row
 
 
+def test_anchor_lookup_equals_the_rule_over_whole_confidence_rows() -> None:
+    """The anchors looked up for the answer's items only equal the rule applied to every
+    row's whole confidence dict (ties on confidence go to the first anchor in id order)."""
+    from ranking.collab import confidence
+
+    rng = np.random.default_rng(11)
+    names = [f"i{k}" for k in range(40)]
+    for _ in range(30):
+        rows = {}
+        for anchor in rng.choice(names, size=int(rng.integers(0, 12)), replace=False).tolist():
+            others = rng.choice(names, size=int(rng.integers(0, 20)), replace=False).tolist()
+            rows[anchor] = {o: float(rng.choice([1.0, 2.0, rng.uniform(0.0, 5.0)])) for o in others}
+        items = rng.choice(names, size=10, replace=False).tolist()
+        want: dict[str, tuple[float, str]] = {}
+        for anchor in sorted(rows):
+            for other, c in confidence(rows[anchor], anchor, 10.0).items():
+                if other in items and other != anchor and c > want.get(other, (0.0, ""))[0]:
+                    want[other] = (c, anchor)
+        assert copurchase_anchors(items, rows, 10.0) == {i: a for i, (_, a) in want.items()}
+
+
 def test_blend_reasons_name_the_terms_that_lifted_the_item() -> None:
     assert blend_reasons(repeat=0.4, similarity=0.9, popular=True, new=True) == [
         BOUGHT_BEFORE, SIMILAR, POPULAR_NOW, NEW_ARRIVAL,
