@@ -188,6 +188,32 @@ def measure_retention(settings: Settings, days: int, per_day: int, per_shopper: 
     }
 
 
+def measure_collab_retention(settings: Settings, days: int, per_day: int, per_shopper: int, n_items: int, seed: int,
+                             retention_days: float) -> dict[str, Any]:
+    """The collab flow's partition after ``days`` of arrivals, with a shopper retention (0: keep all)."""
+    from streams.collab_partition import CollabPartition
+
+    msgs = arriving_messages(days, per_day, per_shopper, n_items, seed)
+    part = CollabPartition.from_settings(settings.model_copy(update={"stream_retention_days": retention_days}))
+    apply_s, examples = apply_all(part, msgs, 2000)
+    t = time.perf_counter()
+    snap = pickle.dumps(part.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)
+    snap_s = time.perf_counter() - t
+    return {
+        "days": days,
+        "retention_days": retention_days,
+        "shoppers_seen": days * per_day,
+        "events": len(msgs),
+        "events_per_s": round(len(msgs) / apply_s),
+        "examples": examples,
+        "shoppers_kept": len(part.states),
+        "index_rows": len(part.index.ids),
+        "index_bytes": int(part.index.matrix.nbytes),
+        "snapshot_bytes": len(snap),
+        "snapshot_s": round(snap_s, 3),
+    }
+
+
 def measure_history(settings: Settings, lengths: list[int], n_items: int, seed: int, shoppers: int = 200) -> list[dict[str, Any]]:
     """Encoded bytes of one shopper's state by the number of their events: the state grows
     until ``history_size`` interactions and ``stream_baskets_kept`` baskets, then stays flat."""
@@ -305,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collab-shoppers", default="2000,10000", help="sizes for the collab flow's partition (slow: ~1k ev/s)")
     p.add_argument("--history-lengths", default="10,30,50,100,300,1000", help="events per shopper for the state-size curve")
     p.add_argument("--retention-days", default="60,240,720", help="days of arrivals for the bounded-state curve")
-    p.add_argument("--parts", default="flow,history,collab,index,retention", help="what to measure; a --json file keeps the other parts")
+    p.add_argument("--collab-retention-days", default="60,240", help="days of arrivals for the collab flow's bounded-state curve")
+    p.add_argument("--parts", default="flow,history,collab,index,retention,collab_retention",
+                   help="what to measure; a --json file keeps the other parts")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", type=Path)
@@ -317,11 +345,13 @@ def main(argv: list[str] | None = None) -> int:
 
     faiss.omp_set_num_threads(1)
     parts = set(args.parts.split(","))
-    out: dict[str, Any] = {"flow": [], "redis": [], "index": [], "collab": [], "history": [], "retention": []}
+    out: dict[str, Any] = {"flow": [], "redis": [], "index": [], "collab": [], "history": [], "retention": [],
+                           "collab_retention": []}
     if args.json and args.json.exists():  # keep what this run does not re-measure
         out |= {k: v for k, v in orjson.loads(args.json.read_bytes()).items() if k in out or k == "copurchase_row"}
         for part, keys in (("flow", ("flow", "redis")), ("collab", ("collab",)), ("index", ("index",)),
-                           ("history", ("history",)), ("retention", ("retention",))):
+                           ("history", ("history",)), ("retention", ("retention",)),
+                           ("collab_retention", ("collab_retention",))):
             if part in parts:
                 out |= {k: [] for k in keys}
     guard = Guard()
@@ -349,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure_retention(settings, days, 200, 10, args.catalog, args.seed, keep)
                     out["retention"].append(r)
                     print(f"  {days:>4} days, retention {keep:g}: {r}", flush=True)
+            for days in tqdm([int(x) for x in args.collab_retention_days.split(",") if x and "collab_retention" in parts],
+                             desc="collab retention", unit="span"):
+                for keep in (30.0, 0.0):  # the same retention against keeping everyone (the peer), 20 arrivals a day
+                    r = measure_collab_retention(settings, days, 20, 10, args.catalog, args.seed, keep)
+                    out["collab_retention"].append(r)
+                    print(f"  {days:>4} days, collab retention {keep:g}: {r}", flush=True)
             for n in tqdm([int(x) for x in args.collab_shoppers.split(",") if x and "collab" in parts], desc="collab",
                           unit="size"):
                 r = measure_collab(settings, n, args.events_per_shopper, args.catalog, args.seed)
@@ -397,6 +433,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['shoppers']:>10,} {r['events_per_s']:>9,} {r['users_partition_events_per_s']:>16,} "
               f"{r['events_per_s'] / r['users_partition_events_per_s']:>6.3f} {r['copurchase_entries']:>20,} "
               f"{r['rss_bytes'] / 1e6:>7.1f} {r['snapshot_bytes'] / 1e6:>12.1f} {r['snapshot_s']:>11.2f}")
+    print("\nbounded collab-flow shoppers: 20 new shoppers a day, 10 events each over ~3 days; retention 30 days"
+          " against keeping everyone (0)")
+    print(f"{'days':>5} {'retention':>9} {'seen':>7} {'kept':>6} {'index rows':>10} {'snapshot MB':>12} "
+          f"{'snapshot s':>11} {'events/s':>9} {'examples':>9}")
+    for r in out["collab_retention"]:
+        print(f"{r['days']:>5} {r['retention_days']:>9g} {r['shoppers_seen']:>7,} {r['shoppers_kept']:>6,} "
+              f"{r['index_rows']:>10,} {r['snapshot_bytes'] / 1e6:>12.2f} {r['snapshot_s']:>11.3f} "
+              f"{r['events_per_s']:>9,} {r['examples']:>9,}")
     row = out["copurchase_row"]
     print(f"\nco-purchase row of {row['row_cap']} entries: {row['row_bytes']:,} B as stored, Redis {row['redis_bytes']:,} B")
     write_json(str(args.json) if args.json else None, out)

@@ -52,6 +52,7 @@ from ranking.features import (
     shopper_signals,
     similarity_column,
 )
+from ranking.recency import Recency
 from ranking.scoring import IDENTITY_SCALE, SimilarityScale, history_weights, user_vector
 from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
@@ -76,6 +77,9 @@ class CollabReplay:
         self.collab = CollabState(self.collab_rules)
         self.served = Popularity(settings.popularity_half_life_days * DAY_S)
         self.index = ShopperIndex(self.collab_rules.shopper_dim)
+        self.retention_s = settings.stream_retention_days * DAY_S  # shoppers silent this long are forgotten
+        self.recency = Recency()
+        self.newest_ts = 0.0  # the newest applied event time (the flow's ``flow_ts``)
         self.version = 0  # bumped by every applied group: cached shop views go stale
         self._applied_until = 0
         self._shop: tuple[float, int, ShopView] | None = None
@@ -84,11 +88,15 @@ class CollabReplay:
 
     def apply(self, event: Event) -> bool:
         """The contract's per-event rule for one event; False for a duplicate (skipped)."""
+        if self.retention_s > 0:
+            self.forget(max(event.ts, self.newest_ts) - self.retention_s)
         state = self.states.get(event.user_id)
         if state is None:
             state = self.states[event.user_id] = UserState(event.user_id)
         if event.event_id in state.recent_ids:
             return False
+        self.recency.touch(event.user_id, event.ts)
+        self.newest_ts = max(self.newest_ts, event.ts)
         self.collab.apply(state, event)
         weight = popularity_weight(state, event)
         if not apply_event(state, event, self.state_rules):
@@ -101,6 +109,14 @@ class CollabReplay:
                 self.served.add(event.item_id, weight, event.ts)
         self.version += 1
         return True
+
+    def forget(self, cutoff: float) -> None:
+        """Forget shoppers whose newest event is before ``cutoff``, as the collaborative flow
+        does before each event (``streams.collab_partition.CollabPartition._forget``)."""
+        for user in self.recency.expired(cutoff):
+            self.states.pop(user, None)
+            self.index.remove(user)
+            self.version += 1
 
     def upsert_shopper(self, user_id: str) -> None:
         """Refresh a shopper's vector in the index (after their purchases)."""
@@ -137,6 +153,9 @@ class CollabReplay:
 
     def shopper_view(self, user_id: str, ts: float) -> ShopperView | None:
         """The shopper's inputs at ``ts``; None for a shopper without a state."""
+        if self.retention_s > 0:
+            # the flow forgets at the basket's first line, before computing its example
+            self.forget(max(ts, self.newest_ts) - self.retention_s)
         state = self.states.get(user_id)
         if state is None:
             return None

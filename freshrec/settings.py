@@ -165,7 +165,8 @@ class Settings(BaseSettings):
     stream_retention_days: float = Field(
         730.0, ge=0,
         description="A shopper or item with no event for this long (event time) is forgotten by the users flow "
-        "and deleted from Redis; 0 keeps everything",
+        "and deleted from Redis, and a shopper by the collaborative flow too (state, shopper index, vector); "
+        "0 keeps everything",
     )
     stream_popularity_items: int = Field(
         100_000, ge=1, description="Most popularity entries a users-flow partition keeps (the top ones, each event-time day)"

@@ -273,8 +273,10 @@ def shopper_vector(state: UserState, rules: CollabRules) -> np.ndarray | None:
 class ShopperIndex:
     """Exact inner-product search over shopper vectors (numpy; a few thousand shoppers).
 
-    Rows of removed or re-added shoppers are overwritten in place, so search order (and
-    ties, broken by row then id) depends only on the order shoppers were first added.
+    A shopper whose vector becomes None keeps a zero row (never found); one forgotten by
+    retention is :meth:`remove` d, the last row moving into its place. Rows, and so search
+    ties (broken by row then id), depend only on the sequence of upserts and removals,
+    which the stream and the evaluation's replay apply alike.
     """
 
     dim: int
@@ -295,6 +297,22 @@ class ShopperIndex:
                     grown[: self.matrix.shape[0]] = self.matrix
                 self.matrix = grown
         self.matrix[row] = 0.0 if vector is None else vector
+
+    def remove(self, user_id: str) -> None:
+        """Drop a shopper and their row: the last row moves into its place (memory follows the shoppers kept)."""
+        row = self.rows.pop(user_id, None)
+        if row is None:
+            return
+        last = len(self.ids) - 1
+        if row != last:
+            moved = self.ids[last]
+            self.ids[row] = moved
+            self.rows[moved] = row
+            self.matrix[row] = self.matrix[last]
+        self.ids.pop()
+        self.matrix[last] = 0.0
+        if self.matrix.shape[0] > 64 and len(self.ids) < self.matrix.shape[0] // 4:
+            self.matrix = self.matrix[: max(64, self.matrix.shape[0] // 2)].copy()
 
     def search(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[tuple[str, float]]:
         """The ``k`` shoppers with the largest positive inner product with ``vector``, best first

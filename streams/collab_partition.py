@@ -15,6 +15,9 @@ parts would have to be merged for every example. So every message of every parti
 * served popularity (``Popularity(popularity_half_life_days)`` fed by ``popularity_weight``,
   as the users flow feeds it: what the ``log_pop`` feature and ``popular_top`` read);
 * the event-id window (:mod:`streams.dedupe`) over the whole shop;
+* the shoppers in order of their newest event (:class:`ranking.recency.Recency`): a shopper
+  silent for ``stream_retention_days`` is forgotten before the next event (:meth:`_forget`),
+  so memory and snapshots grow with the active shoppers (docs/scale.md);
 * per source partition the last applied offset, and the open baskets awaiting their label.
 
 The per-event rule and the example rule are docs/ranking_stage_contract.md's, word for
@@ -96,14 +99,17 @@ from ranking.features import (
     shop_view_at,
     shopper_signals,
 )
+from ranking.recency import Recency
 from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_event, popularity_weight
 
 from .dedupe import EventIdWindow
 from .user_partition import UNKEYED_WHY, SourceMessage, check_key, message_time
 
 STAGE = "streams.collab"
-# v1: the first; any other version is refused (clear the recovery and the prefix, replay).
-SNAPSHOT_VERSION = 1
+# v2 adds the shoppers' recency order (retention); v1 is read with it rebuilt from the
+# states' newest event times. Any other version is refused (clear the recovery and the
+# prefix, replay).
+SNAPSHOT_VERSION = 2
 # An open basket is labelled and sent when the shopper's next event has a larger time, or
 # when the flow's event time passes the basket's time by this much (the contract's rule).
 BASKET_CLOSE_S = 3600.0
@@ -189,6 +195,7 @@ class CollabBatch:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
+    forgotten: int = 0  # shoppers forgotten by retention (their vectors are None in ``vectors``)
 
     @property
     def empty(self) -> bool:
@@ -211,8 +218,13 @@ class CollabPartition:
         popularity_half_life_s: float,
         resume: Any | None = None,
         dedupe_window: int = 1_000_000,
+        retention_s: float = 0.0,
     ) -> None:
         self.state_rules = state_rules
+        # Shoppers with no event for this long (event time) are forgotten (0: keep all):
+        # :meth:`_forget` and docs/ranking_stage_contract.md.
+        self.retention_s = retention_s
+        self.recency = Recency()
         self.collab_rules = collab_rules
         self.feature_rules = feature_rules
         self.neighbours = neighbours
@@ -245,6 +257,7 @@ class CollabPartition:
             settings.popularity_half_life_days * DAY_S,
             resume,
             settings.stream_dedupe_window,
+            settings.stream_retention_days * DAY_S,
         )
 
     # -- following a recorded order --------------------------------------------------------
@@ -340,12 +353,15 @@ class CollabPartition:
     def apply_event(self, event: Event, batch: CollabBatch, changed: _Changes) -> bool:
         """The contract's per-event rule and example rule for one valid event; False for a duplicate."""
         user = event.user_id
+        if self.retention_s > 0:
+            self._forget(max(event.ts, self.flow_ts) - self.retention_s, batch, changed)
         state = self.states.get(user)
         if state is None:
             state = self.states[user] = UserState(user)
         if event.event_id in state.recent_ids:
             return False
         ts = event.ts
+        self.recency.touch(user, ts)
         self._close_user(user, ts, batch)
         if event.kind == "purchase":
             key = (user, ts)
@@ -380,6 +396,26 @@ class CollabPartition:
             self.flow_ts = ts
             self._close_timed_out(batch)
         return True
+
+    def _forget(self, cutoff: float, batch: CollabBatch, changed: _Changes) -> None:
+        """Forget the shoppers whose newest event is before ``cutoff``: their state, their row
+        in the shopper index and (through the batch) their vector in Redis and on Kafka.
+
+        Run before each event, with the cutoff its time (or the newest applied, if later)
+        minus the retention: the points and the shoppers forgotten are fixed by the event
+        sequence, so a replay forgets what the first run forgot and the evaluation's replay
+        (:mod:`evaluation.collab_replay`) forgets the same shoppers before the same baskets.
+        A shopper who comes back starts afresh. Items are not forgotten: their rows are
+        top-k bounded and their count is the catalog's.
+        """
+        for user in self.recency.expired(cutoff):
+            self._close_user(user, float("inf"), batch)  # none is open unless the retention is under an hour
+            self.states.pop(user, None)
+            self._encoded.pop(user, None)
+            self.index.remove(user)
+            changed.users.discard(user)
+            changed.vectors[user] = None
+            changed.forgotten += 1
 
     def _open(self, state: UserState, ts: float) -> None:
         """Compute the example of the basket at ``ts`` from ``state`` *before* its first line."""
@@ -442,6 +478,7 @@ class CollabPartition:
         batch.vectors = {u: vector_bytes(v) for u, v in changed.vectors.items()}
         for u in changed.users:
             self._encoded[u] = self.states[u].to_bytes()
+        batch.forgotten = changed.forgotten
 
     # -- whole state ---------------------------------------------------------------------------
 
@@ -465,7 +502,7 @@ class CollabPartition:
     def snapshot(self) -> tuple[Any, ...]:
         """An immutable copy for Bytewax recovery (encoded shopper states, the collaborative state
         as orjson bytes, served popularity, the index's shopper order, offsets, open baskets,
-        held-back messages and the plan, the event-id window)."""
+        held-back messages and the plan, the event-id window, the shoppers' recency order)."""
         return (
             SNAPSHOT_VERSION,
             dict(self._encoded),
@@ -479,17 +516,22 @@ class CollabPartition:
             {p: [m.astuple() for m in q] for p, q in self.pending.items() if q},
             list(self.plan),
             self.seen_ids.snapshot(),
+            list(self.recency.last.items()),
         )
 
     def _restore(self, resume: Any) -> bytes:
-        if resume[0] != SNAPSHOT_VERSION:
+        if resume[0] not in (1, SNAPSHOT_VERSION):
             raise ValueError(
                 f"snapshot v{resume[0]} is not readable (this version writes v{SNAPSHOT_VERSION}); clear {STAGE} "
                 "recovery in state_dir/streams and the redis_prefix (`freshrec reset`), then replay the events topic"
             )
-        (_, encoded, collab, served, ids, offsets, topic, flow_ts, open_baskets, pending, plan, window) = resume
+        (_, encoded, collab, served, ids, offsets, topic, flow_ts, open_baskets, pending, plan, window) = resume[:12]
         self._encoded = dict(encoded)
         self.states = {u: UserState.from_bytes(b) for u, b in self._encoded.items()}
+        if resume[0] >= 2:
+            self.recency = Recency(dict(resume[12]))
+        else:  # v1 kept no order: by newest event, which is the touch order unless events came late
+            self.recency = Recency(dict(sorted(((u, s.last_ts) for u, s in self.states.items()), key=lambda kv: kv[1])))
         self.collab = CollabState.from_dict(orjson.loads(collab), self.collab_rules)
         entries, newest, first_seen = served
         self.served.entries, self.served.newest_ts, self.served.first_seen = dict(entries), newest, dict(first_seen)
@@ -516,6 +558,7 @@ class _Changes:
     first_seen: set[str] = field(default_factory=set)
     vectors: dict[str, np.ndarray | None] = field(default_factory=dict)
     users: set[str] = field(default_factory=set)
+    forgotten: int = 0
 
 
 def stored_row(row: Mapping[str, tuple[float, float]]) -> bytes:

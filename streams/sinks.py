@@ -234,8 +234,9 @@ class _CollabSinkPartition(_FlushingSinkPartition):
             for user_id, record in batch.examples:
                 self._kafka.send(topics.rank_examples, user_id, record)
             for user_id, vector in batch.vectors.items():
-                if vector is not None:  # a shopper without a vector keeps none in Redis either
-                    self._kafka.send(topics.shopper_vectors, user_id, vector)
+                # An empty value removes the shopper from serving's index (serving.shoppers): one
+                # forgotten by retention, or whose vector is gone; Redis loses it in the same batch.
+                self._kafka.send(topics.shopper_vectors, user_id, b"" if vector is None else vector)
         self._kafka.maybe_flush()
 
 

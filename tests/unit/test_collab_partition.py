@@ -212,3 +212,131 @@ def test_copurchase_memory_bound_holds_through_the_flow() -> None:
     assert part.collab.copurchase.entries() <= 60 * 5
     full = part.full_batch()
     assert full is not None and set(full.rows) == set(rows) and full.prev_offsets == full.offsets
+
+
+# -- retention: shoppers silent for stream_retention_days are forgotten ------------------------
+
+
+def test_retention_forgets_a_silent_shopper_everywhere_and_a_returning_one_starts_afresh() -> None:
+    day = 86_400.0
+    s = Settings(stream_retention_days=10, collab_neighbours=5)
+    part = CollabPartition.from_settings(s)
+    events = [
+        ev(0, "u1", "purchase", "a", T0), ev(1, "u1", "purchase", "b", T0 + day),
+        ev(2, "u2", "purchase", "a", T0 + 2 * day), ev(3, "u2", "purchase", "c", T0 + 5 * day),
+    ]
+    first = part.apply([msg(e, k) for k, e in enumerate(events)])
+    assert first.forgotten == 0 and set(part.states) == {"u1", "u2"} and set(part.index.ids) == {"u1", "u2"}
+    # u1's newest event is day 1: an event on day 12 is past its 10 days, u2's (day 5) is not
+    later = part.apply([msg(ev(4, "u3", "view", "d", T0 + 12 * day), 4)])
+    assert later.forgotten == 1 and set(part.states) == {"u2", "u3"}
+    assert part.index.ids == ["u2"] and part.index.rows == {"u2": 0}
+    assert later.vectors == {"u1": None}  # Redis and serving's index drop u1's vector
+    assert "u1" not in part.snapshot()[1]  # nor is it in the next snapshot
+    back = part.apply([msg(ev(5, "u1", "purchase", "a", T0 + 13 * day), 5)])
+    assert part.states["u1"].events == 1 and len(part.states["u1"].baskets) == 1  # afresh: one basket
+    assert back.vectors["u1"] is not None and back.forgotten == 0
+    assert part.index.ids == ["u2", "u1"]
+
+
+def test_retention_zero_keeps_every_shopper() -> None:
+    part = CollabPartition.from_settings(Settings(stream_retention_days=0))
+    part.apply([msg(ev(0, "u1", "purchase", "a", T0), 0), msg(ev(1, "u2", "view", "a", T0 + 5000 * 86_400.0), 1)])
+    assert set(part.states) == {"u1", "u2"}
+
+
+def test_shopper_index_remove_moves_the_last_row_and_search_finds_the_rest() -> None:
+    from ranking.collab import ShopperIndex
+
+    rng = np.random.default_rng(5)
+    index = ShopperIndex(8)
+    vecs = {f"u{k}": (v / np.linalg.norm(v)).astype(np.float32) for k, v in enumerate(rng.normal(size=(200, 8)))}
+    for u, v in vecs.items():
+        index.upsert(u, v)
+    for k in range(200):
+        if k % 4 != 1:
+            index.remove(f"u{k}")
+    index.remove("absent")
+    kept = {u: v for u, v in vecs.items() if int(u[1:]) % 4 == 1}
+    assert sorted(index.ids) == sorted(kept) and all(index.ids[r] == u for u, r in index.rows.items())
+    assert index.matrix.shape[0] == 128  # 50 of 256 rows left: under a quarter, so halved
+    q = vecs["u1"]
+    want = sorted((u for u in kept if float(np.dot(kept[u], q)) > 0), key=lambda u: -float(np.dot(kept[u], q)))[:5]
+    assert [u for u, _ in index.search(q, 5)] == want
+
+
+@pytest.mark.parametrize("retention_days", [3.0, 730.0])
+def test_retention_replays_exactly_after_a_restart(retention_days: float) -> None:
+    """A snapshot, a restart and a replay in another interleaving forget exactly what an uninterrupted run forgot."""
+    s = paths_settings().model_copy(update={"stream_retention_days": retention_days})
+    raw = sorted(make_events(), key=lambda r: r["ts"])  # type: ignore[arg-type,return-value]
+    first = _interleaved(raw, 3, seed=1)
+    clean = CollabPartition.from_settings(s)
+    log: list[tuple[dict[str, int], list[tuple[int, int]]]] = []
+    forgotten = 0
+    snap = None
+    for k in range(0, len(first), 25):
+        batch = clean.apply(first[k : k + 25])
+        forgotten += batch.forgotten
+        log.append((batch.prev_offsets, batch.runs))
+        if k == 100:
+            snap = pickle.dumps(clean.snapshot())
+    assert (forgotten > 0) == (retention_days < 10)  # 3 days: shoppers skip days and are forgotten
+    restored = CollabPartition.from_settings(s, pickle.loads(snap))
+    assert restored.follow(log)
+    rest = [m for m in _interleaved(raw, 3, seed=2) if m.offset > restored.offsets.get(str(m.partition), -1)]  # type: ignore[operator]
+    for k in range(0, len(rest), 7):
+        restored.apply(rest[k : k + 7])
+    assert _whole(restored) == _whole(clean)
+    assert restored.recency.last == clean.recency.last
+
+
+def test_a_version_1_snapshot_is_read_with_the_order_rebuilt_from_the_states() -> None:
+    part = CollabPartition.from_settings(Settings())
+    part.apply([msg(e, k) for k, e in enumerate(tiny())])
+    v1 = (1, *part.snapshot()[1:12])
+    restored = CollabPartition.from_settings(Settings(), v1)
+    assert list(restored.recency.last) == ["u2", "u1"]  # u2's newest event is older than u1's
+    assert _whole(restored) == _whole(part)
+
+
+def test_with_retention_the_evaluation_computes_the_flows_examples() -> None:
+    """The evaluation's replay forgets the shoppers the flow forgets, before the same baskets:
+    with a 3-day retention (shoppers forgotten and coming back) its rows are the flow's examples."""
+    from evaluation.collab_replay import CollabReplay, basket_features
+    from evaluation.data import build_log
+    from evaluation.protocol import timestamp_groups
+    from tests.unit.test_features_paths import ITEMS
+
+    s = paths_settings().model_copy(update={"stream_retention_days": 3.0})
+    raw = sorted(make_events(), key=lambda r: r["ts"])  # type: ignore[arg-type,return-value]
+    part = CollabPartition.from_settings(s)
+    flow: dict[str, dict[str, Any]] = {}
+    forgotten = 0
+    for k in range(0, len(raw), 20):
+        batch = part.apply([msg(e, k + j) for j, e in enumerate(raw[k : k + 20])])
+        flow |= examples(batch)
+        forgotten += batch.forgotten
+    kept, rows = set(part.states), list(part.index.ids)
+    # an event far later closes the last open baskets (and forgets everyone)
+    flow |= examples(part.apply([msg(ev(10**6, "zz", "view", "i0", T0 + 1e8), 10**6)]))
+    assert forgotten > 0 and len(flow) > 20
+    log = build_log("paths", make_events(), [{"item_id": i, "title": i} for i in ITEMS])
+    collab = CollabReplay(s)
+    bounds = timestamp_groups(log.ts)
+    checked = 0
+    for g in range(bounds.size - 1):
+        ts = float(log.ts[bounds[g]])
+        for user in sorted({log.user_ids[int(u)] for u in log.user[bounds[g] : bounds[g + 1]]}):
+            record = flow.get(example_id(user, ts))
+            view = collab.shopper_view(user, ts)
+            if record is None:
+                continue
+            assert view is not None
+            bf = basket_features(view, collab.shop_view(ts), collab.feature_rules)
+            assert bf.items == record["items"]
+            assert np.array_equal(bf.features.astype(np.float32), features(record))
+            checked += 1
+        collab.observe(log, int(bounds[g]), int(bounds[g + 1]))
+    assert checked == len(flow)
+    assert set(collab.states) == kept and collab.index.ids == rows  # the same shoppers kept, in the same rows
