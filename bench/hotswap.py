@@ -1,6 +1,6 @@
 """Hot-swap under load: the learner publishes, serving swaps, requests keep flowing.
 
-    python -m bench.hotswap --json bench/out/hotswap.json [--swaps 5] [--steps 4] [--concurrency 4]
+    python -m bench.hotswap --json bench/out/hotswap.json [--swaps 5] [--steps 4] [--concurrency 4] [--workers 2]
 
 Starts its own broker and Redis, loads the online_retail_ii catalog, users and
 popularity into Redis (bench._load), starts ``freshrec serve`` (auto-activation on) as a
@@ -21,6 +21,12 @@ generator), ``requests``, ``errors``, ``mixed_version_responses`` (sampled /sear
 answers whose scores do not match the version they report, recomputed with that
 version's encoder and an index built by it), ``p99_swap_ms`` / ``p99_steady_ms`` and
 their ratio, the build stages of the swaps (from /admin/status), and the device.
+
+``--workers 2`` serves with two worker processes (the default of ``freshrec serve``; /admin
+off, so no stage timings): a version is live once *every* worker answers with it
+(``all_workers_live_*``, from /readyz, which names the worker). The workers share one
+export and one catalog encoding per version (``models.export``, ``models.encodings``):
+the first builds them, the other waits for its lock and reads them.
 
 Targets on 2 CPU cores: live within 10 s of publication for the ~4,600-item catalog,
 zero failed requests, p99 during swaps at most twice the steady p99.
@@ -79,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="micro-batches trained per version")
     p.add_argument("--steady", type=float, default=10.0, help="seconds of load before any training (the baseline)")
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="serving worker processes; above 1 /admin is off (so no stage timings) and a version is live "
+        "once every worker answers with it: each worker builds its pair, the export and the catalog "
+        "encodings once between them (models.export, models.encodings)",
+    )
     p.add_argument("--json")
     args = p.parse_args(argv)
     if not args.data.is_dir():
@@ -96,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     # result cache off: the swap must show in the cost of answers computed during it
-    settings = bench_settings("hotswap", admin_token=TOKEN, auto_activate=True, serve_version="base", result_cache_size=0)
+    if args.workers > 1:  # /admin would pin serving to one worker (serving.cli.worker_count)
+        settings = bench_settings("hotswap", auto_activate=True, serve_version="base", result_cache_size=0,
+                                  serving_workers=args.workers)
+    else:
+        settings = bench_settings("hotswap", admin_token=TOKEN, auto_activate=True, serve_version="base",
+                                  result_cache_size=0)
     state, port = settings.state_dir, settings.api_port
     device = settings.resolved_device()
     guard = start_guarded_stack(settings)
@@ -140,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         train_s = 0.0
         trained = 0
         published: list[tuple[str, float]] = []
-        live_seen: dict[str, float] = {}
+        live_seen: dict[str, float] = {}  # the version answered by every worker
+        first_worker: dict[str, float] = {}  # ... by the first worker
         stages: list[dict[str, float]] = []
         parent = None
         for _ in range(args.swaps):
@@ -160,16 +178,23 @@ def main(argv: list[str] | None = None) -> int:
                 producer.flush()
             published.append((manifest.version, time.time()))
             deadline = time.time() + 120
+            live_workers: set[int] = set()
             while time.time() < deadline:
-                status, body = http_json("GET", f"http://127.0.0.1:{port}/readyz")
+                status, body = http_json("GET", f"http://127.0.0.1:{port}/readyz")  # a new connection: any worker
                 if status == 200 and body.get("adapter_version") == manifest.version:
-                    live_seen[manifest.version] = time.time()
-                    break
+                    first_worker.setdefault(manifest.version, time.time())
+                    live_workers.add(int(body.get("worker", 0)))
+                    if len(live_workers) >= args.workers:
+                        live_seen[manifest.version] = time.time()
+                        break
                 time.sleep(0.05)
             else:
-                print(f"warning: {manifest.version} not live after 120 s", file=sys.stderr)
-            _, st = http_json("GET", f"http://127.0.0.1:{port}/admin/status", token=TOKEN)
-            stages.append((st.get("last_swap") or {}).get("stages_s", {}))
+                print(f"warning: {manifest.version} not live on every worker after 120 s", file=sys.stderr)
+            if args.workers == 1:
+                _, st = http_json("GET", f"http://127.0.0.1:{port}/admin/status", token=TOKEN)
+                stages.append((st.get("last_swap") or {}).get("stages_s", {}))
+            else:
+                stages.append({})
             print(
                 f"published {manifest.version}: live after "
                 f"{live_seen.get(manifest.version, float('nan')) - published[-1][1]:.1f} s; stages {stages[-1]}"
@@ -228,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         "pairs_per_s": trained / train_s if train_s else float("nan"),
         "publish_to_live_p50_s": median(live),
         "publish_to_live_max_s": max(live) if live else float("nan"),
+        "workers": args.workers,
+        # /readyz polled after each publication: the first worker, and every worker, on the new version
+        "first_worker_live_p50_s": median([first_worker[v] - at for v, at in published if v in first_worker]),
+        "all_workers_live_p50_s": median([live_seen[v] - at for v, at in published if v in live_seen]),
+        "all_workers_live_max_s": max([live_seen[v] - at for v, at in published if v in live_seen], default=float("nan")),
         "requests": overall["requests"],
         "errors": overall["errors"],
         "mixed_version_responses": mixed,
@@ -236,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_swap_ms": percentile(in_swap, 99) * 1000,
         "p99_ratio": percentile(in_swap, 99) / percentile(steady, 99) if steady and in_swap else float("nan"),
         "rps": overall["rps"],
-        "swap_stages_median_s": {k: median([st[k] for st in stages if k in st]) for k in (stages[0] if stages else {})},
+        "swap_stages_median_s": {k: median([st[k] for st in stages if k in st]) for k in (stages[0] if stages and stages[0] else {})},
         "items": len(data.items),
         "concurrency": args.concurrency,
         "targets": {"publish_to_live_s": "< 10", "errors": 0, "mixed_version_responses": 0, "p99_ratio": "<= 2"},
