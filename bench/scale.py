@@ -162,29 +162,40 @@ def arriving_messages(days: int, per_day: int, per_shopper: int, n_items: int, s
     return [Msg(u.encode(), v, "scale.events", k, 0, (1, now_ms)) for k, (_, u, v) in enumerate(out)]
 
 
-def measure_retention(settings: Settings, days: int, per_day: int, per_shopper: int, n_items: int, seed: int,
-                      retention_days: float) -> dict[str, Any]:
-    """One users-flow partition after ``days`` of arrivals, with a retention (0: keep all)."""
-    from streams.user_partition import UserPartition
-
+def _after_arrivals(make: Any, settings: Settings, days: int, per_day: int, per_shopper: int, n_items: int, seed: int,
+                    retention_days: float, chunk: int) -> tuple[Any, dict[str, Any]]:
+    """A flow partition (``make(settings)``) after ``days`` of arrivals with a retention (0:
+    keep all), and the figures every bounded-state curve reports; the caller adds its own."""
     msgs = arriving_messages(days, per_day, per_shopper, n_items, seed)
-    part = UserPartition.from_settings(settings.model_copy(update={"stream_retention_days": retention_days}))
-    apply_s, _ = apply_all(part, msgs, 1000)
+    part = make(settings.model_copy(update={"stream_retention_days": retention_days}))
+    apply_s, examples = apply_all(part, msgs, chunk)
     t = time.perf_counter()
     snap = pickle.dumps(part.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)
     snap_s = time.perf_counter() - t
-    return {
+    return part, {
         "days": days,
         "retention_days": retention_days,
         "shoppers_seen": days * per_day,
         "events": len(msgs),
         "events_per_s": round(len(msgs) / apply_s),
-        "shoppers_kept": len(part._encoded),
+        "examples": examples,
         "items_seen": len({m.value.split(b'"item_id":"')[1].split(b'"')[0] for m in msgs}),
-        "first_seen_kept": len(part.popularity.first_seen),
-        "popularity_kept": len(part.popularity.entries),
         "snapshot_bytes": len(snap),
         "snapshot_s": round(snap_s, 3),
+    }
+
+
+def measure_retention(settings: Settings, days: int, per_day: int, per_shopper: int, n_items: int, seed: int,
+                      retention_days: float) -> dict[str, Any]:
+    """One users-flow partition after ``days`` of arrivals, with a retention (0: keep all)."""
+    from streams.user_partition import UserPartition
+
+    part, out = _after_arrivals(UserPartition.from_settings, settings, days, per_day, per_shopper, n_items, seed,
+                                retention_days, 1000)
+    return out | {
+        "shoppers_kept": len(part._encoded),
+        "first_seen_kept": len(part.popularity.first_seen),
+        "popularity_kept": len(part.popularity.entries),
     }
 
 
@@ -193,24 +204,12 @@ def measure_collab_retention(settings: Settings, days: int, per_day: int, per_sh
     """The collab flow's partition after ``days`` of arrivals, with a shopper retention (0: keep all)."""
     from streams.collab_partition import CollabPartition
 
-    msgs = arriving_messages(days, per_day, per_shopper, n_items, seed)
-    part = CollabPartition.from_settings(settings.model_copy(update={"stream_retention_days": retention_days}))
-    apply_s, examples = apply_all(part, msgs, 2000)
-    t = time.perf_counter()
-    snap = pickle.dumps(part.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)
-    snap_s = time.perf_counter() - t
-    return {
-        "days": days,
-        "retention_days": retention_days,
-        "shoppers_seen": days * per_day,
-        "events": len(msgs),
-        "events_per_s": round(len(msgs) / apply_s),
-        "examples": examples,
+    part, out = _after_arrivals(CollabPartition.from_settings, settings, days, per_day, per_shopper, n_items, seed,
+                                retention_days, 2000)
+    return out | {
         "shoppers_kept": len(part.states),
         "index_rows": len(part.index.ids),
         "index_bytes": int(part.index.matrix.nbytes),
-        "snapshot_bytes": len(snap),
-        "snapshot_s": round(snap_s, 3),
     }
 
 

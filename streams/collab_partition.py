@@ -415,7 +415,7 @@ class CollabPartition:
             self.index.remove(user)
             changed.users.discard(user)
             changed.vectors[user] = None
-            changed.forgotten += 1
+            batch.forgotten += 1
 
     def _open(self, state: UserState, ts: float) -> None:
         """Compute the example of the basket at ``ts`` from ``state`` *before* its first line."""
@@ -478,7 +478,6 @@ class CollabPartition:
         batch.vectors = {u: vector_bytes(v) for u, v in changed.vectors.items()}
         for u in changed.users:
             self._encoded[u] = self.states[u].to_bytes()
-        batch.forgotten = changed.forgotten
 
     # -- whole state ---------------------------------------------------------------------------
 
@@ -558,7 +557,6 @@ class _Changes:
     first_seen: set[str] = field(default_factory=set)
     vectors: dict[str, np.ndarray | None] = field(default_factory=dict)
     users: set[str] = field(default_factory=set)
-    forgotten: int = 0
 
 
 def stored_row(row: Mapping[str, tuple[float, float]]) -> bytes:

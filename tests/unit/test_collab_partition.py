@@ -303,10 +303,8 @@ def test_a_version_1_snapshot_is_read_with_the_order_rebuilt_from_the_states() -
 def test_with_retention_the_evaluation_computes_the_flows_examples() -> None:
     """The evaluation's replay forgets the shoppers the flow forgets, before the same baskets:
     with a 3-day retention (shoppers forgotten and coming back) its rows are the flow's examples."""
-    from evaluation.collab_replay import CollabReplay, basket_features
-    from evaluation.data import build_log
-    from evaluation.protocol import timestamp_groups
-    from tests.unit.test_features_paths import ITEMS
+    from evaluation.collab_replay import CollabReplay
+    from tests.unit.test_features_paths import gathered_baskets
 
     s = paths_settings().model_copy(update={"stream_retention_days": 3.0})
     raw = sorted(make_events(), key=lambda r: r["ts"])  # type: ignore[arg-type,return-value]
@@ -321,22 +319,13 @@ def test_with_retention_the_evaluation_computes_the_flows_examples() -> None:
     # an event far later closes the last open baskets (and forgets everyone)
     flow |= examples(part.apply([msg(ev(10**6, "zz", "view", "i0", T0 + 1e8), 10**6)]))
     assert forgotten > 0 and len(flow) > 20
-    log = build_log("paths", make_events(), [{"item_id": i, "title": i} for i in ITEMS])
     collab = CollabReplay(s)
-    bounds = timestamp_groups(log.ts)
+    by_key = {(r["user_id"], r["ts"]): r for r in flow.values()}
     checked = 0
-    for g in range(bounds.size - 1):
-        ts = float(log.ts[bounds[g]])
-        for user in sorted({log.user_ids[int(u)] for u in log.user[bounds[g] : bounds[g + 1]]}):
-            record = flow.get(example_id(user, ts))
-            view = collab.shopper_view(user, ts)
-            if record is None:
-                continue
-            assert view is not None
-            bf = basket_features(view, collab.shop_view(ts), collab.feature_rules)
-            assert bf.items == record["items"]
-            assert np.array_equal(bf.features.astype(np.float32), features(record))
-            checked += 1
-        collab.observe(log, int(bounds[g]), int(bounds[g + 1]))
+    for key, bf in gathered_baskets(collab, by_key):
+        record = by_key[key]
+        assert bf.items == record["items"]
+        assert np.array_equal(bf.features.astype(np.float32), features(record))
+        checked += 1
     assert checked == len(flow)
     assert set(collab.states) == kept and collab.index.ids == rows  # the same shoppers kept, in the same rows

@@ -25,10 +25,12 @@ before its first purchase line.
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterator
+
 import numpy as np
 import pytest
 
-from evaluation.collab_replay import CollabReplay, VectorSpace, basket_features
+from evaluation.collab_replay import BasketFeatures, CollabReplay, VectorSpace, basket_features
 from evaluation.data import build_log
 from evaluation.methods import SystemReplay
 from evaluation.protocol import timestamp_groups
@@ -190,26 +192,32 @@ def test_evaluation_rows_equal_the_flow_rule() -> None:
     assert ann_only > 0  # the evaluation's ANN candidates were exercised
 
 
+def gathered_baskets(collab: CollabReplay, wanted: Container[tuple[str, float]]) -> Iterator[tuple[tuple[str, float], BasketFeatures]]:
+    """Replay :func:`make_events` through ``collab`` in timestamp groups, as ``freshrec eval``
+    does, yielding before each group the features without vectors (``basket_features``) of
+    each (shopper, time) of the group in ``wanted``."""
+    log = build_log("paths", make_events(), [{"item_id": i, "title": i} for i in ITEMS])
+    bounds = timestamp_groups(log.ts)
+    for g in range(bounds.size - 1):
+        ts = float(log.ts[bounds[g]])
+        for user in sorted({log.user_ids[int(u)] for u in log.user[bounds[g] : bounds[g + 1]]}):
+            if (user, ts) in wanted:
+                view = collab.shopper_view(user, ts)
+                assert view is not None
+                yield (user, ts), basket_features(view, collab.shop_view(ts), collab.feature_rules)
+        collab.observe(log, int(bounds[g]), int(bounds[g + 1]))
+
+
 def test_gatherer_alone_matches_the_flow_without_vectors() -> None:
     """Without vectors, ``basket_features`` is the flow's example itself (candidates, order and rows)."""
     s = settings()
     flow = flow_examples(wire_events(), s)
-    log = build_log("paths", make_events(), [{"item_id": i, "title": i} for i in ITEMS])
-    collab = CollabReplay(s)
-    bounds = timestamp_groups(log.ts)
     checked = 0
-    for g in range(bounds.size - 1):
-        ts = float(log.ts[bounds[g]])
-        for user in {log.user_ids[int(u)] for u in log.user[bounds[g] : bounds[g + 1]]}:
-            if (user, ts) in flow:
-                view = collab.shopper_view(user, ts)
-                assert view is not None
-                bf = basket_features(view, collab.shop_view(ts), collab.feature_rules)
-                items, x, _, _ = flow[(user, ts)]
-                assert bf.items == items and np.array_equal(bf.features, x)
-                assert not (bf.sources & ANN).any()
-                checked += 1
-        collab.observe(log, int(bounds[g]), int(bounds[g + 1]))
+    for key, bf in gathered_baskets(CollabReplay(s), flow):
+        items, x, _, _ = flow[key]
+        assert bf.items == items and np.array_equal(bf.features, x)
+        assert not (bf.sources & ANN).any()
+        checked += 1
     assert checked == len(flow)
 
 
