@@ -183,7 +183,7 @@ def basket_gains(
             continue
         hits = lab[np.argsort(-s, kind="stable")[:k]]
         if name == "recall":
-            out[g] = hits.sum() / n_rel
+            out[g] = hits.sum() / min(n_rel, k)
         else:
             out[g] = float(discounts[: len(hits)][hits].sum() / discounts[: min(n_rel, k)].sum())
     return out

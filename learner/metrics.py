@@ -7,8 +7,9 @@ Two shapes of the same metrics:
   :func:`recall_from_ranks` / :func:`ndcg_from_ranks` average over queries. With a single
   relevant item the ideal DCG is 1, so NDCG@k is ``1 / log2(rank + 2)`` inside the top k.
 - **a ranked list against a set of relevant items** (next-basket evaluation):
-  :func:`recall_at_k` and :func:`ndcg_at_k`, where recall divides by the number of
-  relevant items and the ideal DCG puts ``min(len(relevant), k)`` hits on top.
+  :func:`recall_at_k` and :func:`ndcg_at_k`, where recall divides by
+  ``min(len(relevant), k)`` (``evaluation.metrics``' definition: a basket larger than k
+  can still reach 1) and the ideal DCG puts ``min(len(relevant), k)`` hits on top.
 
 For one relevant item the two shapes agree, which a unit test checks.
 """
@@ -70,12 +71,12 @@ def retrieval_metrics(
 
 
 def recall_at_k(ranked: Sequence[str], relevant: Collection[str], k: int = 10) -> float:
-    """Relevant items found in the top k, over the number of relevant items (0.0 if none)."""
+    """Relevant items found in the top k, over ``min(len(relevant), k)`` (0.0 if none)."""
     if not relevant:
         return 0.0
     rel = set(relevant)
     hits = sum(1 for item in _dedup(ranked)[:k] if item in rel)
-    return hits / len(rel)
+    return hits / min(len(rel), k)
 
 
 def ndcg_at_k(ranked: Sequence[str], relevant: Collection[str], k: int = 10) -> float:

@@ -114,6 +114,26 @@ def test_basket_gains_match_the_list_metrics() -> None:
         basket_gains(scores, labels, [12, 11], "recall@10")
 
 
+def test_basket_gains_recall_is_the_protocols_on_a_basket_larger_than_k() -> None:
+    """The gate judges rankers by ``freshrec eval``'s Recall@10: hits over min(10, |basket|).
+
+    A basket of 14 bought items whose 10 best-scored candidates are all bought scores 1.0,
+    as ``evaluation.metrics.recall_at_k`` scores it (dividing by 14 would give 0.71 and
+    weigh large baskets less in the gate than in the evaluation).
+    """
+    from evaluation.metrics import recall_at_k as protocol_recall
+
+    scores = -np.arange(20, dtype=np.float64)  # candidate r ranks r-th
+    labels = np.zeros(20, dtype=int)
+    labels[:12] = 1  # 12 bought candidates (the 10 best among them) ...
+    got = basket_gains(scores, labels, [20], "recall@10", relevant=[14])  # ... of 14 bought items
+    assert got[0] == pytest.approx(1.0)
+    assert got[0] == pytest.approx(protocol_recall(list(range(10)), set(range(12)) | {98, 99}))
+    labels[:] = 0
+    labels[[0, 15]] = 1  # 2 bought candidates, one in the top 10, of 3 bought items
+    assert basket_gains(scores, labels, [20], "recall@10", relevant=[3])[0] == pytest.approx(1 / 3)
+
+
 def _baskets(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """``n`` baskets of 20 candidates with one bought item each, at row 0 of the basket."""
     labels = np.zeros(n * 20, dtype=int)
