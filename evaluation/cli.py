@@ -13,8 +13,12 @@ them as ``mean ± sd``. Methods that do not depend on a seed run once. The seed 
 ``full`` through ``Settings.seed`` (``evaluation.methods`` reads it there): each seed's
 run builds its methods from ``settings.model_copy(update={"seed": seed})``.
 
-Runs: the first run replays every method with the first seed; each further seed is one
-more replay of the seeded methods alone. ``--jobs N`` runs those replays in N worker
+Runs: the first run replays every method with the first seed, and ``ranker`` with every
+seed (its examples do not depend on the seed, so its seeds share one example stream);
+each further seed is one more replay of the other seeded methods (``full``). Within a
+run, the example streams of ``ranker`` and ``full`` share one collaborative replay, and
+all runs share one feature cache (``evaluation.feature_cache``: ``full`` ranks over the
+base vectors until its adapter publishes). ``--jobs N`` runs the replays in N worker
 processes (spawned, each with ``2 // N`` torch threads at least 1), for machines where
 one replay does not keep the cores busy; the default is one process.
 """
@@ -33,13 +37,17 @@ import orjson
 from freshrec.dataset import DatasetError
 from freshrec.settings import Settings
 
+from .collab_replay import CollabReplay
 from .data import EventLog, format_ts, load_log, parse_date
+from .feature_cache import FeatureCache
 from .metrics import Timeline, seed_figures
 from .protocol import SLICES, Method, MethodResult, count_baskets, evaluate
 
 METHODS = ("popularity", "repeat", "cooccurrence", "tifuknn", "frozen", "ranker", "full")
 # Methods whose figures depend on the seed (learners); each built one also says ``seeded = True``.
 SEEDED = frozenset({"ranker", "full"})
+# Seeded methods whose examples do not depend on the seed: every seed runs in the first run.
+ONE_RUN_SEEDED = frozenset({"ranker"})
 N_DEFAULT_SEEDS = 3
 
 Figures = dict[str, dict[str, dict[str, object]]]
@@ -79,8 +87,15 @@ def parse_seeds(seeds: str | None, seed: int | None, default: int) -> list[int]:
     return out
 
 
-def build_methods(names: list[str], log: EventLog, settings: Settings, eval_from: float, device: str) -> list[Method]:
-    """The named methods over ``log``; seeded ones take their seed from ``settings.seed``."""
+def build_methods(
+    names: list[str], log: EventLog, settings: Settings, eval_from: float, device: str,
+    ranker_seeds: Sequence[int] = (), cache: FeatureCache | None = None,
+) -> list[Method]:
+    """The named methods over ``log``; seeded ones take their seed from ``settings.seed``.
+
+    ``ranker_seeds``: further seeds of ``ranker``, built as ``ranker/<seed>`` over the same
+    example stream. ``cache``: the run's shared :class:`~evaluation.feature_cache.FeatureCache`.
+    """
     from .baselines import POPULARITY_HALF_LIFE_DAYS, CooccurrenceMethod, PopularityMethod, RepeatMethod
 
     out: list[Method] = []
@@ -112,30 +127,38 @@ def build_methods(names: list[str], log: EventLog, settings: Settings, eval_from
         built = {m.name: m for m in build_system_methods(log, settings, eval_from, need, device)}
         if "frozen" in names:
             out.append(built["frozen"])
+        collab = CollabReplay(settings)  # one collaborative replay for both example streams
         if "ranker" in names:
-            out.extend(build_ranker_methods(log, settings, eval_from, built["frozen"], [settings.seed]))
+            seeds = [settings.seed, *ranker_seeds]
+            label = lambda _fam, seed: "ranker" if seed == settings.seed else f"ranker/{seed}"  # noqa: E731
+            out.extend(build_ranker_methods(log, settings, eval_from, built["frozen"], seeds, name=label,
+                                            collab=collab, cache=cache))
         if "full" in names:
             # Everything learned in the stream: the ranker over the adapters' vectors, with the
             # adapter method (blend over its vectors) as the fallback it drives.
-            out.append(build_full_ranker(log, settings, eval_from, built["full"], settings.seed))
+            out.append(build_full_ranker(log, settings, eval_from, built["full"], settings.seed,
+                                         collab=collab, cache=cache))
     order = {m: k for k, m in enumerate(names)}
-    return sorted(out, key=lambda m: order[m.name])
+    return sorted(out, key=lambda m: (order[m.name.split("/")[0]], m.name))
 
 
 @dataclass(frozen=True)
 class Run:
-    """One replay: these methods, built with this seed."""
+    """One replay: these methods, built with this seed (and ``ranker`` also with ``shared_seeds``)."""
 
     seed: int
     names: tuple[str, ...]
+    shared_seeds: tuple[int, ...] = ()
 
 
 def plan_runs(names: Sequence[str], seeds: Sequence[int]) -> list[Run]:
-    """Every method with the first seed, then one run of the seeded methods per further seed."""
-    seeded = tuple(n for n in names if n in SEEDED)
-    runs = [Run(seeds[0], tuple(names))]
-    if seeded:
-        runs += [Run(s, seeded) for s in seeds[1:]]
+    """Every method with the first seed (``ranker`` with every seed), then one run of the other
+    seeded methods per further seed."""
+    shared = tuple(seeds[1:]) if any(n in ONE_RUN_SEEDED for n in names) else ()
+    runs = [Run(seeds[0], tuple(names), shared)]
+    rest = tuple(n for n in names if n in SEEDED and n not in ONE_RUN_SEEDED)
+    if rest:
+        runs += [Run(s, rest) for s in seeds[1:]]
     return runs
 
 
@@ -172,19 +195,30 @@ def method_note(m: Method, seconds: float) -> str:
 
 def execute_run(
     run: Run, log: EventLog, settings: Settings, eval_from: float, device: str,
-    progress: Callable[[int], None] | None = None,
-) -> RunOutput:
-    """Build ``run``'s methods with its seed and replay them once."""
+    progress: Callable[[int], None] | None = None, cache_path: Path | None = None,
+) -> list[RunOutput]:
+    """Build ``run``'s methods with its seed and replay them once: one output per seed it ran."""
     seeded_settings = settings.model_copy(update={"seed": run.seed})
-    methods = build_methods(list(run.names), log, seeded_settings, eval_from, device)
-    undeclared = [m.name for m in methods if getattr(m, "seeded", False) and m.name not in SEEDED]
+    cache = FeatureCache(cache_path, settings) if cache_path is not None else None
+    methods = build_methods(list(run.names), log, seeded_settings, eval_from, device, run.shared_seeds, cache)
+    undeclared = [m.name for m in methods if getattr(m, "seeded", False) and m.name.split("/")[0] not in SEEDED]
     if undeclared:
         raise RuntimeError(f"methods {undeclared} declare seeded = True but are not in evaluation.cli.SEEDED")
     results = evaluate(log, eval_from, methods, progress=progress)
-    return RunOutput(run.seed, results, {m.name: method_note(m, results[m.name].seconds) for m in methods})
+    notes = {m.name: method_note(m, results[m.name].seconds) for m in methods}
+    if cache is not None:
+        cache.close()
+    own = [m.name for m in methods if "/" not in m.name]
+    out = [RunOutput(run.seed, {n: results[n] for n in own}, {n: notes[n] for n in own})]
+    for seed in run.shared_seeds:
+        name = f"ranker/{seed}"
+        out.append(RunOutput(seed, {"ranker": results[name]}, {"ranker": notes[name]}))
+    return out
 
 
-def _worker(run: Run, log: EventLog, settings: Settings, eval_from: float, device: str, threads: int) -> RunOutput:
+def _worker(
+    run: Run, log: EventLog, settings: Settings, eval_from: float, device: str, threads: int, cache_path: Path | None,
+) -> list[RunOutput]:
     """A run in a spawned process (its own torch threads)."""
     import os
 
@@ -193,13 +227,26 @@ def _worker(run: Run, log: EventLog, settings: Settings, eval_from: float, devic
         import torch
 
         torch.set_num_threads(threads)
-    return execute_run(run, log, settings, eval_from, device)
+    return execute_run(run, log, settings, eval_from, device, cache_path=cache_path)
 
 
 def execute_runs(
     runs: Sequence[Run], log: EventLog, settings: Settings, eval_from: float, device: str, jobs: int, quiet: bool,
 ) -> list[RunOutput]:
-    """Every run, in order of ``runs``: in this process (with a progress bar) or in ``jobs`` workers."""
+    """Every run's outputs, in order of ``runs``: in this process (with a progress bar) or in ``jobs`` workers.
+
+    The runs share one feature cache in a temporary folder, removed at the end.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="freshrec-eval-") as tmp:
+        return _execute_runs(runs, log, settings, eval_from, device, jobs, quiet, Path(tmp) / "features.sqlite")
+
+
+def _execute_runs(
+    runs: Sequence[Run], log: EventLog, settings: Settings, eval_from: float, device: str, jobs: int, quiet: bool,
+    cache_path: Path,
+) -> list[RunOutput]:
     if jobs <= 1 or len(runs) == 1:
         if device == "cpu":
             import torch
@@ -213,7 +260,7 @@ def execute_runs(
 
                 desc = "replay" if len(runs) == 1 else f"replay {k + 1}/{len(runs)} (seed {run.seed})"
                 bar = tqdm(total=len(log), unit="ev", unit_scale=True, desc=desc, mininterval=1.0)
-            out.append(execute_run(run, log, settings, eval_from, device, bar.update if bar is not None else None))
+            out.extend(execute_run(run, log, settings, eval_from, device, bar.update if bar is not None else None, cache_path))
             if bar is not None:
                 bar.close()
         return out
@@ -222,10 +269,10 @@ def execute_runs(
 
     threads = max(1, 2 // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_worker, run, log, settings, eval_from, device, threads) for run in runs]
+        futures = [pool.submit(_worker, run, log, settings, eval_from, device, threads, cache_path) for run in runs]
         out = []
         for run, fut in zip(runs, futures, strict=True):
-            out.append(fut.result())
+            out.extend(fut.result())
             if not quiet:
                 print(f"run seed {run.seed} ({', '.join(run.names)}) done", flush=True)
         return out

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -59,6 +60,14 @@ from ranking.user_state import DAY_S, Popularity, StateRules, UserState, apply_e
 from .data import KIND_NAMES, PURCHASE, EventLog
 
 
+class GroupListener(Protocol):
+    """Told by :meth:`CollabReplay.observe` around each timestamp group it applies."""
+
+    def before_group(self, log: EventLog, start: int, stop: int) -> None: ...
+
+    def after_group(self, log: EventLog, start: int, stop: int) -> None: ...
+
+
 class CollabReplay:
     """User states, collaborative state, served popularity and the shopper index of one replay.
 
@@ -81,6 +90,8 @@ class CollabReplay:
         self.recency = Recency()
         self.newest_ts = 0.0  # the newest applied event time (the flow's ``flow_ts``)
         self.version = 0  # bumped by every applied group: cached shop views go stale
+        # told before and after each timestamp group is applied (ExampleStreams sharing this replay)
+        self.listeners: list[GroupListener] = []
         self._applied_until = 0
         self._shop: tuple[float, int, ShopView] | None = None
 
@@ -134,11 +145,26 @@ class CollabReplay:
             self.upsert_shopper(user_id)
 
     def observe(self, log: EventLog, start: int, stop: int) -> None:
-        """Apply ``log[start:stop]`` (one timestamp) once, however many callers ask."""
+        """Apply ``log[start:stop]`` (one timestamp) once, however many callers ask.
+
+        Every listener sees the state before the group (``before_group``) and after it
+        (``after_group``), whichever caller came first: that is what lets several example
+        streams share one replay (each labels its examples from the state *before*).
+        """
         if start < self._applied_until:
             return
         self._applied_until = stop
+        for listener in self.listeners:
+            listener.before_group(log, start, stop)
         self.apply_events(list(log_events(log, start, stop)))
+        for listener in self.listeners:
+            listener.after_group(log, start, stop)
+
+    def present(self, user_id: str, ts: float) -> bool:
+        """Whether the shopper has a state at ``ts`` (forgetting first, as :meth:`shopper_view` does)."""
+        if self.retention_s > 0:
+            self.forget(max(ts, self.newest_ts) - self.retention_s)
+        return user_id in self.states
 
     # -- gathering -------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from ranking.user_state import DAY_S, Interaction, UserState
 
 from .collab_replay import BasketFeatures, CollabReplay, VectorSpace, basket_features, purchase_baskets
 from .data import EventLog
+from .feature_cache import FeatureCache, space_digest
 
 K = 10
 
@@ -87,7 +88,11 @@ class ExampleStream:
 
     ``features(user_id, ts)`` is cached per (shopper, basket time), so scoring a basket and
     recording it as an example compute it once; only the newest ``keep`` examples stay in
-    memory (the rankers' window plus their held-back baskets).
+    memory (the rankers' window plus their held-back baskets). Several streams may share
+    one :class:`CollabReplay` (``ranker`` and ``full`` in one run): each registers as its
+    listener, so each builds its examples from the state before a group whichever stream
+    applies it. With a :class:`~evaluation.feature_cache.FeatureCache`, features computed
+    over the same vectors by another stream, run or worker process are read, not recomputed.
     """
 
     def __init__(
@@ -99,8 +104,11 @@ class ExampleStream:
         user_ids: Sequence[str],
         record_from: float,
         keep: int,
+        cache: FeatureCache | None = None,
     ) -> None:
         self.collab = collab
+        self.feature_cache = cache
+        self._space_key = ""
         self.user_ids = user_ids
         self.source = source
         self.item_ids = item_ids
@@ -113,7 +121,8 @@ class ExampleStream:
         self._matrix: np.ndarray | None = None
         self._space: VectorSpace | None = None
         self._cache: dict[tuple[str, float], BasketFeatures] = {}
-        self._applied_until = 0
+        self._pending: list[tuple[str, set[str], BasketFeatures, tuple[Interaction, ...], float]] = []
+        collab.listeners.append(self)
 
     def space(self) -> VectorSpace:
         """The source's current vectors as a :class:`VectorSpace` (rebuilt when they change)."""
@@ -121,6 +130,8 @@ class ExampleStream:
             self._matrix = self.source.vectors
             self._space = VectorSpace(self._matrix, self.item_ids, self.item_index, self.source.similarity_scale)
             self.space_version += 1
+            if self.feature_cache is not None:
+                self._space_key = space_digest(self._space)
         return self._space
 
     def features(self, user_id: str, ts: float) -> BasketFeatures | None:
@@ -130,40 +141,55 @@ class ExampleStream:
         if hit is not None:
             return hit
         t0 = time.perf_counter()
+        space = self.space()
+        shared = self.feature_cache
+        if shared is not None and self.collab.present(user_id, ts):
+            out = shared.get(self._space_key, user_id, ts)
+            if out is not None:
+                self._cache[key] = out
+                self.feature_seconds += time.perf_counter() - t0
+                return out
         view = self.collab.shopper_view(user_id, ts)
         if view is None:
             return None
-        out = basket_features(view, self.collab.shop_view(ts), self.collab.feature_rules, self.space())
+        out = basket_features(view, self.collab.shop_view(ts), self.collab.feature_rules, space)
+        if shared is not None:
+            shared.put(self._space_key, user_id, ts, out)
         self._cache[key] = out
         self.feature_seconds += time.perf_counter() - t0
         return out
 
     def observe(self, log: EventLog, start: int, stop: int) -> None:
-        """Build the examples of this timestamp's baskets, apply it, label them (once per timestamp)."""
-        if start < self._applied_until:
-            return
-        self._applied_until = stop
-        ts = float(log.ts[start])
-        pending: list[tuple[str, set[str], BasketFeatures, UserState]] = []
-        if ts >= self.record_from:
-            for user_id, basket in purchase_baskets(log, start, stop).items():
-                state = self.collab.states.get(user_id)
-                if state is None or not state.baskets:
-                    continue
-                bf = self.features(user_id, ts)
-                if bf is not None:
-                    pending.append((user_id, basket, bf, state))
-        history = {u: (tuple(s.history), s.last_ts) for u, _, _, s in pending}
+        """Apply this timestamp to the collaborative replay (once, whichever stream asks first);
+        the examples are built and labelled by :meth:`before_group` and :meth:`after_group`."""
         self.collab.observe(log, start, stop)
+
+    def before_group(self, log: EventLog, start: int, stop: int) -> None:
+        """The candidates and features of this timestamp's baskets, from the state before it."""
+        ts = float(log.ts[start])
+        self._pending = []
+        if ts < self.record_from:
+            return
+        for user_id, basket in purchase_baskets(log, start, stop).items():
+            state = self.collab.states.get(user_id)
+            if state is None or not state.baskets:
+                continue
+            bf = self.features(user_id, ts)
+            if bf is not None:
+                self._pending.append((user_id, basket, bf, tuple(state.history), state.last_ts))
+
+    def after_group(self, log: EventLog, start: int, stop: int) -> None:
+        """Label the pending baskets' candidates by what was bought (the state has moved on)."""
         self._cache.clear()
+        ts = float(log.ts[start])
         version = self.space_version
-        for user_id, basket, bf, _ in pending:
+        for user_id, basket, bf, hist, last_ts in self._pending:
             bought = np.fromiter((1.0 if i in basket else 0.0 for i in bf.items), dtype=np.float32, count=len(bf.items))
-            hist, last_ts = history[user_id]
             self.examples.append(
                 Example(self.next_seq, user_id, ts, bf.items, bf.features, bought, len(basket), hist, last_ts, version)
             )
             self.next_seq += 1
+        self._pending = []
 
     def refresh_sim(self, ex: Example) -> np.ndarray:
         """The example's rows with ``sim`` from the current vectors (the learner fills it with the active adapter's)."""
@@ -413,7 +439,7 @@ def _log_weights(settings: Settings) -> LogBlendWeights:
 
 
 def example_stream(log: EventLog, settings: Settings, source: VectorSource, eval_from: float,
-                   collab: CollabReplay | None = None) -> ExampleStream:
+                   collab: CollabReplay | None = None, cache: FeatureCache | None = None) -> ExampleStream:
     """One stream of examples over ``source``'s vectors (a fresh :class:`CollabReplay` unless given)."""
     collab = collab or CollabReplay(settings)
     index = {iid: k for k, iid in enumerate(log.item_ids)}
@@ -421,6 +447,7 @@ def example_stream(log: EventLog, settings: Settings, source: VectorSource, eval
         collab, source, log.item_ids, index, log.user_ids,
         record_from=eval_from - settings.ranker_eval_history_days * DAY_S,
         keep=settings.ranker_window_baskets + settings.ranker_gate_baskets,
+        cache=cache,
     )
 
 
@@ -432,9 +459,11 @@ def build_ranker_methods(
     seeds: Sequence[int],
     families: Sequence[str] | None = None,
     name: Callable[[str, int], str] | None = None,
+    collab: CollabReplay | None = None,
+    cache: FeatureCache | None = None,
 ) -> list[RankerMethod]:
     """``ranker`` for each seed (and family), over ``frozen``'s base vectors and blend, sharing one example stream."""
-    stream = example_stream(log, settings, frozen, eval_from)
+    stream = example_stream(log, settings, frozen, eval_from, collab, cache)
     fams = list(families or [settings.ranker_family])
     label = name or (lambda fam, seed: "ranker" if len(seeds) == 1 and len(fams) == 1 else f"ranker[{fam},{seed}]")
     return [RankerMethod(label(fam, seed), stream, frozen, settings, seed, fam) for fam in fams for seed in seeds]
@@ -442,7 +471,7 @@ def build_ranker_methods(
 
 def build_full_ranker(
     log: EventLog, settings: Settings, eval_from: float, full: SystemLike, seed: int,
-    name: str = "full",
+    name: str = "full", collab: CollabReplay | None = None, cache: FeatureCache | None = None,
 ) -> RankerMethod:
     """``full``: the ranker over the adapter method's item vectors as its learner changes them.
 
@@ -451,5 +480,5 @@ def build_full_ranker(
     for ANN and ``sim``, recomputes ``sim`` of its window with them before each update,
     and falls back to it. List it *instead of* the blend-only ``full``.
     """
-    stream = example_stream(log, settings, full, eval_from)
+    stream = example_stream(log, settings, full, eval_from, collab, cache)
     return RankerMethod(name, stream, full, settings, seed, drive_fallback=True)

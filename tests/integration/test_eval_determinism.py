@@ -150,3 +150,9 @@ def test_cli_ranker_runs_per_seed_beside_frozen(sample_dir: Path, tmp_path: Path
     assert isinstance(figures["ranker"]["all"].get("spread"), dict)
     assert not isinstance(figures["frozen"]["all"].get("spread"), dict)
     assert figures["ranker"]["all"]["baskets"] == figures["frozen"]["all"]["baskets"] > 0
+    # seed 8 rode on seed 7's run (one example stream for both): alone it scores the same
+    alone = tmp_path / "eval8.json"
+    argv8 = [str(data), "--eval-from", "2011-05-16", "--json", str(alone), "--methods", "ranker", "--seeds", "8", "--quiet"]
+    assert main(argv8, settings) == 0
+    per_seed = figures["ranker"]["all"]["spread"]["recall@10"]["per_seed"]
+    assert orjson.loads(alone.read_bytes())["ranker"]["all"]["recall@10"] == per_seed[1]

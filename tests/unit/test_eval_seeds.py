@@ -33,6 +33,12 @@ def test_plan_runs_repeats_only_seeded_methods() -> None:
         Run(7, ("popularity", "full")), Run(8, ("full",)), Run(9, ("full",)),
     ]
     assert plan_runs(["popularity", "repeat"], [7, 8, 9]) == [Run(7, ("popularity", "repeat"))]
+    # ``ranker``'s examples do not depend on the seed: all its seeds share the first run's stream
+    assert plan_runs(["frozen", "ranker", "full"], [7, 8, 9]) == [
+        Run(7, ("frozen", "ranker", "full"), (8, 9)), Run(8, ("full",)), Run(9, ("full",)),
+    ]
+    assert plan_runs(["ranker"], [7, 8]) == [Run(7, ("ranker",), (8,))]
+    assert plan_runs(["ranker"], [7]) == [Run(7, ("ranker",))]
 
 
 def test_spread_and_seed_figures_hand_computed() -> None:
@@ -131,7 +137,7 @@ def test_main_runs_a_seeded_method_once_per_seed(
     calls: list[tuple[tuple[str, ...], int]] = []
     real = cli.build_methods
 
-    def fake(names, log, settings, eval_from, device):  # type: ignore[no-untyped-def]
+    def fake(names, log, settings, eval_from, device, *rest):  # type: ignore[no-untyped-def]
         calls.append((tuple(names), settings.seed))
         out = real([n for n in names if n != "full"], log, settings, eval_from, device)
         return out + ([SeedStub(log.n_items, settings.seed)] if "full" in names else [])
