@@ -301,7 +301,7 @@ class RankerMethod:
         self.active_version = "blend"
         self.updates = 0
         self.trained_since_adopt = 0
-        self.blend = BlendScorer(_log_weights(settings))
+        self.blend = BlendScorer(log_blend_weights(settings))
         self.update_baskets = settings.ranker_update_baskets
         self.update_s = settings.ranker_update_days * DAY_S
         self.window = settings.ranker_window_baskets
@@ -430,7 +430,7 @@ class RankerMethod:
         )
 
 
-def _log_weights(settings: Settings) -> LogBlendWeights:
+def log_blend_weights(settings: Settings) -> LogBlendWeights:
     w = weights_from_settings(settings)
     return w if isinstance(w, LogBlendWeights) else LogBlendWeights.from_settings(settings)
 
