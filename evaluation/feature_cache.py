@@ -11,7 +11,9 @@ the report window, the largest share of a seeded run after the adapter's trainin
 This cache stores them once, keyed by the vector space's digest (matrix bytes and
 similarity scale), the settings that shape features, the shopper and the basket time,
 in one SQLite file that the worker processes of ``--jobs N`` share (WAL: readers never
-wait for the writer; a busy writer is waited for). A hit returns exactly what computing
+wait for the writer; a busy writer is waited for), in a temporary folder that
+``freshrec eval`` removes at the end: about 25 kB per basket and vector space, ~300 MB for
+the validation window's 12,000 examples over one space. A hit returns exactly what computing
 would (the arrays are stored as raw bytes), so results do not depend on which run
 computed an entry first; tests/unit/test_feature_cache.py proves a replay with a warm
 cache gives the figures of one without.

@@ -431,6 +431,8 @@ class RankerMethod:
 
 
 def log_blend_weights(settings: Settings) -> LogBlendWeights:
+    """The log blend's weights (the settings' own when they choose the log blend): the feature
+    columns it reads are ranking examples' columns, so the gate can score "the blend" before any ranker."""
     w = weights_from_settings(settings)
     return w if isinstance(w, LogBlendWeights) else LogBlendWeights.from_settings(settings)
 
