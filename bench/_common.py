@@ -16,6 +16,15 @@ from freshrec.infra import Stack, free_port, start_stack, stop_stack
 from freshrec.settings import Settings
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "online_retail_ii"
+REPORT_FROM = "2011-06-01"  # the pre-registered report window starts here (docs/eval_online_retail_ii.md)
+
+
+def refuse_report_window(until: str, doing: str) -> None:
+    """Exit when a benchmark that chooses settings would read the report window (``--until`` past it)."""
+    from evaluation.data import parse_date
+
+    if parse_date(until) > parse_date(REPORT_FROM):
+        raise SystemExit(f"--until after {REPORT_FROM} reaches the report window: {doing} on the validation window only")
 
 
 @contextlib.contextmanager

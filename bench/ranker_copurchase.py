@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import DEFAULT_DATA
+from bench._common import DEFAULT_DATA, refuse_report_window
 from bench.report import write_json
 from evaluation.baselines import CoPurchase, strongest_profile
 from evaluation.data import PURCHASE, EventLog, load_log, parse_date
@@ -136,8 +136,7 @@ def main() -> None:
     p.add_argument("--negatives", type=int, default=50)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if parse_date(args.until) > parse_date("2011-06-01"):
-        raise SystemExit("--until after 2011-06-01 reaches the report window: study on the validation window only")
+    refuse_report_window(args.until, "study")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lightgbm as lgb
     import torch

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bench._common import refuse_report_window
 from bench.ranker_family import DEFAULT_DATA, spread
 from evaluation.data import load_log, parse_date
 from evaluation.protocol import SLICES, count_baskets, evaluate
@@ -76,8 +77,7 @@ def main() -> None:
     p.add_argument("--seeds", default="7")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if parse_date(args.until) > parse_date("2011-06-01"):
-        raise SystemExit("--until after 2011-06-01 reaches the report window: tune on the validation window only")
+    refuse_report_window(args.until, "tune")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 

@@ -200,14 +200,16 @@ def execute_run(
     """Build ``run``'s methods with its seed and replay them once: one output per seed it ran."""
     seeded_settings = settings.model_copy(update={"seed": run.seed})
     cache = FeatureCache(cache_path, settings) if cache_path is not None else None
-    methods = build_methods(list(run.names), log, seeded_settings, eval_from, device, run.shared_seeds, cache)
-    undeclared = [m.name for m in methods if getattr(m, "seeded", False) and m.name.split("/")[0] not in SEEDED]
-    if undeclared:
-        raise RuntimeError(f"methods {undeclared} declare seeded = True but are not in evaluation.cli.SEEDED")
-    results = evaluate(log, eval_from, methods, progress=progress)
+    try:
+        methods = build_methods(list(run.names), log, seeded_settings, eval_from, device, run.shared_seeds, cache)
+        undeclared = [m.name for m in methods if getattr(m, "seeded", False) and m.name.split("/")[0] not in SEEDED]
+        if undeclared:
+            raise RuntimeError(f"methods {undeclared} declare seeded = True but are not in evaluation.cli.SEEDED")
+        results = evaluate(log, eval_from, methods, progress=progress)
+    finally:
+        if cache is not None:
+            cache.close()
     notes = {m.name: method_note(m, results[m.name].seconds) for m in methods}
-    if cache is not None:
-        cache.close()
     own = [m.name for m in methods if "/" not in m.name]
     out = [RunOutput(run.seed, {n: results[n] for n in own}, {n: notes[n] for n in own})]
     for seed in run.shared_seeds:

@@ -99,8 +99,7 @@ class CollabReplay:
 
     def apply(self, event: Event) -> bool:
         """The contract's per-event rule for one event; False for a duplicate (skipped)."""
-        if self.retention_s > 0:
-            self.forget(max(event.ts, self.newest_ts) - self.retention_s)
+        self._forget_as_of(event.ts)
         state = self.states.get(event.user_id)
         if state is None:
             state = self.states[event.user_id] = UserState(event.user_id)
@@ -128,6 +127,11 @@ class CollabReplay:
             self.states.pop(user, None)
             self.index.remove(user)
             self.version += 1
+
+    def _forget_as_of(self, ts: float) -> None:
+        """Forget the shoppers that retention drops by ``ts`` (or the newest applied event, if later)."""
+        if self.retention_s > 0:
+            self.forget(max(ts, self.newest_ts) - self.retention_s)
 
     def upsert_shopper(self, user_id: str) -> None:
         """Refresh a shopper's vector in the index (after their purchases)."""
@@ -161,9 +165,9 @@ class CollabReplay:
             listener.after_group(log, start, stop)
 
     def present(self, user_id: str, ts: float) -> bool:
-        """Whether the shopper has a state at ``ts`` (forgetting first, as :meth:`shopper_view` does)."""
-        if self.retention_s > 0:
-            self.forget(max(ts, self.newest_ts) - self.retention_s)
+        """Whether the shopper has a state at ``ts``: the flow forgets at a basket's first line,
+        before it computes the basket's example."""
+        self._forget_as_of(ts)
         return user_id in self.states
 
     # -- gathering -------------------------------------------------------------------------
@@ -179,12 +183,9 @@ class CollabReplay:
 
     def shopper_view(self, user_id: str, ts: float) -> ShopperView | None:
         """The shopper's inputs at ``ts``; None for a shopper without a state."""
-        if self.retention_s > 0:
-            # the flow forgets at the basket's first line, before computing its example
-            self.forget(max(ts, self.newest_ts) - self.retention_s)
-        state = self.states.get(user_id)
-        if state is None:
+        if not self.present(user_id, ts):
             return None
+        state = self.states[user_id]
         return shopper_view(state, self.states, self.collab, self.index, ts, self.feature_rules, self.collab_rules, self.neighbours)
 
 
