@@ -173,7 +173,7 @@ def run(data_dir: Path, n_events: int, n_requests: int, block: int = 25) -> dict
             for u in users[:200]:
                 shop = shop_at(runtime.shop.view, states[u])
                 view = gather(states[u], shop.now_ts)
-                sig = shopper_signals(view, shop.now_ts, rules)
+                sig = shopper_signals(view, shop.now_ts, rules, shop)
                 cands = candidates(sig, shop, rules)
                 sim = similarity_column(states[u], cands.items, pair.index.reconstruct_many(cands.items), rules, pair.similarity)
                 x_groups.append(feature_matrix(sig, shop, cands.items, sim, rules))
@@ -227,7 +227,7 @@ def run(data_dir: Path, n_events: int, n_requests: int, block: int = 25) -> dict
                     view = gather(state, shop.now_ts)
                     parts["gather"].append(time.perf_counter() - t)
                     t = time.perf_counter()
-                    sig = shopper_signals(view, shop.now_ts, rules)
+                    sig = shopper_signals(view, shop.now_ts, rules, shop)
                     cands = candidates(sig, shop, rules)
                     parts["signals_candidates"].append(time.perf_counter() - t)
                     cands_n.append(len(cands))

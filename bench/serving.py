@@ -252,7 +252,7 @@ def prepare_ranker(settings: Any, events: list[Any], n_train: int = 200) -> Path
         view = replay.shopper_view(u, now)
         if view is None:
             continue
-        sig = shopper_signals(view, now, replay.feature_rules)
+        sig = shopper_signals(view, now, replay.feature_rules, shop)
         cands = candidates(sig, shop, replay.feature_rules)
         sim = np.random.default_rng(len(x_groups)).uniform(0.0, 1.0, len(cands))
         x_groups.append(feature_matrix(sig, shop, cands.items, sim, replay.feature_rules))

@@ -311,7 +311,7 @@ def basket_features(
     with it, ANN candidates join and ``sim`` is :func:`ranking.features.similarity_column`
     over the version's vectors and scale.
     """
-    sig = shopper_signals(shopper, shop.now_ts, rules)
+    sig = shopper_signals(shopper, shop.now_ts, rules, shop)
     ann = [] if space is None else ann_items(shopper.state, space, shop.first_seen, rules.ann, rules)
     cands = candidates(sig, shop, rules, ann)
     if space is None:

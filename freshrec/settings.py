@@ -300,9 +300,11 @@ class Settings(BaseSettings):
     monitor_port: int = Field(8020, ge=0, le=65535, description="Port of `freshrec monitor`'s /metrics (0: any free port)")
 
     # -- collaborative state and the ranking stage (ranking.collab, ranking.features) ----
-    collab_top_k: int = Field(50, ge=1, description="Co-purchase neighbours read per item")
+    collab_top_k: int = Field(
+        100, ge=1, description="Co-purchase partners an item's row keeps when it is cut back (the most specific, by cosine)"
+    )
     collab_row_cap: int = Field(
-        100, ge=1, description="Co-purchase entries held per item before the row is cut back to collab_top_k (memory bound)"
+        200, ge=1, description="Co-purchase entries held per item before the row is cut back to collab_top_k (memory bound)"
     )
     collab_copurchase_half_life_days: float = Field(180.0, gt=0, description="Half-life of co-purchase counts (event time)")
     collab_max_basket_lines: int = Field(64, ge=1, description="Distinct lines of one basket that pair up for co-purchase")

@@ -13,9 +13,13 @@ the collaborative flow, the evaluation and the tests run the very same code:
   whatever the arrival order. Only the first ``max_basket_lines`` distinct lines of a
   basket pair up (a wholesale order of 400 lines would otherwise add 160,000 pairs).
   **Memory bound**: a row holds at most ``row_cap`` entries; when it grows past that it
-  is cut back to its ``top_k`` strongest (decayed to the event's time, ties by item id),
-  so the whole table holds at most ``items x row_cap`` entries (tested). Reads return
-  the ``top_k`` strongest.
+  is cut back to its ``top_k`` most *specific* partners, by :func:`cosine` (the decayed
+  pair count over the geometric mean of the two items' basket counts, decayed to the
+  event's time, ties by item id), so the whole table holds at most ``items x row_cap``
+  entries (tested). Reads return every stored entry. Why cosine and not the count: a
+  row cut by count keeps the partners that everything is bought with, which popularity
+  already carries; the ranker gained nothing from such rows, and +1 to +2 % from rows
+  cut and read as cosines (docs/ranker_study.md, "The co-purchase columns").
 * **Item statistics** (:class:`ItemStats`): baskets with the item and distinct buyers
   (among the baskets a shopper's state keeps), whose ratio is the re-order ratio.
 * **Popularity at two horizons**: :class:`ranking.user_state.Popularity` with
@@ -58,14 +62,15 @@ COLLAB_FORMAT = 1
 class CollabRules:
     """The knobs of the collaborative state (settings ``collab_*``)."""
 
-    top_k: int = 50
-    row_cap: int = 100
+    top_k: int = 100
+    row_cap: int = 200
     copurchase_half_life_s: float = 180 * DAY_S
     max_basket_lines: int = 64
     pop_short_half_life_s: float = 3 * DAY_S
     pop_long_half_life_s: float = 60 * DAY_S
     shopper_dim: int = 256
     basket_decay: float = 0.9  # Settings.repeat_basket_decay: the shopper vector is the repeat signal
+    shrink: float = 10.0  # of :func:`cosine`, as ranking.features.FeatureRules.shrink
 
     def __post_init__(self) -> None:
         if self.row_cap < self.top_k:
@@ -88,6 +93,13 @@ class CollabRules:
 # -- co-purchase ---------------------------------------------------------------------------
 
 
+def cosine(count: float, n_a: float, n_b: float, shrink: float) -> float:
+    """How specific a pair is: ``count / (sqrt(n_a * n_b) + shrink)``, with ``n_a``/``n_b`` the
+    items' basket counts (``ItemStats.baskets``). The shrink keeps one shared basket of
+    two rare items from scoring as a certainty (as ``evaluation.baselines.CoPurchase``)."""
+    return count / (math.sqrt(float(n_a) * float(n_b)) + shrink)
+
+
 @dataclass(slots=True)
 class CoPurchase:
     """Decayed co-purchase counts per item: ``rows[a][b] = (count, as_of)``; ``rows[a][a]`` is a's basket count."""
@@ -95,41 +107,50 @@ class CoPurchase:
     rules: CollabRules
     rows: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
-    def _add(self, a: str, b: str, ts: float) -> None:
+    def _add(self, a: str, b: str, ts: float, baskets: Mapping[str, int]) -> None:
         row = self.rows.setdefault(a, {})
         value, as_of = row.get(b, (0.0, ts))
         row[b] = decayed_add(value, as_of, 1.0, ts, self.rules.copurchase_half_life_s)
         if len(row) > self.rules.row_cap:
-            self._prune(a, row, ts)
+            self._prune(a, row, ts, baskets)
 
-    def _prune(self, item: str, row: dict[str, tuple[float, float]], ts: float) -> None:
-        """Cut a row back to its ``top_k`` strongest others (its own count always stays)."""
-        hl = self.rules.copurchase_half_life_s
+    def _prune(self, item: str, row: dict[str, tuple[float, float]], ts: float, baskets: Mapping[str, int]) -> None:
+        """Cut a row back to its ``top_k`` partners of largest :func:`cosine` (its own count always stays)."""
+        hl, shrink = self.rules.copurchase_half_life_s, self.rules.shrink
         own = row.get(item)
+        n_a = baskets.get(item, 0)
         ranked = sorted(
             ((other, v) for other, v in row.items() if other != item),
-            key=lambda kv: (-kv[1][0] * decay_factor(max(ts - kv[1][1], 0.0), hl), kv[0]),
+            key=lambda kv: (
+                -cosine(kv[1][0] * decay_factor(max(ts - kv[1][1], 0.0), hl), n_a, baskets.get(kv[0], 0), shrink),
+                kv[0],
+            ),
         )
         kept = dict(ranked[: self.rules.top_k])
         if own is not None:
             kept[item] = own
         self.rows[item] = kept
 
-    def add_line(self, item: str, basket: Sequence[str], ts: float, new_basket_for_item: bool) -> set[str]:
-        """Count one purchase line joining ``basket`` (the basket's other lines so far); the changed rows."""
+    def add_line(
+        self, item: str, basket: Sequence[str], ts: float, new_basket_for_item: bool, baskets: Mapping[str, int]
+    ) -> set[str]:
+        """Count one purchase line joining ``basket`` (the basket's other lines so far); the changed rows.
+
+        ``baskets`` are the items' basket counts (``ItemStats.baskets``) that a cut ranks by.
+        """
         if not new_basket_for_item:
             return set()
-        self._add(item, item, ts)
+        self._add(item, item, ts, baskets)
         changed = {item}
         if len(basket) < self.rules.max_basket_lines:
             for other in basket:
-                self._add(item, other, ts)
-                self._add(other, item, ts)
+                self._add(item, other, ts, baskets)
+                self._add(other, item, ts, baskets)
                 changed.add(other)
         return changed
 
     def row(self, item: str, now_ts: float) -> dict[str, float]:
-        """The item's ``top_k`` strongest co-purchased items, counts decayed to ``now_ts`` (itself left out)."""
+        """The item's stored row, counts decayed to ``now_ts`` (:func:`decayed_row`)."""
         return decayed_row(self.rows.get(item, {}), item, now_ts, self.rules)
 
     def entries(self) -> int:
@@ -137,36 +158,34 @@ class CoPurchase:
 
 
 def decayed_row(row: Mapping[str, tuple[float, float]], item: str, now_ts: float, rules: CollabRules) -> dict[str, float]:
-    """A stored row read at ``now_ts``: the ``top_k`` strongest others and, under ``item``, its own count."""
+    """A stored row read at ``now_ts``: every other item by id, then, under ``item``, its own count.
+
+    The order is fixed by the ids (not by how the row was built), so sums over rows add
+    in the same order on every path.
+    """
     hl = rules.copurchase_half_life_s
-    values = {other: v * decay_factor(max(now_ts - as_of, 0.0), hl) for other, (v, as_of) in row.items()}
-    own = values.pop(item, 0.0)
-    top = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[: rules.top_k]
-    out = dict(top)
-    out[item] = own
+    out = {other: row[other][0] * decay_factor(max(now_ts - row[other][1], 0.0), hl) for other in sorted(row) if other != item}
+    own = row.get(item)
+    out[item] = 0.0 if own is None else own[0] * decay_factor(max(now_ts - own[1], 0.0), hl)
     return out
 
 
 @dataclass(frozen=True, slots=True)
 class StoredRow:
     """A stored co-purchase row as arrays, decoded once per stored value (serving caches it by
-    the bytes Redis returned, whatever "now" a request reads it at)."""
+    the bytes Redis returned, whatever "now" a request reads it at). The others are in id
+    order, as :func:`decayed_row` returns them."""
 
     item: str
-    names: list[str]  # the other items, in stored order (the item's own count apart)
+    names: list[str]  # the other items, by id (the item's own count apart)
     codes: np.ndarray  # their ITEM_CODES
     values: np.ndarray
     as_of: np.ndarray
     own: tuple[float, float] | None
-    # each name's place in Python's string order of ``names``: the tie-break of the top_k
-    # order as an integer key, so the order is one ``np.lexsort`` (no per-entry Python key)
-    name_rank: np.ndarray
 
 
 def stored_row_arrays(row: Mapping[str, tuple[float, float]], item: str) -> StoredRow:
-    names = [o for o in row if o != item]
-    name_rank = np.empty(len(names), dtype=np.int64)
-    name_rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+    names = sorted(o for o in row if o != item)
     return StoredRow(
         item,
         names,
@@ -174,7 +193,6 @@ def stored_row_arrays(row: Mapping[str, tuple[float, float]], item: str) -> Stor
         np.fromiter((row[o][0] for o in names), dtype=np.float64, count=len(names)),
         np.fromiter((row[o][1] for o in names), dtype=np.float64, count=len(names)),
         row.get(item),
-        name_rank,
     )
 
 
@@ -188,29 +206,19 @@ class CodedRow(dict):  # type: ignore[type-arg]
 
 
 def coded_decayed_row(stored: StoredRow, now_ts: float, rules: CollabRules) -> CodedRow:
-    """:func:`decayed_row` of the row ``stored`` holds, the same keys, order and floats
-    (``math.exp2`` of the same quotients; ties at the ``top_k`` cut by id)."""
+    """:func:`decayed_row` of the row ``stored`` holds: the same keys, order and floats
+    (``math.exp2`` of the same quotients, as :func:`ranking.user_state.decay_factor`)."""
     hl = rules.copurchase_half_life_s
     age = np.maximum(now_ts - stored.as_of, 0.0)
     decay = np.fromiter(map(math.exp2, (-age / hl).tolist()), dtype=np.float64, count=len(age))
     values = stored.values * decay
-    n, k = len(values), rules.top_k
-    if n > k:
-        cut = np.partition(values, n - k)[n - k]  # the k-th largest: every tie with it is sorted below
-        pool = np.flatnonzero(values >= cut)
-    else:
-        pool = np.arange(n)
-    # sorted by (-value, name) as decayed_row sorts: the last lexsort key is the primary one;
-    # names are distinct, so no two entries tie on both keys (the sort's stability is not needed)
-    order = pool[np.lexsort((stored.name_rank[pool], -values[pool]))][:k]
-    names = stored.names
-    out = CodedRow(zip([names[r] for r in order.tolist()], values[order].tolist(), strict=True))
+    out = CodedRow(zip(stored.names, values.tolist(), strict=True))
     own = 0.0
     if stored.own is not None:
         v, as_of = stored.own
         own = v * decay_factor(max(now_ts - as_of, 0.0), hl)
     out[stored.item] = own
-    out.codes, out.values = stored.codes[order], values[order]
+    out.codes, out.values = stored.codes, values
     return out
 
 
@@ -387,7 +395,7 @@ class CollabState:
         if event.kind != "purchase":
             return {item} if weight else set()
         basket, in_it = basket_at(before, ts, item)
-        changed = self.copurchase.add_line(item, basket, ts, new_basket_for_item=not in_it)
+        changed = self.copurchase.add_line(item, basket, ts, not in_it, self.stats.baskets)
         if not in_it:
             self.stats.baskets[item] = self.stats.baskets.get(item, 0) + 1
             if item not in before.basket_bits:

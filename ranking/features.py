@@ -39,7 +39,17 @@ from typing import Any
 
 import numpy as np
 
-from .collab import CodedRow, CollabState, NeighbourSummary, code_sums, neighbour_signals, normalised, reorder_ratio
+from .collab import (
+    ITEM_CODES,
+    CodedRow,
+    CollabState,
+    NeighbourSummary,
+    code_sums,
+    cosine,
+    neighbour_signals,
+    normalised,
+    reorder_ratio,
+)
 from .scoring import IDENTITY_SCALE, SimilarityScale, history_weights, user_vector
 from .user_state import DAY_S, Popularity, UserState
 
@@ -67,8 +77,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_reorder_ratio",
 )
 # Changes whenever the columns or their meaning change; a ranker trained on another schema
-# is refused by serving (it falls back to the blend).
-FEATURE_SCHEMA = "f1-" + hashlib.sha1(",".join(FEATURE_NAMES).encode()).hexdigest()[:8]
+# is refused by serving (it falls back to the blend). f2: the co-purchase columns are cosines.
+FEATURE_SCHEMA = "f2-" + hashlib.sha1(",".join(FEATURE_NAMES).encode()).hexdigest()[:8]
 COLUMN = {name: k for k, name in enumerate(FEATURE_NAMES)}
 
 # Where a candidate came from: bit flags, several may be set.
@@ -91,7 +101,7 @@ class FeatureRules:
     new: int = 100
     profile_items: int = 20  # own items whose co-purchase rows are read
     last_basket_items: int = 20  # lines of the last basket whose rows are read
-    shrink: float = 10.0  # co-purchase confidence shrinkage
+    shrink: float = 10.0  # of the co-purchase cosine (ranking.collab.cosine), as CollabRules.shrink
     basket_decay: float = 0.9  # Settings.repeat_basket_decay
     new_s: float = 30 * DAY_S  # Settings.blend_new_days
     recent_s: float = 30 * DAY_S
@@ -128,6 +138,9 @@ class ShopColumns:
     first_seen: np.ndarray
     baskets: np.ndarray
     buyers: np.ndarray
+    # ``baskets`` by ITEM_CODES code (codes given after the view was built: 0), for the
+    # vectorised co-purchase cosines of serving's coded rows
+    baskets_by_code: np.ndarray
 
     def rows(self, items: Sequence[str]) -> np.ndarray:
         return np.fromiter(map(self.index.get, items, itertools.repeat(len(self.index))), dtype=np.intp, count=len(items))
@@ -172,7 +185,10 @@ def with_columns(shop: ShopView) -> ShopView:
             rows = np.fromiter(map(index.__getitem__, m), dtype=np.intp, count=len(m))
             a[rows] = np.fromiter(m.values(), dtype=np.float64, count=len(m))
         arrays.append(a)
-    return dataclasses.replace(shop, columns=ShopColumns(index, *arrays))
+    codes = ITEM_CODES.encode(list(shop.baskets))
+    by_code = np.zeros(int(codes.max()) + 1 if len(codes) else 0, dtype=np.float64)
+    by_code[codes] = np.fromiter(shop.baskets.values(), dtype=np.float64, count=len(codes))
+    return dataclasses.replace(shop, columns=ShopColumns(index, *arrays, by_code))
 
 
 def new_items_order(
@@ -296,8 +312,9 @@ class ShopperSignals:
     recent: dict[str, float]
 
 
-def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules) -> ShopperSignals:
-    """Everything per item that the candidates and the features of one shopper read."""
+def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules, shop: ShopView) -> ShopperSignals:
+    """Everything per item that the candidates and the features of one shopper read
+    (``shop``: the items' basket counts, the co-purchase cosines' denominators)."""
     state = view.state
     scores = state.basket_scores(rules.basket_decay)
     peak = max(scores.values(), default=0.0)
@@ -308,8 +325,8 @@ def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules) -> Sh
         baskets_with[item] = bits.bit_count()
         last_bought[item] = state.baskets[(bits & -bits).bit_length() - 1]
     weights, last = _profile(state, scores, rules)
-    cooc = _weighted_confidence(((w, item) for item, w in weights.items()), view.copurchase, rules.shrink)
-    cooc_last = _weighted_confidence(((1.0, item) for item in last), view.copurchase, rules.shrink)
+    cooc = _weighted_cosine(((w, item) for item, w in weights.items()), view.copurchase, shop, rules.shrink)
+    cooc_last = _weighted_cosine(((1.0, item) for item in last), view.copurchase, shop, rules.shrink)
     knn, recent = neighbour_signals(view.neighbours, now_ts, rules.basket_decay, rules.recent_s, rules.recent_half_life_s)
     return ShopperSignals(
         state=state,
@@ -326,21 +343,30 @@ def shopper_signals(view: ShopperView, now_ts: float, rules: FeatureRules) -> Sh
     )
 
 
-def _weighted_confidence(
-    weighted: Iterable[tuple[float, str]], rows: Mapping[str, Mapping[str, float]], shrink: float
+def _weighted_cosine(
+    weighted: Iterable[tuple[float, str]], rows: Mapping[str, Mapping[str, float]], shop: ShopView, shrink: float
 ) -> dict[str, float]:
-    """Sum over rows of ``w * ranking.collab.confidence(row)``, row by row in the given order.
+    """Sum over rows of ``w * ranking.collab.cosine(count, n_item, n_other)``, row by row in the
+    given order, ``n`` the shop's basket counts (``ShopView.baskets``; 0 when missing).
 
-    Rows that carry arrays (serving's :class:`~ranking.collab.CodedRow`) are summed with
-    ``np.bincount`` in the same order, which gives the same floats as the loop below.
+    Rows that carry arrays (serving's :class:`~ranking.collab.CodedRow`) against a view with
+    columns are summed with ``np.bincount`` in the same order and the same float operations
+    (``sqrt(n_a * n_b) + shrink``, then the quotient), which gives the floats of the loop below.
     """
     weighted = list(weighted)
+    baskets = shop.baskets
     used = [(w, item, row) for w, item in weighted if (row := rows.get(item))]
-    if used and all(isinstance(row, CodedRow) for _, _, row in used):
+    cols = shop.columns
+    if used and cols is not None and all(isinstance(row, CodedRow) for _, _, row in used):
+        by_code = cols.baskets_by_code
         codes, terms = [], []
         for w, item, row in used:
+            n_b = np.zeros(len(row.codes), dtype=np.float64)
+            known = row.codes < len(by_code)
+            n_b[known] = by_code[row.codes[known]]
+            n_a = float(baskets.get(item, 0))
             codes.append(row.codes)
-            terms.append(w * (row.values / (row.get(item, 0.0) + shrink)))
+            terms.append(w * (row.values / (np.sqrt(n_a * n_b) + shrink)))
         return code_sums(codes, terms)
     out: dict[str, float] = {}
     get = out.get
@@ -348,10 +374,10 @@ def _weighted_confidence(
         row = rows.get(item)
         if not row:
             continue
-        denom = row.get(item, 0.0) + shrink
+        n_a = baskets.get(item, 0)
         for other, v in row.items():
             if other != item:
-                out[other] = get(other, 0.0) + w * (v / denom)
+                out[other] = get(other, 0.0) + w * cosine(v, n_a, baskets.get(other, 0), shrink)
     return out
 
 

@@ -114,7 +114,7 @@ def rank(
     falls back to the blend and says so.
     """
     state = view.state
-    sig = shopper_signals(view, shop.now_ts, rules)
+    sig = shopper_signals(view, shop.now_ts, rules, shop)
     hw = history_weights(state.history, state.last_ts, rules.user_half_life_s)
     vectors = index.reconstruct_many(list(hw))
     uvec = user_vector(hw, vectors)

@@ -64,8 +64,9 @@ vector per shopper.
   with ``freshrec replay --speedup 20000``, which it then trails, losing nothing.
 * memory after the whole sample (tracemalloc of each part rebuilt from its snapshot form):
   the collaborative state **30.0 MB** for 2,759 items and 191,932 co-purchase entries
-  (of at most ``items x collab_row_cap`` = 275,900): **156 bytes per entry**, so at most
-  ~16 kB per item at a full row of 100; the shoppers' states **24.8 MB** for 2,023
+  (of at most ``items x collab_row_cap`` = 275,900 at the row cap of 100 then): **156
+  bytes per entry**, so at most ~31 kB per item at today's full row of 200 (rows are cut
+  by cosine since 2026-12-05 and keep twice as many partners); the shoppers' states **24.8 MB** for 2,023
   shoppers, **12.3 kB per shopper** as Python objects (2.7 kB encoded, kept beside them
   for the snapshot); the shopper index 1 kB per shopper (256 float32, grown by doubling:
   2.1 MB here); the event-id window 86 bytes per event id (:mod:`streams.dedupe`). The
@@ -425,7 +426,7 @@ class CollabPartition:
         found = [] if vec is None else self.index.search(vec, self.neighbours, exclude=state.user_id)
         view = ShopperView(state, rows, [(sim, self.states[u]) for u, sim in found])
         shop = self.shop_view(ts)
-        sig = shopper_signals(view, ts, rules)
+        sig = shopper_signals(view, ts, rules, shop)
         cands = candidates(sig, shop, rules)
         x = feature_matrix(sig, shop, cands.items, np.zeros(len(cands)), rules)
         history = [[i.item_id, i.kind, i.ts] for i in state.history]

@@ -107,7 +107,7 @@ def _stream_rule(replay: CollabReplay, user: str, ts: float) -> tuple[list[str],
         popular_top=sorted(pop, key=lambda i: (-pop[i], i)),
         new_items=new_items_order(collab.pop_long.first_seen, ts, rules.new_s),
     )
-    sig = shopper_signals(view, ts, rules)
+    sig = shopper_signals(view, ts, rules, shop)
     cands = candidates(sig, shop, rules)
     return cands.items, cands.sources, feature_matrix(sig, shop, cands.items, np.zeros(len(cands)), rules)
 
@@ -139,7 +139,7 @@ def test_serving_features_equal_the_stream_and_the_evaluation(fresh_settings: Se
             assert shop.now_ts == newest
             view = gather_shopper(state, shop.now_ts, rules, runtime.collab_rules, settings.collab_neighbours,
                                   runtime.shoppers.search, runtime.read_shopper_inputs)
-            sig = shopper_signals(view, shop.now_ts, rules)
+            sig = shopper_signals(view, shop.now_ts, rules, shop)
             cands = candidates(sig, shop, rules)
             served_x = feature_matrix(sig, shop, cands.items, np.zeros(len(cands)), rules)
 

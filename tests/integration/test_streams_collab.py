@@ -143,7 +143,7 @@ class Reference:
             popular_top=sorted(pop, key=lambda i: (-pop[i], i)),
             new_items=new_items_order(self.collab.pop_long.first_seen, ts, rules.new_s),
         )
-        sig = shopper_signals(view, ts, rules)
+        sig = shopper_signals(view, ts, rules, shop)
         cands = candidates(sig, shop, rules)
         x = feature_matrix(sig, shop, cands.items, np.zeros(len(cands)), rules)
         return {"items": cands.items, "x": x, "basket": [], "history": [[i.item_id, i.kind, i.ts] for i in state.history]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 
 from freshrec.contracts import Event
 from ranking.collab import (
+    CoPurchase,
+    cosine,
     CollabRules,
     CollabState,
     ShopperIndex,
@@ -93,7 +96,22 @@ def test_memory_is_bounded_by_items_times_row_cap() -> None:
     assert collab.copurchase.entries() <= len(collab.copurchase.rows) * rules.row_cap
     for item in items:
         row = collab.copurchase.row(item, T0 + 300 * 3600)
-        assert len(row) <= rules.top_k + 1
+        assert len(row) <= rules.row_cap + 1  # a read returns what is stored (and the own count)
+        assert set(row) == set(collab.copurchase.rows[item]) | {item}
+
+
+def test_a_cut_keeps_the_most_specific_partners_not_the_most_frequent() -> None:
+    """Row a: p is bought with a most often but with everything (400 baskets); r only with a.
+    A cut to 2 keeps the two largest cosines count / (sqrt(n_a n_b) + 10), not the two largest counts."""
+    co = CoPurchase(CollabRules(top_k=2, row_cap=3))
+    row = {"a": (10.0, T0), "p": (5.0, T0), "r": (2.0, T0), "s": (3.0, T0)}
+    baskets = {"a": 10, "p": 400, "r": 2, "s": 50}
+    by_count = sorted((o for o in row if o != "a"), key=lambda o: -row[o][0])[:2]
+    by_cosine = sorted((o for o in row if o != "a"), key=lambda o: -cosine(row[o][0], 10, baskets[o], 10.0))[:2]
+    assert by_count == ["p", "s"] and by_cosine == ["r", "s"]
+    co._prune("a", dict(row), T0, baskets)
+    assert set(co.rows["a"]) == {"a", "r", "s"}  # the own count always stays
+    assert cosine(5.0, 10, 400, 10.0) == pytest.approx(5.0 / (math.sqrt(4000.0) + 10.0))
 
 
 def test_large_baskets_stop_pairing_at_the_line_limit() -> None:

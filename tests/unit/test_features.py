@@ -65,7 +65,6 @@ def views(now: float) -> tuple[ShopperSignals, ShopView]:
     u = states["u"]
     rows = {item: collab.copurchase.row(item, now) for item in rows_needed(u, rules)}
     view = ShopperView(u, rows, [(0.5, states["v"])])
-    sig = shopper_signals(view, now, rules)
     shop = ShopView(
         now_ts=now,
         popularity=normalised(collab.pop_long.scores(now)),
@@ -77,11 +76,11 @@ def views(now: float) -> tuple[ShopperSignals, ShopView]:
         popular_top=["a", "c", "b"],
         new_items=new_items_order(collab.pop_long.first_seen, now, rules.new_s),
     )
-    return sig, shop
+    return shopper_signals(view, now, rules, shop), shop
 
 
 def test_schema_names_the_columns() -> None:
-    assert FEATURE_SCHEMA.startswith("f1-") and len(FEATURE_NAMES) == 17
+    assert FEATURE_SCHEMA.startswith("f2-") and len(FEATURE_NAMES) == 17
 
 
 def test_candidates_remember_every_source() -> None:

@@ -69,15 +69,19 @@ def ref_neighbour_signals(neighbours, now_ts, basket_decay, recent_s, recent_hal
     return normalised(knn), normalised(recent)
 
 
-def ref_confidence(weighted: Iterable[tuple[float, str]], rows: Mapping[str, Mapping[str, float]], shrink: float) -> dict[str, float]:
+def ref_cosine(
+    weighted: Iterable[tuple[float, str]], rows: Mapping[str, Mapping[str, float]], baskets: Mapping[str, int], shrink: float
+) -> dict[str, float]:
+    """Sum of w * count(a, b) / (sqrt(n_a n_b) + shrink) over the weighted rows, written out."""
     out: dict[str, float] = {}
     for w, item in weighted:
         row = rows.get(item)
         if not row:
             continue
-        denom = row.get(item, 0.0) + shrink
-        for other, c in {o: v / denom for o, v in row.items() if o != item}.items():
-            out[other] = out.get(other, 0.0) + w * c
+        for other, c in row.items():
+            if other != item:
+                denom = math.sqrt(float(baskets.get(item, 0)) * float(baskets.get(other, 0))) + shrink
+                out[other] = out.get(other, 0.0) + w * (c / denom)
     return out
 
 
@@ -169,10 +173,10 @@ def test_signals_candidates_and_rows_equal_the_reference(seed: int) -> None:
         summarised = ShopperView(state, rows, [(s, neighbour_summary(st, rules.basket_decay)) for s, st in neighbours])
         knn, recent = ref_neighbour_signals(neighbours, now, rules.basket_decay, rules.recent_s, rules.recent_half_life_s)
         for v, sh in ((view, shop), (summarised, cached)):
-            sig = shopper_signals(v, now, rules)
+            sig = shopper_signals(v, now, rules, sh)
             assert sig.knn == knn and sig.recent == recent  # dict equality: same keys, same floats
             weights = {i: w for i, w in sig.repeat.items()}
-            assert sig.cooc == ref_confidence(((w, i) for i, w in _profile_weights(state, rules).items()), rows, rules.shrink)
+            assert sig.cooc == ref_cosine(((w, i) for i, w in _profile_weights(state, rules).items()), rows, shop.baskets, rules.shrink)
             assert weights == sig.repeat
             cands = candidates(sig, sh, rules, ann=["i3", "i1"])
             sim = rng.uniform(-1, 1, len(cands))
@@ -274,9 +278,10 @@ def test_top_items_and_new_items_equal_the_plain_python_rules_they_replace() -> 
 @pytest.mark.parametrize("seed", range(6))
 def test_coded_rows_decay_and_sum_to_the_floats_of_the_dict_rules(seed: int) -> None:
     """Serving's array rows (decayed with numpy, summed with bincount) against decayed_row and
-    the per-entry confidence loop: same keys, order and floats, ties at the top_k cut included."""
+    the per-entry cosine loop: same keys, order (by id) and floats; basket counts missing
+    from the shop and items coded after its columns were built count as 0."""
     from ranking.collab import CodedRow, coded_decayed_row, decayed_row, stored_row_arrays
-    from ranking.features import _weighted_confidence
+    from ranking.features import ShopView, _weighted_cosine, with_columns
 
     rng = np.random.default_rng(300 + seed)
     rules = CollabRules(top_k=int(rng.integers(3, 30)), row_cap=60)
@@ -289,6 +294,9 @@ def test_coded_rows_decay_and_sum_to_the_floats_of_the_dict_rules(seed: int) -> 
         if rng.random() < 0.8:
             row[item] = (float(rng.uniform(1, 20)), T0)
         rows[item] = row
+    # basket counts for most items (some missing: 0), repeated values included
+    baskets = {i: int(rng.choice([1, 2, rng.integers(1, 50)])) for i in items if rng.random() < 0.85}
+    shop = ShopView(now_ts=T0, baskets=baskets)
     # the last "now" decays every value to 0.0: the order is then the names' alone
     for now in (T0 - DAY_S, T0 + 3.5 * DAY_S, T0 + 400 * DAY_S, T0 + 1e6 * DAY_S):
         coded = {i: coded_decayed_row(stored_row_arrays(r, i), now, rules) for i, r in rows.items()}
@@ -297,6 +305,6 @@ def test_coded_rows_decay_and_sum_to_the_floats_of_the_dict_rules(seed: int) -> 
             assert isinstance(coded[i], CodedRow)
             assert list(coded[i].items()) == list(plain[i].items())
         weighted = [(float(w), i) for w, i in zip(rng.uniform(0.1, 1, len(rows)), list(rows) + ["absent"], strict=False)]
-        got = _weighted_confidence(weighted, coded, 10.0)
-        want = _weighted_confidence(weighted, plain, 10.0)
-        assert got == want and got == ref_confidence(weighted, plain, 10.0) and len(got) > 0
+        got = _weighted_cosine(weighted, coded, with_columns(shop), 10.0)  # the vectorised sums
+        want = _weighted_cosine(weighted, plain, shop, 10.0)  # the loop
+        assert got == want and got == ref_cosine(weighted, plain, baskets, 10.0) and len(got) > 0

@@ -123,7 +123,7 @@ def flow_examples(events: list[Event], s: Settings) -> dict[tuple[str, float], F
                     popular_top=sorted(pop, key=lambda i: (-pop[i], i)),
                     new_items=new_items_order(collab.pop_long.first_seen, ts, rules.new_s),
                 )
-                sig = shopper_signals(view, ts, rules)
+                sig = shopper_signals(view, ts, rules, shop)
                 cands = candidates(sig, shop, rules)
                 x = feature_matrix(sig, shop, cands.items, np.zeros(len(cands)), rules)
                 made[(e.user_id, ts)] = (cands.items, x, UserState.from_dict(state.to_dict()))
