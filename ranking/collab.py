@@ -8,7 +8,7 @@ the collaborative flow, the evaluation and the tests run the very same code:
 * **Co-purchase** (:class:`CoPurchase`): per item, decayed counts of the baskets in which
   another item was bought with it (half-life ``copurchase_half_life_s``), and, under the
   item's own id, the decayed count of baskets holding it (the denominator of
-  :meth:`CoPurchase.confidence`). Lines of one basket pair up as they arrive: a new line
+  :func:`confidence`, which the reasons of an answer use). Lines of one basket pair up as they arrive: a new line
   pairs with the lines of that basket already applied, so the result is every pair once
   whatever the arrival order. Only the first ``max_basket_lines`` distinct lines of a
   basket pair up (a wholesale order of 400 lines would otherwise add 160,000 pairs).

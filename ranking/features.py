@@ -266,7 +266,8 @@ class ShopperView:
     """One shopper's inputs: their state, the co-purchase rows of :func:`rows_needed`, their neighbours.
 
     ``copurchase`` maps an item to its decayed row (``ranking.collab.decayed_row``: the
-    strongest co-purchased items, and the item's own basket count under its own id).
+    items its stored row keeps, the most specific partners by cosine, and the item's own
+    basket count under its own id).
     ``neighbours`` are (similarity, state) of the nearest shoppers, best first; a state
     may be given as its ``ranking.collab.neighbour_summary`` (serving caches those).
     """
