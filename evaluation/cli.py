@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from freshrec.children import die_with_parent
 from freshrec.dataset import DatasetError
 from freshrec.settings import Settings
 
@@ -237,12 +240,42 @@ def execute_runs(
 ) -> list[RunOutput]:
     """Every run's outputs, in order of ``runs``: in this process (with a progress bar) or in ``jobs`` workers.
 
-    The runs share one feature cache in a temporary folder, removed at the end.
+    The runs share one feature cache in a temporary folder, removed at the end, also when
+    the run is stopped: SIGTERM unwinds like Ctrl-C here (its default would end the process
+    without removing the folder, a few hundred MB), and workers are stopped with it.
     """
+    import signal
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="freshrec-eval-") as tmp:
-        return _execute_runs(runs, log, settings, eval_from, device, jobs, quiet, Path(tmp) / "features.sqlite")
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="freshrec-eval-") as tmp:
+            return _execute_runs(runs, log, settings, eval_from, device, jobs, quiet, Path(tmp) / "features.sqlite")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM: unwind like Ctrl-C, so the temporary folder is removed and workers stopped."""
+    raise KeyboardInterrupt
+
+
+def _init_worker() -> None:
+    """A worker gets SIGTERM when the eval process dies or stops it, and then exits at once,
+    removing its temporary folders (adapter exports, registries: ``atexit`` hooks) first."""
+    import signal
+
+    die_with_parent()
+    signal.signal(signal.SIGTERM, _stop_worker)
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    os._exit(128 + signum)
 
 
 def _execute_runs(
@@ -270,14 +303,24 @@ def _execute_runs(
     from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, 2 // jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    # Workers die with this process however it ends (freshrec.children.die_with_parent), and
+    # are stopped at once when it unwinds: the pool's own shutdown would wait for each
+    # running replay to finish (tens of minutes).
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker)
+    try:
         futures = [pool.submit(_worker, run, log, settings, eval_from, device, threads, cache_path) for run in runs]
         out = []
         for run, fut in zip(runs, futures, strict=True):
             out.extend(fut.result())
             if not quiet:
                 print(f"run seed {run.seed} ({', '.join(run.names)}) done", flush=True)
-        return out
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in mp.active_children():
+            proc.terminate()
+        raise
+    pool.shutdown()
+    return out
 
 
 def combine(outputs: Sequence[RunOutput], names: Sequence[str]) -> tuple[Figures, dict[str, MethodResult]]:
