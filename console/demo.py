@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from freshrec.children import Guard, popen
+from freshrec.children import Guard, popen, unwind
 from freshrec.dataset import SAMPLE_DIR, locate, read_events
 from freshrec.infra import InfraError, free_port, port_open, start_stack, stop_stack
 from freshrec.settings import Settings
@@ -372,11 +372,6 @@ def _probe_freshness(settings: Settings, live: Live, stop: threading.Event) -> N
         stop.wait(0.3)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM during start-up: unwind like Ctrl-C, so ``finally`` stops what was started."""
-    raise KeyboardInterrupt
-
-
 def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset: Path, port: int | None) -> int:
     state_dir = settings.state_dir / "demo"
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -402,7 +397,7 @@ def run_demo(settings: Settings, minutes: float, speedup: float | None, dataset:
     # Until the replay runs, SIGINT and SIGTERM unwind as KeyboardInterrupt through the
     # ``finally`` below. SIGINT explicitly: a demo started in the background by a script
     # inherits it as ignored. SIGTERM: its default would end the demo without ``finally``.
-    previous = {sig: signal.signal(sig, h) for sig, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _interrupt))}
+    previous = {sig: signal.signal(sig, h) for sig, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, unwind))}
     # Started first, so that a demo killed at any later point has the broker and Redis stopped.
     guard = Guard()
     children = Children(env, state_dir / "logs", say=tqdm.write)

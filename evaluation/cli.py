@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from freshrec.children import die_with_parent
+from freshrec.children import die_with_parent, unwind
 from freshrec.dataset import DatasetError
 from freshrec.settings import Settings
 
@@ -247,18 +247,13 @@ def execute_runs(
     import signal
     import tempfile
 
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    previous = signal.signal(signal.SIGTERM, unwind) if threading.current_thread() is threading.main_thread() else None
     try:
         with tempfile.TemporaryDirectory(prefix="freshrec-eval-") as tmp:
             return _execute_runs(runs, log, settings, eval_from, device, jobs, quiet, Path(tmp) / "features.sqlite")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM: unwind like Ctrl-C, so the temporary folder is removed and workers stopped."""
-    raise KeyboardInterrupt
 
 
 def _init_worker() -> None:

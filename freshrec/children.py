@@ -92,6 +92,12 @@ def popen(argv: Sequence[str], sig: int = signal.SIGTERM, **kwargs: Any) -> subp
     return subprocess.Popen(wrap(argv, sig), **kwargs)
 
 
+def unwind(signum: int, frame: Any) -> None:
+    """A SIGTERM handler that unwinds like Ctrl-C (``KeyboardInterrupt``), so ``finally`` blocks
+    stop what was started and remove what was written: SIGTERM's default ends a process without them."""
+    raise KeyboardInterrupt
+
+
 def stop(proc: subprocess.Popen[Any], timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
     """Send ``sig``, wait up to ``timeout`` s, then SIGKILL; return the exit code (reaped)."""
     if proc.poll() is None:
