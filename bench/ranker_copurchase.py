@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench._common import DEFAULT_DATA, refuse_report_window
+from bench._fit_once import fit_and_recall, recall, sampled_rows
 from bench.report import write_json
 from evaluation.baselines import CoPurchase, strongest_profile
 from evaluation.data import PURCHASE, EventLog, load_log, parse_date
@@ -121,11 +121,6 @@ def _keep_top(values: np.ndarray, by: np.ndarray, k: int) -> np.ndarray:
     return values * mask
 
 
-def recall(scores: np.ndarray, labels: np.ndarray, basket_size: int) -> float:
-    top = np.argsort(-scores, kind="stable")[:10]
-    return float(labels[top].sum() / min(10, basket_size))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -138,7 +133,6 @@ def main() -> None:
     args = p.parse_args()
     refuse_report_window(args.until, "study")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lightgbm as lgb
     import torch
 
     torch.set_num_threads(2)
@@ -199,33 +193,16 @@ def main() -> None:
     blend_recall = float(np.mean([recall(blend.score(examples[k].features), examples[k].labels, examples[k].basket_size)
                                   for k in test]))
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    params = {
-        "objective": "lambdarank", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 200,
-        "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8, "lambdarank_truncation_level": 20,
-        "verbose": -1, "num_threads": 2,
-    }
-    rng = np.random.default_rng(7)
-    rows: dict[int, np.ndarray] = {}
-    for k in fit:  # the same sampled negatives for every variant
-        labels = examples[k].labels
-        pos, neg = np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)
-        if neg.size > args.negatives:
-            neg = np.sort(rng.choice(neg, size=args.negatives, replace=False))
-        rows[k] = np.concatenate((pos, neg))
-    y = np.concatenate([examples[k].labels[rows[k]] for k in fit])
-    groups = [rows[k].size for k in fit]
+    rows = sampled_rows([examples[k].labels for k in fit], args.negatives)  # the same negatives for every variant
+    test_labels = [examples[k].labels for k in test]
+    test_sizes = [examples[k].basket_size for k in test]
 
     results: dict[str, dict[str, Any]] = {}
     print(f"{'columns':28}{'test R@10 per seed':>26}{'mean':>9}{'vs blend':>10}", flush=True)
     for name, mats in matrices.items():
-        x = np.concatenate([mats[k][rows[k]] for k in fit])
-        per_seed = []
         t1 = time.perf_counter()
-        for seed in seeds:
-            booster = lgb.train({**params, "seed": seed}, lgb.Dataset(x, y, group=groups), num_boost_round=200)
-            score: Callable[[np.ndarray], np.ndarray] = booster.predict
-            per_seed.append(float(np.mean([recall(score(mats[k]), examples[k].labels, examples[k].basket_size)
-                                           for k in test])))
+        per_seed = fit_and_recall([mats[k] for k in fit], [examples[k].labels for k in fit], rows,
+                                  [mats[k] for k in test], test_labels, test_sizes, seeds)
         mean = float(np.mean(per_seed))
         results[name] = {"per_seed": per_seed, "mean": mean, "vs_blend": mean / blend_recall,
                          "fit_seconds": (time.perf_counter() - t1) / len(seeds)}
