@@ -16,7 +16,9 @@ scores the window's (``bench._fit_once``: the in-stream ranker's parameters and 
 negatives a basket), beside the log blend over the same candidates. The candidates
 themselves can differ between variants (nearest shoppers and co-purchase propose them), so
 the blend's figure is printed per variant too; compare the rankers' test Recall@10, whose
-baskets are the same in every variant.
+baskets are the same in every variant. ``--models`` fits several LightGBM settings on every
+variant's examples (e.g. fewer trees, the study's leaves), so a model choice is compared on
+the very same rows. Readings: docs/ranker_study.md, "Nearest shoppers".
 """
 
 from __future__ import annotations
