@@ -95,6 +95,7 @@ class Basket:
     bought: np.ndarray  # bool per candidate
     denominator: int  # min(10, basket size), unseen items included, as the protocol counts
     served_score: np.ndarray  # the blend as served
+    size: int = 0  # basket size, unseen items included
 
 
 @dataclass
@@ -248,7 +249,7 @@ class FeatureRecorder:
         for user, now, pool, feats, served in self.pending:
             items = truth[(user, now)]
             bought = np.fromiter((p in items for p in pool.tolist()), dtype=bool, count=pool.size)
-            out.append(Basket(now, feats, bought, min(10, len(items)), served))
+            out.append(Basket(now, feats, bought, min(10, len(items)), served, len(items)))
         return out
 
 
@@ -352,10 +353,14 @@ def recall(baskets: list[Basket], scorer: Scorer | None) -> float:
 def where_the_hits_are(baskets: list[Basket]) -> dict[str, float]:
     """How much of Recall@10 is re-orders: the served top ten's share of the shopper's own items,
     the served recall from those and from never-bought items, and the recall of an oracle that
-    orders only the shopper's own items perfectly (the ceiling of re-order ranking)."""
+    orders only the shopper's own items perfectly (the ceiling of re-order ranking), and the
+    share of the basket's items that are candidates at all (``bench.ranker_variants``' "bought
+    among candidates", so the two candidate pools compare)."""
     owned_col = ALL.index("log_baskets_with")
-    share = own = novel = oracle = 0.0
+    share = own = novel = oracle = covered = pool = 0.0
     for b in baskets:
+        covered += b.bought.sum() / max(b.size, 1)
+        pool += b.bought.size
         owned = b.features[:, owned_col] > 0
         top = top_ten(b.served_score)
         share += owned[top].mean()
@@ -364,7 +369,8 @@ def where_the_hits_are(baskets: list[Basket]) -> dict[str, float]:
         oracle += min(int((b.bought & owned).sum()), 10) / b.denominator
     n = max(len(baskets), 1)
     return {"top10 share own items": share / n, "recall@10 from own items": own / n,
-            "recall@10 from never-bought": novel / n, "oracle recall@10 own items ordered perfectly": oracle / n}
+            "recall@10 from never-bought": novel / n, "oracle recall@10 own items ordered perfectly": oracle / n,
+            "bought among candidates": covered / n, "candidates per basket": pool / n}
 
 
 def fit_linear(train: list[Basket], cols: list[int], start: np.ndarray, steps: tuple[float, ...]) -> np.ndarray:

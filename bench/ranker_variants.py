@@ -17,8 +17,9 @@ negatives a basket), beside the log blend over the same candidates. The candidat
 themselves can differ between variants (nearest shoppers and co-purchase propose them), so
 the blend's figure is printed per variant too; compare the rankers' test Recall@10, whose
 baskets are the same in every variant. ``--models`` fits several LightGBM settings on every
-variant's examples (e.g. fewer trees, the study's leaves), so a model choice is compared on
-the very same rows. Readings: docs/ranker_study.md, "Nearest shoppers".
+variant's examples (e.g. fewer trees, the study's leaves, ``negatives=N`` sampled a basket
+instead of ``--negatives``), so a model choice is compared on the very same baskets.
+Readings: docs/ranker_study.md, "Nearest shoppers".
 """
 
 from __future__ import annotations
@@ -97,11 +98,11 @@ def run_variant(name: str, fields: dict[str, str], data: str, eval_from_s: str, 
     fit = [ex for ex in examples if ex.ts < eval_from and ex.labels.any()]
     test = [ex for ex in examples if ex.ts >= eval_from]
     blend = BlendScorer(log_blend_weights(settings))
-    rows = sampled_rows([ex.labels for ex in fit], negatives)
     fits = {}
     for model, params in models.items():
         params = dict(params)
         trees = int(params.pop("trees", TREES))
+        rows = sampled_rows([ex.labels for ex in fit], int(params.pop("negatives", negatives)))
         per_seed = fit_and_recall([ex.features for ex in fit], [ex.labels for ex in fit], rows,
                                   [ex.features for ex in test], [ex.labels for ex in test],
                                   [ex.basket_size for ex in test], seeds, params, trees)
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="7,8")
     p.add_argument("--negatives", type=int, default=50)
     p.add_argument("--models", default="stream:", help="LightGBM settings fitted on every variant's examples: "
-                   "name:param=value,...;name:... over bench._fit_once.PARAMS (trees=N: rounds); the first is the headline")
+                   "name:param=value,...;name:... over bench._fit_once.PARAMS (trees=N: rounds, negatives=N: "
+                   "sampled a basket); the first is the headline")
     p.add_argument("--jobs", type=int, default=2, help="variants replayed at a time (one process each)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

@@ -24,7 +24,7 @@ are not finite raise :class:`RankerFailed`. Serving falls back to the blend on e
 and says so, which is why these are errors and not warnings.
 
 Measured scoring cost, 300 candidates x 17 features, p50 on one core of the 2-core
-development machine under load (``tests/unit/test_ranker_model.py`` prints it):
+development machine under load (``bench.ranker_cost`` measures it beside the blend):
 ``mlp`` at the default 64-32 hidden units 0.045 ms; ``lightgbm`` at the default 200
 trees of 15 leaves 1.6 ms (over the 1 ms budget of issue 14 item 4), 100 trees 0.7 ms,
 50 trees of 31 leaves 0.35 ms: LightGBM's own predict costs ~7 us per tree for 300 rows,

@@ -66,7 +66,8 @@ vector per shopper.
   the collaborative state **30.0 MB** for 2,759 items and 191,932 co-purchase entries
   (of at most ``items x collab_row_cap`` = 275,900 at the row cap of 100 then): **156
   bytes per entry**, so at most ~31 kB per item at today's full row of 200 (rows are cut
-  by cosine since 2026-12-05 and keep twice as many partners); the shoppers' states **24.8 MB** for 2,023
+  by cosine since 2026-12-05 and keep twice as many partners), plus up to ~6.5 kB per row
+  read since its last change (``CoPurchase``'s cached arrays, not snapshotted); the shoppers' states **24.8 MB** for 2,023
   shoppers, **12.3 kB per shopper** as Python objects (2.7 kB encoded, kept beside them
   for the snapshot); the shopper index 1 kB per shopper (256 float32, grown by doubling:
   2.1 MB here); the event-id window 86 bytes per event id (:mod:`streams.dedupe`). The

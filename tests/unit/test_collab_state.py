@@ -18,6 +18,7 @@ from ranking.collab import (
     CollabState,
     ShopperIndex,
     confidence,
+    decayed_row,
     neighbour_signals,
     reorder_ratio,
     shopper_vector,
@@ -112,6 +113,31 @@ def test_a_cut_keeps_the_most_specific_partners_not_the_most_frequent() -> None:
     co._prune("a", dict(row), T0, baskets)
     assert set(co.rows["a"]) == {"a", "r", "s"}  # the own count always stays
     assert cosine(5.0, 10, 400, 10.0) == pytest.approx(5.0 / (math.sqrt(4000.0) + 10.0))
+
+
+def test_a_read_row_follows_every_change_of_the_row() -> None:
+    """``CoPurchase.row`` reads cached arrays; each line that changes a row (a new partner, a
+    count, a cut) and each snapshot install must show in the next read, as ``decayed_row`` of
+    the stored row gives it, with the same keys, order and floats."""
+    rules = CollabRules(top_k=3, row_cap=4)
+    co = CoPurchase(rules)
+    rng = random.Random(5)
+    items = [f"i{k}" for k in range(12)]
+    baskets = {i: 1 for i in items}
+    ts = T0
+    for step in range(300):
+        ts += 3_600.0 * rng.random()
+        basket = rng.sample(items, 4)
+        for k, item in enumerate(basket):
+            baskets[item] += 1
+            co.add_line(item, basket[:k], ts, True, baskets)
+        for item in rng.sample(items, 3):  # read, so the next change must drop a cached row
+            read = co.row(item, ts + step)
+            assert list(read.items()) == list(decayed_row(co.rows.get(item, {}), item, ts + step, rules).items())
+    snapshot = {k: dict(v) for k, v in co.rows.items()}
+    snapshot["i0"] = {"i0": (1.0, ts), "i1": (0.5, ts)}
+    co.replace_rows(snapshot)
+    assert co.row("i0", ts) == {"i1": 0.5, "i0": 1.0}
 
 
 def test_large_baskets_stop_pairing_at_the_line_limit() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -157,25 +156,17 @@ def test_scoring_an_mlp_needs_no_torch(data: dict) -> None:
     assert out.stdout.strip() == b"False"
 
 
-@pytest.mark.parametrize(("family", "bound_ms"), [("mlp", 1.0), ("lightgbm", 5.0)])
-def test_scoring_300_candidates_is_fast(family: str, bound_ms: float) -> None:
-    """p50 of 300 rows x 17 features at the default sizes (200 trees of 15 leaves; 64-32 hidden units).
-
-    Bounds loose for a loaded 2-core machine; the figures are in the module docstring.
-    """
+@pytest.mark.parametrize("family", ["mlp", "lightgbm"])
+def test_default_sizes_score_300_candidates(family: str) -> None:
+    """300 rows x 17 features at the default sizes (200 trees of 15 leaves; 64-32 hidden units)
+    score to 300 finite values. How fast is a benchmark's question, not a test's:
+    ``bench.ranker_cost`` prints the p50 per tree count beside the blend (docs/ranker_cost.md)."""
     x, y, g = _examples(50, size=300, seed=2)
     params = RankerParams(family=family, min_child_samples=20, first_epochs=1)  # type: ignore[arg-type]
     model = fit_ranker(x, y, g, seed=7, feature_names=NAMES, feature_schema=SCHEMA, params=params)
     assert model.size == (200 if family == "lightgbm" else 96)
-    rows = x[:300]
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        model.score(rows, schema=SCHEMA)
-        times.append(time.perf_counter() - t0)
-    p50_ms = float(np.median(times)) * 1e3
-    print(f"{family} ({model.size}): p50 {p50_ms:.3f} ms for 300 x {len(NAMES)}")
-    assert p50_ms < bound_ms
+    scores = model.score(x[:300], schema=SCHEMA)
+    assert scores.shape == (300,) and np.isfinite(scores).all()
 
 
 def test_params_from_settings_map_the_family_choice() -> None:
