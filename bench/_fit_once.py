@@ -8,10 +8,15 @@ collaborative state) are compared on the model they allow, not on when a gate ad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from evaluation.data import EventLog
+    from evaluation.ranker_method import ExampleStream
+    from freshrec.settings import Settings
 
 # the in-stream ranker's LightGBM parameters (models.ranker at the defaults), two threads
 PARAMS: dict[str, Any] = {
@@ -84,3 +89,38 @@ def fit_and_recall(
         out.append(float(np.mean([recall(booster.predict(m), lab, n)
                                   for m, lab, n in zip(test_x, test_labels, test_sizes, strict=True)])))
     return out
+
+
+def replay_examples(log: EventLog, settings: Settings, eval_from: float,
+                    attach: Callable[[ExampleStream], None] | None = None) -> tuple[ExampleStream, dict[str, Any]]:
+    """Replay ``log`` as ``freshrec eval``'s ``ranker`` records examples (history before
+    ``eval_from``, examples from ``settings.ranker_eval_history_days`` before it, frozen's base
+    vectors) and return the stream with ``frozen``'s figures, a check that the replay is the
+    usual one. ``attach(stream)`` runs before the replay: a listener it adds to
+    ``stream.collab`` comes after the stream, so both see the same state before each group
+    (``bench.ranker_copurchase``'s study columns)."""
+    from evaluation.methods import build_system_methods
+    from evaluation.protocol import evaluate
+    from evaluation.ranker_method import example_stream
+
+    (frozen,) = build_system_methods(log, settings, eval_from, ["frozen"], "cpu")
+    stream = example_stream(log, settings, frozen, eval_from)
+    if attach is not None:
+        attach(stream)
+
+    class Recorder:
+        """Drives frozen and the stream through the protocol."""
+
+        name = "frozen"
+
+        def observe(self, log: EventLog, start: int, stop: int) -> None:
+            frozen.observe(log, start, stop)
+            stream.observe(log, start, stop)
+
+        def advance(self, now: float) -> None:
+            frozen.advance(now)
+
+        def scores(self, user: int, now: float) -> np.ndarray:
+            return frozen.scores(user, now)
+
+    return stream, evaluate(log, eval_from, [Recorder()])["frozen"].as_dict()

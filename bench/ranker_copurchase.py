@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from bench._common import DEFAULT_DATA, refuse_report_window
-from bench._fit_once import fit_and_recall, recall, sampled_rows
+from bench._fit_once import fit_and_recall, recall, replay_examples, sampled_rows
 from bench.report import write_json
 from evaluation.baselines import CoPurchase, strongest_profile
 from evaluation.data import PURCHASE, EventLog, load_log, parse_date
@@ -136,35 +136,20 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from evaluation.methods import build_system_methods
-    from evaluation.protocol import evaluate
-    from evaluation.ranker_method import BlendScorer, log_blend_weights, example_stream
+    from evaluation.ranker_method import BlendScorer, log_blend_weights
 
     eval_from, until = parse_date(args.eval_from), parse_date(args.until)
     settings = Settings().model_copy(update={"ranker_eval_history_days": args.history_days, "ranker_window_baskets": 10**7})
     t0 = time.perf_counter()
     log = load_log(args.data, until)
-    (frozen,) = build_system_methods(log, settings, eval_from, ["frozen"], "cpu")
-    stream = example_stream(log, settings, frozen, eval_from)
-    study = StudyColumns(log, stream.collab, stream.record_from)
-    stream.collab.listeners.append(study)  # after the stream: both read the state before each group
+    studies: list[StudyColumns] = []
 
-    class Recorder:
-        """Drives frozen and the stream through the protocol (frozen's figures as a check)."""
+    def attach(stream: Any) -> None:  # after the stream: both read the state before each group
+        studies.append(StudyColumns(log, stream.collab, stream.record_from))
+        stream.collab.listeners.append(studies[0])
 
-        name = "frozen"
-
-        def observe(self, log: EventLog, start: int, stop: int) -> None:
-            frozen.observe(log, start, stop)
-            stream.observe(log, start, stop)
-
-        def advance(self, now: float) -> None:
-            frozen.advance(now)
-
-        def scores(self, user: int, now: float) -> np.ndarray:
-            return frozen.scores(user, now)
-
-    figures = evaluate(log, eval_from, [Recorder()])["frozen"].as_dict()
+    stream, figures = replay_examples(log, settings, eval_from, attach)
+    (study,) = studies
     replay_s = time.perf_counter() - t0
     examples = list(stream.examples)
     print(f"replay {replay_s:.0f} s: {len(examples):,} examples, features {stream.feature_seconds:.0f} s, "

@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 
 from bench._common import DEFAULT_DATA, refuse_report_window
-from bench._fit_once import TREES, fit_and_recall, parse_models, recall, sampled_rows
+from bench._fit_once import (
+    TREES,
+    fit_and_recall,
+    parse_models,
+    recall,
+    replay_examples,
+    sampled_rows,
+)
 from bench.report import write_json
 
 
@@ -62,10 +69,8 @@ def run_variant(name: str, fields: dict[str, str], data: str, eval_from_s: str, 
     import torch
 
     torch.set_num_threads(1)
-    from evaluation.data import EventLog, load_log, parse_date
-    from evaluation.methods import build_system_methods
-    from evaluation.protocol import evaluate
-    from evaluation.ranker_method import BlendScorer, example_stream, log_blend_weights
+    from evaluation.data import load_log, parse_date
+    from evaluation.ranker_method import BlendScorer, log_blend_weights
     from freshrec.settings import Settings
 
     t0 = time.perf_counter()
@@ -76,23 +81,7 @@ def run_variant(name: str, fields: dict[str, str], data: str, eval_from_s: str, 
     settings = Settings(**fields, ranker_eval_history_days=history_days, ranker_window_baskets=10**7)
     eval_from, until = parse_date(eval_from_s), parse_date(until_s)
     log = load_log(Path(data), until)
-    (frozen,) = build_system_methods(log, settings, eval_from, ["frozen"], "cpu")
-    stream = example_stream(log, settings, frozen, eval_from)
-
-    class Recorder:
-        name = "frozen"
-
-        def observe(self, log: EventLog, start: int, stop: int) -> None:
-            frozen.observe(log, start, stop)
-            stream.observe(log, start, stop)
-
-        def advance(self, now: float) -> None:
-            frozen.advance(now)
-
-        def scores(self, user: int, now: float) -> np.ndarray:
-            return frozen.scores(user, now)
-
-    figures = evaluate(log, eval_from, [Recorder()])["frozen"].as_dict()
+    stream, figures = replay_examples(log, settings, eval_from)
     replay_s = time.perf_counter() - t0
     examples = list(stream.examples)
     fit = [ex for ex in examples if ex.ts < eval_from and ex.labels.any()]

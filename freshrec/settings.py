@@ -321,6 +321,12 @@ class Settings(BaseSettings):
     ranker_ann_candidates: int = Field(100, ge=0, description="Candidates proposed by the item index (nearest to the user vector)")
     ranker_popular_candidates: int = Field(100, ge=0, description="Most popular items proposed per ranking")
     ranker_new_candidates: int = Field(100, ge=0, description="Newest arrivals proposed per ranking")
+    ranker_profile_items: int = Field(
+        20, ge=1, description="The shopper's strongest items whose co-purchase rows make log_cooc (rows read per ranking)"
+    )
+    ranker_last_basket_items: int = Field(
+        20, ge=1, description="Lines of the shopper's last basket whose co-purchase rows make log_cooc_last"
+    )
     ranker_family: Literal["lgbm", "lgbm_continue", "torch"] = Field(
         "lgbm",
         description="Ranker model: LightGBM lambdarank refit on the sliding window, continued with new trees, or a small "

@@ -116,6 +116,8 @@ class FeatureRules:
             ann=settings.ranker_ann_candidates,
             popular=settings.ranker_popular_candidates,
             new=settings.ranker_new_candidates,
+            profile_items=settings.ranker_profile_items,
+            last_basket_items=settings.ranker_last_basket_items,
             basket_decay=settings.repeat_basket_decay,
             new_s=settings.blend_new_days * DAY_S,
             user_half_life_s=settings.user_vector_half_life_days * DAY_S,

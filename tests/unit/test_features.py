@@ -148,3 +148,20 @@ def test_similarity_column_uses_the_user_vector_and_the_scale() -> None:
 
 def test_labels() -> None:
     assert labels(["a", "b", "c"], {"c", "a", "x"}).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_the_profile_sizes_come_from_the_settings_and_bound_the_rows_read() -> None:
+    """``ranker_profile_items`` / ``ranker_last_basket_items`` reach the rules every path builds,
+    and cap the co-purchase rows a ranking reads (serving reads exactly ``rows_needed``)."""
+    from freshrec.settings import Settings
+
+    rules = FeatureRules.from_settings(Settings(ranker_profile_items=2, ranker_last_basket_items=1))
+    assert (rules.profile_items, rules.last_basket_items) == (2, 1)
+    u = UserState("u")
+    for k, ts in enumerate((1.0, 2.0)):  # two baskets: a b c, then d e
+        for item in ("abc" if k == 0 else "de"):
+            apply_event(u, Event(event_id=f"{item}{k}", user_id="u", item_id=item, kind="purchase", ts=ts))
+    needed = rows_needed(u, rules)
+    assert len(needed) <= 3 and len(set(needed)) == len(needed)  # 2 strongest + 1 last-basket line, deduplicated
+    wide = rows_needed(u, FeatureRules.from_settings(Settings()))
+    assert set(wide) == set("abcde") and set(needed) < set(wide)

@@ -56,3 +56,24 @@ def test_models_and_variants_parse_and_refuse_what_they_cannot_read() -> None:
             parse_models(bad)
     with pytest.raises(SystemExit):
         parse_variants("d:collab_shopper_dim")
+
+
+def test_ranker_columns_maps_every_stream_column_to_one_study_column() -> None:
+    """bench.ranker_columns swaps the study's columns in by name: every stream feature must be in
+    exactly one group and have a study column of its (mapped) name, or the swap is wrong."""
+    from bench.ranker_columns import GROUPS, STUDY_NAME
+    from bench.ranker_study import ALL
+    from ranking.features import FEATURE_NAMES
+
+    grouped = [n for names in GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(FEATURE_NAMES) and len(set(grouped)) == len(grouped)
+    assert all(STUDY_NAME.get(n, n) in ALL for n in FEATURE_NAMES)
+
+
+def test_rank_agreement_is_spearman_and_nan_for_a_constant_column() -> None:
+    from bench.ranker_columns import rank_agreement
+
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert rank_agreement(a, np.exp(a)) == pytest.approx(1.0)  # monotone: same order
+    assert rank_agreement(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(rank_agreement(a, np.ones(4)))
