@@ -78,7 +78,10 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 # Changes whenever the columns or their meaning change; a ranker trained on another schema
 # is refused by serving (it falls back to the blend). f2: the co-purchase columns are cosines.
-FEATURE_SCHEMA = "f2-" + hashlib.sha1(",".join(FEATURE_NAMES).encode()).hexdigest()[:8]
+# f3: they read the rows of 200 strongest items and 200 last-basket lines, not 20 and 20
+# (docs/ranker_study.md, "The gap is in the co-purchase columns"). The rules' sizes are not
+# in the schema: the flows, the learner and serving must run with the same ranker_* settings.
+FEATURE_SCHEMA = "f3-" + hashlib.sha1(",".join(FEATURE_NAMES).encode()).hexdigest()[:8]
 COLUMN = {name: k for k, name in enumerate(FEATURE_NAMES)}
 
 # Where a candidate came from: bit flags, several may be set.
@@ -99,8 +102,8 @@ class FeatureRules:
     ann: int = 100
     popular: int = 100
     new: int = 100
-    profile_items: int = 20  # own items whose co-purchase rows are read
-    last_basket_items: int = 20  # lines of the last basket whose rows are read
+    profile_items: int = 200  # own items whose co-purchase rows are read (Settings.ranker_profile_items)
+    last_basket_items: int = 200  # lines of the last basket whose rows are read
     shrink: float = 10.0  # of the co-purchase cosine (ranking.collab.cosine), as CollabRules.shrink
     basket_decay: float = 0.9  # Settings.repeat_basket_decay
     new_s: float = 30 * DAY_S  # Settings.blend_new_days

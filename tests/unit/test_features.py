@@ -80,7 +80,7 @@ def views(now: float) -> tuple[ShopperSignals, ShopView]:
 
 
 def test_schema_names_the_columns() -> None:
-    assert FEATURE_SCHEMA.startswith("f2-") and len(FEATURE_NAMES) == 17
+    assert FEATURE_SCHEMA.startswith("f3-") and len(FEATURE_NAMES) == 17
 
 
 def test_candidates_remember_every_source() -> None:
