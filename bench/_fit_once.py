@@ -8,7 +8,9 @@ collaborative state) are compared on the model they allow, not on when a gate ad
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +45,20 @@ def parse_models(text: str) -> dict[str, dict[str, Any]]:
     if not out:
         raise SystemExit("no model given")
     return out
+
+
+def add_window_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every fit-once bench shares: data, the validation window, the history of
+    recorded examples before it, seeds, sampled negatives and the JSON path."""
+    from bench._common import DEFAULT_DATA
+
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--eval-from", default="2011-03-01")
+    p.add_argument("--until", default="2011-06-01")
+    p.add_argument("--history-days", type=float, default=180.0, help="examples recorded this long before the window")
+    p.add_argument("--seeds", default="7,8")
+    p.add_argument("--negatives", type=int, default=50)
+    p.add_argument("--json", type=Path)
 
 
 def recall(scores: np.ndarray, labels: np.ndarray, basket_size: int) -> float:

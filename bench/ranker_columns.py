@@ -38,8 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import DEFAULT_DATA, refuse_report_window
-from bench._fit_once import fit_and_recall, recall, replay_examples, sampled_rows
+from bench._common import refuse_report_window
+from bench._fit_once import (
+    add_window_arguments,
+    fit_and_recall,
+    recall,
+    replay_examples,
+    sampled_rows,
+)
 from bench.report import write_json
 from evaluation.data import EventLog, load_log, parse_date
 from freshrec.settings import Settings
@@ -117,14 +123,8 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--eval-from", default="2011-03-01")
-    p.add_argument("--until", default="2011-06-01")
-    p.add_argument("--history-days", type=float, default=180.0, help="examples recorded this long before the window")
-    p.add_argument("--seeds", default="7,8")
-    p.add_argument("--negatives", type=int, default=50)
+    add_window_arguments(p)
     p.add_argument("--cache", type=Path, help="keep the stream's examples here, and read them when present")
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
     refuse_report_window(args.until, "a study")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

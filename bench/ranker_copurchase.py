@@ -30,13 +30,18 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench._common import DEFAULT_DATA, refuse_report_window
-from bench._fit_once import fit_and_recall, recall, replay_examples, sampled_rows
+from bench._common import refuse_report_window
+from bench._fit_once import (
+    add_window_arguments,
+    fit_and_recall,
+    recall,
+    replay_examples,
+    sampled_rows,
+)
 from bench.report import write_json
 from evaluation.baselines import CoPurchase, strongest_profile
 from evaluation.data import PURCHASE, EventLog, load_log, parse_date
@@ -123,13 +128,7 @@ def _keep_top(values: np.ndarray, by: np.ndarray, k: int) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--eval-from", default="2011-03-01")
-    p.add_argument("--until", default="2011-06-01")
-    p.add_argument("--history-days", type=float, default=180.0, help="examples recorded this long before the window")
-    p.add_argument("--seeds", default="7,8")
-    p.add_argument("--negatives", type=int, default=50)
-    p.add_argument("--json", type=Path)
+    add_window_arguments(p)
     args = p.parse_args()
     refuse_report_window(args.until, "study")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

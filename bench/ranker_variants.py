@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import DEFAULT_DATA, refuse_report_window
+from bench._common import refuse_report_window
 from bench._fit_once import (
     TREES,
+    add_window_arguments,
     fit_and_recall,
     parse_models,
     recall,
@@ -115,17 +116,11 @@ def run_variant(name: str, fields: dict[str, str], data: str, eval_from_s: str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--variants", default="base:", help="name:field=value,...;name:... (base: the defaults)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--eval-from", default="2011-03-01")
-    p.add_argument("--until", default="2011-06-01")
-    p.add_argument("--history-days", type=float, default=180.0, help="examples recorded this long before the window")
-    p.add_argument("--seeds", default="7,8")
-    p.add_argument("--negatives", type=int, default=50)
+    add_window_arguments(p)
     p.add_argument("--models", default="stream:", help="LightGBM settings fitted on every variant's examples: "
                    "name:param=value,...;name:... over bench._fit_once.PARAMS (trees=N: rounds, negatives=N: "
                    "sampled a basket); the first is the headline")
     p.add_argument("--jobs", type=int, default=2, help="variants replayed at a time (one process each)")
-    p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     refuse_report_window(args.until, "choosing settings")
     variants = parse_variants(args.variants)
